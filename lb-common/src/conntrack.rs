@@ -1,0 +1,48 @@
+//! The connection-tracking map (LRU hash), keyed by the packet's 5-tuple.
+//!
+//! Each load-balanced flow gets two entries:
+//! - `CT_FORWARD`, keyed by the client's packet as sent (client -> VIP): the
+//!   entry holds the backend address to DNAT to, so a flow keeps its backend
+//!   even when the service's endpoints change.
+//! - `CT_REPLY`, keyed by the backend's reply as it leaves the backend
+//!   (backend -> client): the entry holds the VIP to put back as the source.
+//!
+//! In both, `nat_addr:nat_port` is "the address to rewrite to": the backend for
+//! forward packets, the VIP for replies.
+
+pub const CT_FORWARD: u8 = 0;
+pub const CT_REPLY: u8 = 1;
+
+/// 5-tuple of a packet plus the direction of the entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ConntrackKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// `CT_FORWARD` or `CT_REPLY`.
+    pub direction: u8,
+    pub pad0: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ConntrackEntry {
+    /// `bpf_ktime_get_ns()` of the last packet seen.
+    pub last_seen_ns: u64,
+    /// Address to rewrite to (network byte order): backend or VIP.
+    pub nat_addr: u32,
+    /// Port to rewrite to (network byte order).
+    pub nat_port: u16,
+    /// The service's reverse-NAT id.
+    pub rev_nat_id: u16,
+    /// Backend chosen for the flow.
+    pub backend_id: u32,
+    pub pad0: u32,
+}
+
+crate::user_pod!(ConntrackKey, ConntrackEntry);

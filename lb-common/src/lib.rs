@@ -1,0 +1,38 @@
+//! Map keys and values shared by the kernel programs (`lb-ebpf`) and the agent.
+//!
+//! Every type is `#[repr(C)]` with explicit padding fields, so the layout is the
+//! same on both sides and `bytemuck::Pod` (user side) can prove there are no
+//! hidden padding bytes. Addresses and ports are stored in network byte order,
+//! exactly as they appear in packets, so the data path never converts them.
+#![no_std]
+
+pub mod backend;
+pub mod conntrack;
+pub mod metrics;
+pub mod service;
+
+/// IANA protocol numbers as used in the IPv4 header.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Names of the maps; also the file names under the pin directory.
+pub mod map_names {
+    pub const SERVICES: &str = "SERVICES";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const METRICS: &str = "METRICS";
+    pub const ALL: [&str; 4] = [SERVICES, BACKENDS, CONNTRACK, METRICS];
+}
+
+/// Implements the user-side marker traits for a shared type.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! user_pod {
+    ($($t:ty),* $(,)?) => {
+        $(
+            #[cfg(feature = "user")]
+            // SAFETY: repr(C), only integer fields, explicit padding (checked by bytemuck::Pod).
+            unsafe impl aya::Pod for $t {}
+        )*
+    };
+}

@@ -1,0 +1,42 @@
+//! Per-CPU packet counters, indexed by the reason a packet was handled so.
+
+/// Index into the metrics array.
+pub mod reason {
+    /// A new flow to a Service was translated to a backend.
+    pub const NEW_FLOW: u32 = 0;
+    /// A packet of a tracked flow was translated (forward direction).
+    pub const FORWARDED: u32 = 1;
+    /// A reply was translated back to the Service address.
+    pub const REVERSE_NAT: u32 = 2;
+    /// A packet to a Service with no backend was dropped.
+    pub const DROP_NO_BACKEND: u32 = 3;
+    /// A packet too short for the headers it announces (passed untouched).
+    pub const MALFORMED: u32 = 4;
+    /// A checksum or store helper failed; the packet was dropped.
+    pub const DROP_REWRITE_FAILED: u32 = 5;
+    /// Conntrack table insert failed (the flow is still forwarded).
+    pub const CT_INSERT_FAILED: u32 = 6;
+    pub const COUNT: u32 = 8;
+
+    pub const NAMES: [&str; COUNT as usize] = [
+        "new_flow",
+        "forwarded",
+        "reverse_nat",
+        "drop_no_backend",
+        "malformed",
+        "drop_rewrite_failed",
+        "ct_insert_failed",
+        "unused",
+    ];
+}
+
+/// Packet and byte counts for one reason, on one CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+crate::user_pod!(Counter);

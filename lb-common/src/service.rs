@@ -1,0 +1,58 @@
+//! The service map: `(vip, port, proto, slot)` -> service entry or backend slot.
+//!
+//! As in Cilium's `lb4_services_v2`, slot 0 is the master entry that carries the
+//! number of backends; slots `1..=count` each name one backend id. The agent
+//! writes backend slots before the slot-0 count (and removes surplus slots after
+//! shrinking it), so the data path never reads a half-written service.
+
+/// Key of the service map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ServiceKey {
+    /// Virtual IPv4 address, network byte order.
+    pub addr: u32,
+    /// Service port, network byte order.
+    pub port: u16,
+    /// IP protocol number (6 TCP, 17 UDP).
+    pub proto: u8,
+    pub pad0: u8,
+    /// 0 for the master entry, `1..=count` for backend slots.
+    pub slot: u16,
+    pub pad1: u16,
+}
+
+impl ServiceKey {
+    pub const fn new(addr_be: u32, port_be: u16, proto: u8, slot: u16) -> Self {
+        Self {
+            addr: addr_be,
+            port: port_be,
+            proto,
+            pad0: 0,
+            slot,
+            pad1: 0,
+        }
+    }
+}
+
+/// Value of the service map. In slot 0 `count` is meaningful; in other slots
+/// `backend_id` is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ServiceValue {
+    /// Backend id (slots >= 1).
+    pub backend_id: u32,
+    /// Number of backend slots (slot 0).
+    pub count: u16,
+    /// `SERVICE_F_*` flags (slot 0).
+    pub flags: u16,
+    /// Identifies the service for reverse NAT and per-service counters.
+    pub rev_nat_id: u16,
+    pub pad0: u16,
+}
+
+/// Service kinds, kept in `ServiceValue::flags` for inspection and metrics.
+pub const SERVICE_F_CLUSTER_IP: u16 = 1 << 0;
+
+crate::user_pod!(ServiceKey, ServiceValue);

@@ -1,0 +1,133 @@
+//! Service translation: the decisions of the two tc programs.
+
+use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT};
+use aya_ebpf::programs::TcContext;
+use lb_common::{
+    backend::Backend,
+    conntrack::ConntrackEntry,
+    metrics::reason,
+    service::{ServiceKey, ServiceValue},
+};
+
+use crate::{
+    conntrack,
+    maps::{BACKENDS, SERVICES},
+    metrics::count,
+    nat::{self, Side},
+    packet::{self, Flow, Parsed},
+};
+
+const PASS: i32 = TC_ACT_OK as i32;
+const DROP: i32 = TC_ACT_SHOT as i32;
+
+/// Packets a pod sends: DNAT of new and tracked flows to a Service.
+#[inline(always)]
+pub fn from_pod(ctx: &TcContext) -> Result<i32, i32> {
+    let flow = match packet::parse(ctx) {
+        Parsed::Flow(flow) => flow,
+        Parsed::Other => return Ok(PASS),
+        Parsed::Malformed => {
+            count(ctx, reason::MALFORMED);
+            return Ok(PASS);
+        }
+    };
+
+    if let Some(entry) = conntrack::lookup(&conntrack::forward_key(&flow)) {
+        if backend_still_there(&entry) {
+            dnat(ctx, &flow, entry.nat_addr, entry.nat_port)?;
+            count(ctx, reason::FORWARDED);
+            return Ok(PASS);
+        }
+        // The backend is gone for good: pick a live one below, as for a new flow.
+    }
+
+    let Some(service) = lookup_service(&flow, 0) else {
+        return Ok(PASS);
+    };
+    let Some((backend_id, backend)) = select_backend(&flow, &service) else {
+        count(ctx, reason::DROP_NO_BACKEND);
+        return Err(DROP);
+    };
+    if conntrack::create(&flow, backend_id, &backend, service.rev_nat_id).is_err() {
+        // Still forward: the flow works while it keeps this backend by hash.
+        count(ctx, reason::CT_INSERT_FAILED);
+    }
+    dnat(ctx, &flow, backend.addr, backend.port)?;
+    count(ctx, reason::NEW_FLOW);
+    Ok(PASS)
+}
+
+/// Packets a pod receives: replies from a backend get the Service address back.
+#[inline(always)]
+pub fn to_pod(ctx: &TcContext) -> Result<i32, i32> {
+    let Parsed::Flow(flow) = packet::parse(ctx) else {
+        return Ok(PASS);
+    };
+    let Some(entry) = conntrack::lookup(&conntrack::reply_key(&flow)) else {
+        return Ok(PASS);
+    };
+    if nat::rewrite(ctx, &flow, Side::Source, entry.nat_addr, entry.nat_port).is_err() {
+        count(ctx, reason::DROP_REWRITE_FAILED);
+        return Err(DROP);
+    }
+    count(ctx, reason::REVERSE_NAT);
+    Ok(PASS)
+}
+
+#[inline(always)]
+fn dnat(ctx: &TcContext, flow: &Flow, addr: u32, port: u16) -> Result<(), i32> {
+    nat::rewrite(ctx, flow, Side::Destination, addr, port).map_err(|_| {
+        count(ctx, reason::DROP_REWRITE_FAILED);
+        DROP
+    })
+}
+
+#[inline(always)]
+fn lookup_service(flow: &Flow, slot: u16) -> Option<ServiceValue> {
+    let key = ServiceKey::new(flow.daddr, flow.dport, flow.proto, slot);
+    // SAFETY: copied out at once.
+    SERVICES.get_ptr(&key).map(|v| unsafe { *v })
+}
+
+#[inline(always)]
+fn lookup_backend(id: u32) -> Option<Backend> {
+    // SAFETY: copied out at once.
+    BACKENDS.get_ptr(&id).map(|v| unsafe { *v })
+}
+
+/// A tracked flow keeps its backend while that backend exists with the same
+/// address; ids are never reused for another address, the check guards anyway.
+#[inline(always)]
+fn backend_still_there(entry: &ConntrackEntry) -> bool {
+    match lookup_backend(entry.backend_id) {
+        Some(b) => b.addr == entry.nat_addr && b.port == entry.nat_port,
+        None => false,
+    }
+}
+
+/// Picks one of the service's backends by a hash of the flow, so that every
+/// packet of a flow (and its retransmits before CT exists) lands on the same one.
+#[inline(always)]
+fn select_backend(flow: &Flow, service: &ServiceValue) -> Option<(u32, Backend)> {
+    if service.count == 0 {
+        return None;
+    }
+    let slot = (flow_hash(flow) % u32::from(service.count)) as u16 + 1;
+    let backend_id = lookup_service(flow, slot)?.backend_id;
+    Some((backend_id, lookup_backend(backend_id)?))
+}
+
+/// Murmur3's finaliser over the 5-tuple: cheap and well mixed.
+#[inline(always)]
+fn flow_hash(flow: &Flow) -> u32 {
+    let mut h = flow.saddr
+        ^ flow.daddr.rotate_left(7)
+        ^ ((u32::from(flow.sport) << 16) | u32::from(flow.dport))
+        ^ u32::from(flow.proto).rotate_left(24);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h
+}

@@ -1,0 +1,30 @@
+//! The maps, declared with BTF so that `bpftool map dump` prints named fields.
+//! The agent pins them under `/sys/fs/bpf/<prefix>/<NAME>`.
+
+use aya_ebpf::{
+    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::{
+    backend::Backend,
+    conntrack::{ConntrackEntry, ConntrackKey},
+    metrics::{reason, Counter},
+    service::{ServiceKey, ServiceValue},
+};
+
+/// (vip, port, proto, slot) -> master entry (slot 0) or backend id (slot >= 1).
+#[btf_map]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue, 65536> = HashMap::new();
+
+/// backend id -> pod address and port.
+#[btf_map]
+pub static BACKENDS: HashMap<u32, Backend, 65536> = HashMap::new();
+
+/// 5-tuple -> NAT state of a load-balanced flow. LRU so that a full table
+/// evicts the oldest flows instead of refusing new ones.
+#[btf_map]
+pub static CONNTRACK: LruHashMap<ConntrackKey, ConntrackEntry, 65536> = LruHashMap::new();
+
+/// Per-CPU counters by reason (see `lb_common::metrics::reason`).
+#[btf_map]
+pub static METRICS: PerCpuArray<Counter, { reason::COUNT as usize }> = PerCpuArray::new();

@@ -1,0 +1,117 @@
+//! Attaching the tc programs to pod veths with TCX links, pinned so they
+//! outlive the agent process: a restarted agent swaps its freshly loaded
+//! programs into the same links (atomically) instead of detaching anything.
+
+use std::{
+    collections::BTreeSet,
+    io,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result};
+use aya::programs::{
+    links::{FdLink, LinkError, PinnedLink},
+    tc::{SchedClassifierLink, TcAttachOptions},
+    LinkOrder, TcAttachType,
+};
+
+use super::Datapath;
+
+fn direction(ty: TcAttachType) -> &'static str {
+    match ty {
+        TcAttachType::Ingress => "ingress",
+        _ => "egress",
+    }
+}
+
+/// Keeps the set of interfaces the programs are attached to.
+pub struct Attacher {
+    links_dir: PathBuf,
+    attached: BTreeSet<String>,
+}
+
+impl Attacher {
+    pub fn new(pin_dir: &Path) -> Result<Self> {
+        let links_dir = pin_dir.join("links");
+        std::fs::create_dir_all(&links_dir)?;
+        Ok(Self {
+            links_dir,
+            attached: BTreeSet::new(),
+        })
+    }
+
+    fn pin_path(&self, ifname: &str, ty: TcAttachType) -> PathBuf {
+        self.links_dir.join(format!("{ifname}.{}", direction(ty)))
+    }
+
+    /// Attaches both programs to `ifname` unless done already.
+    pub fn attach(&mut self, dp: &mut Datapath, ifname: &str) -> Result<()> {
+        if self.attached.contains(ifname) {
+            return Ok(());
+        }
+        for (prog_name, ty) in Datapath::attachments() {
+            let pin = self.pin_path(ifname, ty);
+            let prog = dp.program(prog_name)?;
+            match PinnedLink::from_pin(&pin) {
+                Ok(old) => {
+                    // A link from an earlier agent: put our program into it.
+                    let link = SchedClassifierLink::try_from(FdLink::from(old))?;
+                    if prog.attach_to_link(link).is_err() {
+                        // The link is defunct (its interface was re-created).
+                        std::fs::remove_file(&pin).ok();
+                        attach_new(prog, ifname, ty, &pin)?;
+                    }
+                }
+                Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {
+                    attach_new(prog, ifname, ty, &pin)?;
+                }
+                Err(e) => return Err(e).with_context(|| format!("opening {}", pin.display())),
+            }
+        }
+        self.attached.insert(ifname.to_string());
+        Ok(())
+    }
+
+    /// Forgets interfaces that are gone and removes their link pins.
+    pub fn prune(&mut self, present: &BTreeSet<String>) {
+        self.attached.retain(|i| present.contains(i));
+        if let Ok(dir) = std::fs::read_dir(&self.links_dir) {
+            for entry in dir.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let ifname = name.rsplit_once('.').map_or(name.as_str(), |(i, _)| i);
+                if !present.contains(ifname) {
+                    std::fs::remove_file(entry.path()).ok();
+                }
+            }
+        }
+    }
+
+    pub fn attached(&self) -> &BTreeSet<String> {
+        &self.attached
+    }
+}
+
+fn attach_new(
+    prog: &mut aya::programs::SchedClassifier,
+    ifname: &str,
+    ty: TcAttachType,
+    pin: &Path,
+) -> Result<()> {
+    let id = prog
+        .attach_with_options(ifname, ty, TcAttachOptions::TcxOrder(LinkOrder::default()))
+        .with_context(|| format!("attaching to {ifname} {}", direction(ty)))?;
+    let link: FdLink = prog.take_link(id)?.try_into()?;
+    link.pin(pin)
+        .with_context(|| format!("pinning {}", pin.display()))?;
+    Ok(())
+}
+
+/// Names of the interfaces in this network namespace that start with `prefix`.
+pub fn interfaces_with_prefix(prefix: &str) -> Result<BTreeSet<String>> {
+    Ok(nix::net::if_::if_nameindex()
+        .context("listing interfaces")?
+        .iter()
+        .filter_map(|i| i.name().to_str().ok().map(str::to_string))
+        .filter(|n| n.starts_with(prefix))
+        .collect())
+}

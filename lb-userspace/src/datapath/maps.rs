@@ -1,0 +1,91 @@
+//! Typed handles on the data path's maps, and a snapshot of what they hold.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use aya::{
+    maps::{HashMap, MapData, PerCpuArray},
+    Ebpf,
+};
+use lb_common::{
+    backend::Backend,
+    conntrack::{ConntrackEntry, ConntrackKey},
+    map_names,
+    metrics::{reason, Counter},
+    service::{ServiceKey, ServiceValue},
+};
+
+use crate::plan::{MapOp, MapState};
+
+pub struct Maps {
+    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub backends: HashMap<MapData, u32, Backend>,
+    pub conntrack: HashMap<MapData, ConntrackKey, ConntrackEntry>,
+    pub metrics: PerCpuArray<MapData, Counter>,
+}
+
+fn take(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
+    ebpf.take_map(name)
+        .with_context(|| format!("map {name} missing from the object"))
+}
+
+impl Maps {
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
+        Ok(Self {
+            services: take(ebpf, map_names::SERVICES)?.try_into()?,
+            backends: take(ebpf, map_names::BACKENDS)?.try_into()?,
+            conntrack: take(ebpf, map_names::CONNTRACK)?.try_into()?,
+            metrics: take(ebpf, map_names::METRICS)?.try_into()?,
+        })
+    }
+
+    /// What the service and backend maps hold now.
+    pub fn state(&self) -> Result<MapState> {
+        let mut state = MapState::default();
+        for item in self.services.iter() {
+            let (k, v) = item.context("reading the services map")?;
+            state.services.insert(k, v);
+        }
+        for item in self.backends.iter() {
+            let (k, v) = item.context("reading the backends map")?;
+            state.backends.insert(k, v);
+        }
+        Ok(state)
+    }
+
+    /// Applies operations in the order given (the planner orders them).
+    pub fn apply(&mut self, ops: &[MapOp]) -> Result<()> {
+        for op in ops {
+            match op {
+                MapOp::PutBackend(id, b) => self.backends.insert(id, b, 0),
+                MapOp::PutService(k, v) => self.services.insert(k, v, 0),
+                MapOp::DeleteService(k) => ignore_missing(self.services.remove(k)),
+                MapOp::DeleteBackend(id) => ignore_missing(self.backends.remove(id)),
+            }
+            .with_context(|| format!("applying {op:?}"))?;
+        }
+        Ok(())
+    }
+
+    /// Packet counters summed over CPUs, by reason name.
+    pub fn counters(&self) -> Result<BTreeMap<&'static str, Counter>> {
+        let mut out = BTreeMap::new();
+        for (i, name) in reason::NAMES.iter().enumerate() {
+            let per_cpu = self.metrics.get(&(i as u32), 0)?;
+            let mut sum = Counter::default();
+            for c in per_cpu.iter() {
+                sum.packets += c.packets;
+                sum.bytes += c.bytes;
+            }
+            out.insert(*name, sum);
+        }
+        Ok(out)
+    }
+}
+
+fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}

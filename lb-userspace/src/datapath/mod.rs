@@ -1,0 +1,107 @@
+//! Loading the eBPF programs, pinning their maps, attaching them to pod veths.
+
+pub mod attach;
+pub mod maps;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use aya::{
+    programs::{SchedClassifier, TcAttachType},
+    Ebpf, EbpfLoader,
+};
+use lb_common::map_names;
+
+pub use maps::Maps;
+
+/// The eBPF object built by `build.rs` from the `lb-ebpf` crate.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
+
+/// Program that sees what a pod sends (tc ingress on its host-side veth).
+pub const PROG_FROM_POD: &str = "lb_from_pod";
+/// Program that sees what a pod receives (tc egress on its host-side veth).
+pub const PROG_TO_POD: &str = "lb_to_pod";
+
+/// The programs and their maps, loaded into the kernel.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pub maps: Maps,
+    pin_dir: Option<PathBuf>,
+}
+
+impl Datapath {
+    /// Loads the programs. With `pin_dir`, maps are pinned there and maps
+    /// already pinned there are reused, so an agent restart keeps the state the
+    /// data path runs on (conntrack included).
+    pub fn load(pin_dir: Option<&Path>) -> Result<Self> {
+        if EBPF_OBJECT.is_empty() {
+            bail!("this binary was built with AYA_BUILD_SKIP: it carries no eBPF programs");
+        }
+        let mut loader = EbpfLoader::new();
+        if let Some(dir) = pin_dir {
+            ensure_bpffs()?;
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            for name in map_names::ALL {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object")?;
+        for name in [PROG_FROM_POD, PROG_TO_POD] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("verifier rejected {name}"))?;
+        }
+        let maps = Maps::take(&mut ebpf)?;
+        Ok(Self {
+            ebpf,
+            maps,
+            pin_dir: pin_dir.map(Path::to_path_buf),
+        })
+    }
+
+    pub fn program(&mut self, name: &str) -> Result<&mut SchedClassifier> {
+        Ok(self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing"))?
+            .try_into()?)
+    }
+
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pin_dir.as_deref()
+    }
+
+    /// The two programs with the direction each is attached in.
+    pub fn attachments() -> [(&'static str, TcAttachType); 2] {
+        [
+            (PROG_FROM_POD, TcAttachType::Ingress),
+            (PROG_TO_POD, TcAttachType::Egress),
+        ]
+    }
+}
+
+/// Mounts bpffs on /sys/fs/bpf unless it is there already.
+pub fn ensure_bpffs() -> Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let path = Path::new("/sys/fs/bpf");
+    if let Ok(st) = nix::sys::statfs::statfs(path) {
+        if st.filesystem_type().0 as i64 == BPF_FS_MAGIC {
+            return Ok(());
+        }
+    }
+    std::fs::create_dir_all(path)?;
+    nix::mount::mount(
+        Some("bpf"),
+        path,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .context("mounting bpffs on /sys/fs/bpf")?;
+    Ok(())
+}

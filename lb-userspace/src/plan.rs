@@ -1,0 +1,164 @@
+//! The differ: from what the maps hold and what they should hold, the map
+//! writes to make, in an order that never shows a half-updated Service.
+//!
+//! Order (Cilium's): new backends, then backend slots, then each slot-0 master
+//! entry with its count, then removals (masters of removed services, surplus
+//! slots, unreferenced backends). A reader sees either the old or the new
+//! service, never a count that points at slots not yet written.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use lb_common::{
+    backend::Backend,
+    service::{ServiceKey, ServiceValue},
+};
+
+use crate::translate::{BackendAddr, DesiredService};
+
+/// What the service and backend maps hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapState {
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub backends: BTreeMap<u32, Backend>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MapOp {
+    PutBackend(u32, Backend),
+    PutService(ServiceKey, ServiceValue),
+    DeleteService(ServiceKey),
+    DeleteBackend(u32),
+}
+
+pub fn backend_value(b: &BackendAddr) -> Backend {
+    Backend {
+        addr: u32::from(b.ip).to_be(),
+        port: b.port.to_be(),
+        proto: b.proto,
+        flags: 0,
+    }
+}
+
+pub fn backend_addr(b: &Backend) -> BackendAddr {
+    BackendAddr {
+        ip: Ipv4Addr::from(u32::from_be(b.addr)),
+        port: u16::from_be(b.port),
+        proto: b.proto,
+    }
+}
+
+pub fn service_key(vip: Ipv4Addr, port: u16, proto: u8, slot: u16) -> ServiceKey {
+    ServiceKey::new(u32::from(vip).to_be(), port.to_be(), proto, slot)
+}
+
+/// Computes the full desired contents of the maps. Backend ids and
+/// reverse-NAT ids already in `current` are kept; new ones take the next free
+/// number, so an id is never reused for another address while in use.
+pub fn desired_state(current: &MapState, desired: &[DesiredService]) -> MapState {
+    let mut ids: BTreeMap<BackendAddr, u32> = current
+        .backends
+        .iter()
+        .map(|(id, b)| (backend_addr(b), *id))
+        .collect();
+    let mut next_id = current.backends.keys().next_back().map_or(1, |m| m + 1);
+    let mut rev_nat: BTreeMap<(u32, u16, u8), u16> = current
+        .services
+        .iter()
+        .filter(|(k, _)| k.slot == 0)
+        .map(|(k, v)| ((k.addr, k.port, k.proto), v.rev_nat_id))
+        .collect();
+    let mut next_rev_nat = rev_nat
+        .values()
+        .max()
+        .map_or(1, |m| m.wrapping_add(1).max(1));
+
+    let mut out = MapState::default();
+    for svc in desired {
+        let master = service_key(svc.vip, svc.port, svc.proto, 0);
+        let rev_nat_id = *rev_nat
+            .entry((master.addr, master.port, master.proto))
+            .or_insert_with(|| {
+                let id = next_rev_nat;
+                next_rev_nat = next_rev_nat.wrapping_add(1).max(1);
+                id
+            });
+        let count = u16::try_from(svc.backends.len()).unwrap_or(u16::MAX);
+        for (i, b) in svc.backends.iter().take(usize::from(count)).enumerate() {
+            let id = *ids.entry(*b).or_insert_with(|| {
+                let id = next_id;
+                next_id += 1;
+                id
+            });
+            out.backends.insert(id, backend_value(b));
+            let slot = service_key(svc.vip, svc.port, svc.proto, i as u16 + 1);
+            out.services.insert(
+                slot,
+                ServiceValue {
+                    backend_id: id,
+                    rev_nat_id,
+                    ..Default::default()
+                },
+            );
+        }
+        out.services.insert(
+            master,
+            ServiceValue {
+                backend_id: 0,
+                count,
+                flags: svc.flags,
+                rev_nat_id,
+                pad0: 0,
+            },
+        );
+    }
+    out
+}
+
+/// The ordered writes that turn `current` into `desired`.
+pub fn plan(current: &MapState, desired: &MapState) -> Vec<MapOp> {
+    let mut ops = Vec::new();
+    for (id, b) in &desired.backends {
+        if current.backends.get(id) != Some(b) {
+            ops.push(MapOp::PutBackend(*id, *b));
+        }
+    }
+    let changed = |k: &ServiceKey, v: &ServiceValue| current.services.get(k) != Some(v);
+    for (k, v) in desired.services.iter().filter(|(k, _)| k.slot != 0) {
+        if changed(k, v) {
+            ops.push(MapOp::PutService(*k, *v));
+        }
+    }
+    for (k, v) in desired.services.iter().filter(|(k, _)| k.slot == 0) {
+        if changed(k, v) {
+            ops.push(MapOp::PutService(*k, *v));
+        }
+    }
+    let gone: BTreeSet<&ServiceKey> = current
+        .services
+        .keys()
+        .filter(|k| !desired.services.contains_key(*k))
+        .collect();
+    ops.extend(
+        gone.iter()
+            .filter(|k| k.slot == 0)
+            .map(|k| MapOp::DeleteService(**k)),
+    );
+    ops.extend(
+        gone.iter()
+            .filter(|k| k.slot != 0)
+            .map(|k| MapOp::DeleteService(**k)),
+    );
+    for id in current.backends.keys() {
+        if !desired.backends.contains_key(id) {
+            ops.push(MapOp::DeleteBackend(*id));
+        }
+    }
+    ops
+}
+
+#[cfg(test)]
+#[path = "plan_tests.rs"]
+mod tests;

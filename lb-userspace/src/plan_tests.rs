@@ -1,0 +1,183 @@
+use super::*;
+use crate::translate::DesiredService;
+use lb_common::PROTO_TCP;
+
+fn svc(vip: &str, port: u16, backends: &[&str]) -> DesiredService {
+    DesiredService {
+        name: format!("test/{vip}:{port}"),
+        vip: vip.parse().unwrap(),
+        port,
+        proto: PROTO_TCP,
+        flags: 0,
+        backends: backends
+            .iter()
+            .map(|ip| BackendAddr {
+                ip: ip.parse().unwrap(),
+                port: 8080,
+                proto: PROTO_TCP,
+            })
+            .collect(),
+    }
+}
+
+/// Applies ops to a state, checking after every single op that no master
+/// entry points at a missing slot or backend (what a packet could observe).
+fn apply_checked(mut state: MapState, ops: &[MapOp]) -> MapState {
+    for op in ops {
+        match op {
+            MapOp::PutBackend(id, b) => {
+                state.backends.insert(*id, *b);
+            }
+            MapOp::PutService(k, v) => {
+                state.services.insert(*k, *v);
+            }
+            MapOp::DeleteService(k) => {
+                state.services.remove(k);
+            }
+            MapOp::DeleteBackend(id) => {
+                state.backends.remove(id);
+            }
+        }
+        for (k, v) in state.services.iter().filter(|(k, _)| k.slot == 0) {
+            for slot in 1..=v.count {
+                let sk = ServiceKey { slot, ..*k };
+                let entry = state.services.get(&sk);
+                assert!(
+                    entry.is_some(),
+                    "after {op:?}: {k:?} count {} but slot {slot} missing",
+                    v.count
+                );
+                let id = entry.map(|e| e.backend_id).unwrap_or_default();
+                assert!(
+                    state.backends.contains_key(&id),
+                    "after {op:?}: slot {slot} names missing backend {id}"
+                );
+            }
+        }
+    }
+    state
+}
+
+#[test]
+fn transitions_never_expose_a_half_written_service() {
+    // (case, before, after)
+    let cases: Vec<(&str, Vec<DesiredService>, Vec<DesiredService>)> = vec![
+        (
+            "create",
+            vec![],
+            vec![svc("10.96.0.1", 80, &["10.244.1.2", "10.244.1.3"])],
+        ),
+        (
+            "grow",
+            vec![svc("10.96.0.1", 80, &["10.244.1.2"])],
+            vec![svc(
+                "10.96.0.1",
+                80,
+                &["10.244.1.2", "10.244.1.3", "10.244.1.4"],
+            )],
+        ),
+        (
+            "shrink",
+            vec![svc(
+                "10.96.0.1",
+                80,
+                &["10.244.1.2", "10.244.1.3", "10.244.1.4"],
+            )],
+            vec![svc("10.96.0.1", 80, &["10.244.1.4"])],
+        ),
+        (
+            "replace all",
+            vec![svc("10.96.0.1", 80, &["10.244.1.2", "10.244.1.3"])],
+            vec![svc("10.96.0.1", 80, &["10.244.2.2", "10.244.2.3"])],
+        ),
+        (
+            "delete",
+            vec![
+                svc("10.96.0.1", 80, &["10.244.1.2"]),
+                svc("10.96.0.2", 80, &["10.244.1.2"]),
+            ],
+            vec![svc("10.96.0.2", 80, &["10.244.1.2"])],
+        ),
+        (
+            "to no endpoints",
+            vec![svc("10.96.0.1", 80, &["10.244.1.2"])],
+            vec![svc("10.96.0.1", 80, &[])],
+        ),
+    ];
+    for (case, before, after) in cases {
+        let start = apply_checked(
+            MapState::default(),
+            &plan(
+                &MapState::default(),
+                &desired_state(&MapState::default(), &before),
+            ),
+        );
+        let want = desired_state(&start, &after);
+        let ops = plan(&start, &want);
+        let end = apply_checked(start.clone(), &ops);
+        assert_eq!(end, want, "case {case}");
+        // Converged: a second plan has nothing to do.
+        assert!(
+            plan(&end, &desired_state(&end, &after)).is_empty(),
+            "case {case}: not idempotent"
+        );
+    }
+}
+
+#[test]
+fn ids_are_kept_for_unchanged_backends_and_services() {
+    let first = desired_state(
+        &MapState::default(),
+        &[svc("10.96.0.1", 80, &["10.244.1.2", "10.244.1.3"])],
+    );
+    let second = desired_state(
+        &first,
+        &[svc("10.96.0.1", 80, &["10.244.1.3", "10.244.1.9"])],
+    );
+    let id_of = |s: &MapState, ip: &str| {
+        s.backends
+            .iter()
+            .find(|(_, b)| backend_addr(b).ip.to_string() == ip)
+            .map(|(id, _)| *id)
+    };
+    assert_eq!(id_of(&first, "10.244.1.3"), id_of(&second, "10.244.1.3"));
+    // The new backend gets a fresh id, not the one just freed.
+    assert_eq!(id_of(&second, "10.244.1.9"), Some(3));
+    let master = service_key("10.96.0.1".parse().unwrap(), 80, PROTO_TCP, 0);
+    assert_eq!(
+        first.services[&master].rev_nat_id,
+        second.services[&master].rev_nat_id
+    );
+}
+
+#[test]
+fn plan_orders_backends_then_slots_then_master_then_removals() {
+    let start = desired_state(
+        &MapState::default(),
+        &[svc("10.96.0.1", 80, &["10.244.1.2", "10.244.1.3"])],
+    );
+    let want = desired_state(&start, &[svc("10.96.0.1", 80, &["10.244.1.9"])]);
+    let ops = plan(&start, &want);
+    let kinds: Vec<&str> = ops
+        .iter()
+        .map(|op| match op {
+            MapOp::PutBackend(..) => "put-backend",
+            MapOp::PutService(k, _) if k.slot == 0 => "put-master",
+            MapOp::PutService(..) => "put-slot",
+            MapOp::DeleteService(k) if k.slot == 0 => "del-master",
+            MapOp::DeleteService(..) => "del-slot",
+            MapOp::DeleteBackend(..) => "del-backend",
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "put-backend",
+            "put-slot",
+            "put-master",
+            "del-slot",
+            "del-backend",
+            "del-backend"
+        ]
+    );
+}

@@ -1,0 +1,284 @@
+use super::*;
+use k8s_openapi::api::{
+    core::v1::{Service, ServicePort, ServiceSpec},
+    discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+fn svc(name: &str, spec: ServiceSpec) -> Service {
+    Service {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("default".into()),
+            ..Default::default()
+        },
+        spec: Some(spec),
+        status: None,
+    }
+}
+
+fn port(name: &str, port: i32, protocol: &str) -> ServicePort {
+    ServicePort {
+        name: Some(name.into()),
+        port,
+        protocol: Some(protocol.into()),
+        ..Default::default()
+    }
+}
+
+fn cluster_ip(ip: &str, ports: Vec<ServicePort>) -> ServiceSpec {
+    ServiceSpec {
+        cluster_ip: Some(ip.into()),
+        cluster_ips: Some(vec![ip.into()]),
+        ports: Some(ports),
+        type_: Some("ClusterIP".into()),
+        ..Default::default()
+    }
+}
+
+fn endpoint(ip: &str, ready: Option<bool>) -> Endpoint {
+    Endpoint {
+        addresses: vec![ip.into()],
+        conditions: Some(EndpointConditions {
+            ready,
+            serving: ready,
+            terminating: Some(false),
+        }),
+        ..Default::default()
+    }
+}
+
+fn slice(service: &str, ports: &[(&str, i32, &str)], endpoints: Vec<Endpoint>) -> EndpointSlice {
+    EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(format!("{service}-abcde")),
+            namespace: Some("default".into()),
+            labels: Some([(SERVICE_NAME_LABEL.to_string(), service.to_string())].into()),
+            ..Default::default()
+        },
+        address_type: "IPv4".into(),
+        endpoints: Some(endpoints),
+        ports: Some(
+            ports
+                .iter()
+                .map(|(n, p, proto)| EndpointPort {
+                    name: Some(n.to_string()),
+                    port: Some(*p),
+                    protocol: Some(proto.to_string()),
+                    app_protocol: None,
+                })
+                .collect(),
+        ),
+    }
+}
+
+fn b(ip: &str, port: u16, proto: u8) -> BackendAddr {
+    BackendAddr {
+        ip: ip.parse().unwrap(),
+        port,
+        proto,
+    }
+}
+
+/// (case, services, slices, expected (vip, port, proto, backends), expected error count)
+type Case = (
+    &'static str,
+    Vec<Service>,
+    Vec<EndpointSlice>,
+    Vec<(&'static str, u16, u8, Vec<BackendAddr>)>,
+    usize,
+);
+
+fn cases() -> Vec<Case> {
+    vec![
+        (
+            "ClusterIP with two ready endpoints",
+            vec![svc(
+                "web",
+                cluster_ip("10.96.0.10", vec![port("http", 80, "TCP")]),
+            )],
+            vec![slice(
+                "web",
+                &[("http", 8080, "TCP")],
+                vec![
+                    endpoint("10.244.1.3", Some(true)),
+                    endpoint("10.244.1.2", None),
+                ],
+            )],
+            vec![(
+                "10.96.0.10",
+                80,
+                PROTO_TCP,
+                vec![
+                    b("10.244.1.2", 8080, PROTO_TCP),
+                    b("10.244.1.3", 8080, PROTO_TCP),
+                ],
+            )],
+            0,
+        ),
+        (
+            "not-ready endpoints are left out",
+            vec![svc(
+                "web",
+                cluster_ip("10.96.0.10", vec![port("http", 80, "TCP")]),
+            )],
+            vec![slice(
+                "web",
+                &[("http", 8080, "TCP")],
+                vec![endpoint("10.244.1.3", Some(false))],
+            )],
+            vec![("10.96.0.10", 80, PROTO_TCP, vec![])],
+            0,
+        ),
+        (
+            "two ports, resolved by name, TCP and UDP",
+            vec![svc(
+                "dns",
+                cluster_ip(
+                    "10.96.0.53",
+                    vec![port("dns", 53, "UDP"), port("dns-tcp", 53, "TCP")],
+                ),
+            )],
+            vec![slice(
+                "dns",
+                &[("dns-tcp", 5353, "TCP"), ("dns", 1053, "UDP")],
+                vec![endpoint("10.244.1.9", Some(true))],
+            )],
+            vec![
+                (
+                    "10.96.0.53",
+                    53,
+                    PROTO_UDP,
+                    vec![b("10.244.1.9", 1053, PROTO_UDP)],
+                ),
+                (
+                    "10.96.0.53",
+                    53,
+                    PROTO_TCP,
+                    vec![b("10.244.1.9", 5353, PROTO_TCP)],
+                ),
+            ],
+            0,
+        ),
+        (
+            "slices of other services and duplicates are ignored",
+            vec![svc(
+                "web",
+                cluster_ip("10.96.0.10", vec![port("", 80, "TCP")]),
+            )],
+            vec![
+                slice(
+                    "web",
+                    &[("", 80, "TCP")],
+                    vec![endpoint("10.244.1.2", Some(true))],
+                ),
+                slice(
+                    "web",
+                    &[("", 80, "TCP")],
+                    vec![endpoint("10.244.1.2", Some(true))],
+                ),
+                slice(
+                    "other",
+                    &[("", 80, "TCP")],
+                    vec![endpoint("10.244.9.9", Some(true))],
+                ),
+            ],
+            vec![(
+                "10.96.0.10",
+                80,
+                PROTO_TCP,
+                vec![b("10.244.1.2", 80, PROTO_TCP)],
+            )],
+            0,
+        ),
+        (
+            "headless and ExternalName get no frontend and no error",
+            vec![
+                svc("headless", cluster_ip("None", vec![port("", 80, "TCP")])),
+                svc(
+                    "ext",
+                    ServiceSpec {
+                        type_: Some("ExternalName".into()),
+                        external_name: Some("example.org".into()),
+                        ..Default::default()
+                    },
+                ),
+            ],
+            vec![],
+            vec![],
+            0,
+        ),
+        (
+            "a bad clusterIP skips that Service only",
+            vec![
+                svc("bad", cluster_ip("10.96.0.300", vec![port("", 80, "TCP")])),
+                svc("good", cluster_ip("10.96.0.11", vec![port("", 80, "TCP")])),
+            ],
+            vec![],
+            vec![("10.96.0.11", 80, PROTO_TCP, vec![])],
+            1,
+        ),
+        (
+            "an unsupported protocol or port skips that port only",
+            vec![svc(
+                "mixed",
+                cluster_ip(
+                    "10.96.0.12",
+                    vec![
+                        port("a", 80, "SCTP"),
+                        port("b", 70000, "TCP"),
+                        port("c", 81, "TCP"),
+                    ],
+                ),
+            )],
+            vec![],
+            vec![("10.96.0.12", 81, PROTO_TCP, vec![])],
+            2,
+        ),
+        (
+            "a bad endpoint address is reported, the good ones kept",
+            vec![svc(
+                "web",
+                cluster_ip("10.96.0.10", vec![port("", 80, "TCP")]),
+            )],
+            vec![slice(
+                "web",
+                &[("", 80, "TCP")],
+                vec![
+                    endpoint("not-an-ip", Some(true)),
+                    endpoint("10.244.1.2", Some(true)),
+                ],
+            )],
+            vec![(
+                "10.96.0.10",
+                80,
+                PROTO_TCP,
+                vec![b("10.244.1.2", 80, PROTO_TCP)],
+            )],
+            1,
+        ),
+    ]
+}
+
+#[test]
+fn translation_table() {
+    for (case, services, slices, want, want_errors) in cases() {
+        let t = translate(&services, &slices);
+        let got: Vec<_> = t
+            .services
+            .iter()
+            .map(|s| (s.vip.to_string(), s.port, s.proto, s.backends.clone()))
+            .collect();
+        let want: Vec<_> = want
+            .into_iter()
+            .map(|(vip, port, proto, backends)| (vip.to_string(), port, proto, backends))
+            .collect();
+        assert_eq!(got, want, "case: {case}");
+        assert_eq!(
+            t.errors.len(),
+            want_errors,
+            "case: {case}: errors {:?}",
+            t.errors
+        );
+    }
+}

@@ -1,0 +1,252 @@
+//! Runs the loaded tc programs on crafted packets (BPF_PROG_TEST_RUN) and
+//! checks verdicts, output bytes, checksums and conntrack entries. Needs root.
+
+use std::net::Ipv4Addr;
+
+use aya::programs::{TestRun, TestRunOptions};
+use lb::{
+    datapath::{Datapath, PROG_FROM_POD, PROG_TO_POD},
+    packet::Frame,
+    plan::{desired_state, plan, MapState},
+    translate::{BackendAddr, DesiredService},
+};
+use lb_common::{
+    conntrack::{ConntrackKey, CT_FORWARD, CT_REPLY},
+    metrics::reason,
+    PROTO_TCP, PROTO_UDP,
+};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const VIP: &str = "10.96.0.10";
+const CLIENT: &str = "10.244.1.5";
+
+fn datapath_with(services: &[DesiredService]) -> Datapath {
+    let mut dp = Datapath::load(None).expect("load programs (are you root?)");
+    let want = desired_state(&MapState::default(), services);
+    dp.maps
+        .apply(&plan(&MapState::default(), &want))
+        .expect("seed maps");
+    dp
+}
+
+fn service(port: u16, proto: u8, backends: &[(&str, u16)]) -> DesiredService {
+    DesiredService {
+        name: "test/web:http".into(),
+        vip: VIP.parse().unwrap(),
+        port,
+        proto,
+        flags: 0,
+        backends: backends
+            .iter()
+            .map(|(ip, port)| BackendAddr {
+                ip: ip.parse().unwrap(),
+                port: *port,
+                proto,
+            })
+            .collect(),
+    }
+}
+
+/// Runs `prog` once on `input`; returns the verdict and the output frame.
+fn run(dp: &mut Datapath, prog: &str, input: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; input.len() + 256];
+    let mut opts = TestRunOptions::default();
+    opts.data_in = Some(input);
+    opts.data_out = Some(&mut out);
+    opts.repeat = 1;
+    let res = dp
+        .program(prog)
+        .unwrap()
+        .test_run(opts)
+        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {} bytes: {e}", input.len()));
+    out.truncate(res.data_size_out as usize);
+    (res.return_value, out)
+}
+
+fn counter(dp: &Datapath, name: &str) -> u64 {
+    dp.maps.counters().unwrap()[name].packets
+}
+
+fn ct_key(src: &str, sport: u16, dst: &str, dport: u16, proto: u8, direction: u8) -> ConntrackKey {
+    ConntrackKey {
+        saddr: u32::from(src.parse::<Ipv4Addr>().unwrap()).to_be(),
+        daddr: u32::from(dst.parse::<Ipv4Addr>().unwrap()).to_be(),
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto,
+        direction,
+        pad0: 0,
+    }
+}
+
+#[test]
+fn syn_to_vip_is_dnated_to_a_backend_and_reply_is_reverse_translated() {
+    let mut dp = datapath_with(&[service(
+        80,
+        PROTO_TCP,
+        &[("10.244.1.2", 8080), ("10.244.1.3", 8080)],
+    )]);
+    let syn = Frame::tcp(CLIENT, 40000, VIP, 80);
+    let (verdict, out) = run(&mut dp, PROG_FROM_POD, &syn.build(b""));
+    assert_eq!(verdict, TC_ACT_OK);
+    let got = Frame::parse(&out).expect("valid checksums after DNAT");
+    assert_eq!(
+        (got.src, got.sport),
+        (syn.src, syn.sport),
+        "source untouched"
+    );
+    assert!(
+        ["10.244.1.2", "10.244.1.3"].contains(&got.dst.to_string().as_str()),
+        "dst {}",
+        got.dst
+    );
+    assert_eq!(got.dport, 8080);
+    assert_eq!(counter(&dp, "new_flow"), 1);
+
+    // Both conntrack entries exist and say where to rewrite to.
+    let fwd = dp
+        .maps
+        .conntrack
+        .get(&ct_key(CLIENT, 40000, VIP, 80, PROTO_TCP, CT_FORWARD), 0)
+        .unwrap();
+    assert_eq!(Ipv4Addr::from(u32::from_be(fwd.nat_addr)), got.dst);
+    let backend = got.dst.to_string();
+    let rev = dp
+        .maps
+        .conntrack
+        .get(
+            &ct_key(&backend, 8080, CLIENT, 40000, PROTO_TCP, CT_REPLY),
+            0,
+        )
+        .unwrap();
+    assert_eq!(Ipv4Addr::from(u32::from_be(rev.nat_addr)).to_string(), VIP);
+    assert_eq!(u16::from_be(rev.nat_port), 80);
+
+    // The same flow again keeps its backend (conntrack hit).
+    let (_, again) = run(&mut dp, PROG_FROM_POD, &syn.build(b"data"));
+    assert_eq!(Frame::parse(&again).unwrap().dst, got.dst);
+    assert_eq!(counter(&dp, "forwarded"), 1);
+
+    // The backend's reply leaves towards the client with the VIP as source.
+    let reply = Frame::tcp(&backend, 8080, CLIENT, 40000);
+    let (verdict, out) = run(&mut dp, PROG_TO_POD, &reply.build(b"pong"));
+    assert_eq!(verdict, TC_ACT_OK);
+    let got = Frame::parse(&out).expect("valid checksums after reverse NAT");
+    assert_eq!(got, Frame::tcp(VIP, 80, CLIENT, 40000));
+    assert_eq!(counter(&dp, "reverse_nat"), 1);
+}
+
+#[test]
+fn udp_to_vip_is_dnated_with_valid_checksum() {
+    let mut dp = datapath_with(&[service(53, PROTO_UDP, &[("10.244.1.7", 1053)])]);
+    let (verdict, out) = run(
+        &mut dp,
+        PROG_FROM_POD,
+        &Frame::udp(CLIENT, 5000, VIP, 53).build(b"query"),
+    );
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        Frame::parse(&out).unwrap(),
+        Frame::udp(CLIENT, 5000, "10.244.1.7", 1053)
+    );
+}
+
+#[test]
+fn flows_spread_over_backends() {
+    let backends = [("10.244.1.2", 80), ("10.244.1.3", 80), ("10.244.1.4", 80)];
+    let mut dp = datapath_with(&[service(80, PROTO_TCP, &backends)]);
+    let mut seen = std::collections::BTreeSet::new();
+    for sport in 30000..30060 {
+        let (_, out) = run(
+            &mut dp,
+            PROG_FROM_POD,
+            &Frame::tcp(CLIENT, sport, VIP, 80).build(b""),
+        );
+        seen.insert(Frame::parse(&out).unwrap().dst);
+    }
+    assert_eq!(
+        seen.len(),
+        3,
+        "60 flows should reach all 3 backends, saw {seen:?}"
+    );
+}
+
+#[test]
+fn packet_to_another_address_passes_untouched() {
+    let mut dp = datapath_with(&[service(80, PROTO_TCP, &[("10.244.1.2", 8080)])]);
+    for frame in [
+        Frame::tcp(CLIENT, 40000, "10.244.1.2", 8080), // pod to pod
+        Frame::tcp(CLIENT, 40000, VIP, 81),            // VIP, other port
+        Frame::udp(CLIENT, 40000, VIP, 80),            // VIP, other protocol
+    ] {
+        let input = frame.build(b"x");
+        let (verdict, out) = run(&mut dp, PROG_FROM_POD, &input);
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(out, input, "{frame:?} must pass byte for byte");
+        let (verdict, out) = run(&mut dp, PROG_TO_POD, &input);
+        assert_eq!((verdict, &out), (TC_ACT_OK, &input));
+    }
+    assert_eq!(counter(&dp, "new_flow"), 0);
+}
+
+#[test]
+fn truncated_packets_are_never_rewritten() {
+    let mut dp = datapath_with(&[service(80, PROTO_TCP, &[("10.244.1.2", 8080)])]);
+    let full = Frame::tcp(CLIENT, 40000, VIP, 80).build(b"");
+    // BPF_PROG_TEST_RUN itself refuses an IPv4 frame shorter than an IPv4
+    // header, so cuts start there: no L4 header, ports only, TCP header
+    // without its checksum.
+    let mut inputs: Vec<Vec<u8>> = [14 + 20, 14 + 20 + 4, 14 + 20 + 17]
+        .iter()
+        .map(|l| full[..*l].to_vec())
+        .collect();
+    // A header whose IHL announces 40 bytes of options that are not there.
+    let mut lying = full.clone();
+    lying[14] = 0x4f;
+    inputs.push(lying);
+    for input in &inputs {
+        let (verdict, out) = run(&mut dp, PROG_FROM_POD, input);
+        assert_eq!(verdict, TC_ACT_OK, "len {}", input.len());
+        assert_eq!(
+            &out,
+            input,
+            "len {}: a truncated packet must not be rewritten",
+            input.len()
+        );
+    }
+    assert_eq!(counter(&dp, "malformed"), 4);
+    assert_eq!(counter(&dp, "new_flow"), 0);
+    assert!(
+        dp.maps.conntrack.keys().next().is_none(),
+        "no conntrack entry for a truncated packet"
+    );
+}
+
+#[test]
+fn service_without_backends_drops_and_counts() {
+    let mut dp = datapath_with(&[service(80, PROTO_TCP, &[])]);
+    let (verdict, _) = run(
+        &mut dp,
+        PROG_FROM_POD,
+        &Frame::tcp(CLIENT, 40000, VIP, 80).build(b""),
+    );
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(counter(&dp, "drop_no_backend"), 1);
+}
+
+#[test]
+fn tracked_flow_moves_when_its_backend_is_removed() {
+    let mut dp = datapath_with(&[service(80, PROTO_TCP, &[("10.244.1.2", 8080)])]);
+    let frame = Frame::tcp(CLIENT, 40000, VIP, 80).build(b"");
+    let (_, out) = run(&mut dp, PROG_FROM_POD, &frame);
+    assert_eq!(Frame::parse(&out).unwrap().dst.to_string(), "10.244.1.2");
+
+    // The endpoint is replaced by another pod.
+    let current = dp.maps.state().unwrap();
+    let want = desired_state(&current, &[service(80, PROTO_TCP, &[("10.244.1.9", 8080)])]);
+    dp.maps.apply(&plan(&current, &want)).unwrap();
+    let (_, out) = run(&mut dp, PROG_FROM_POD, &frame);
+    assert_eq!(Frame::parse(&out).unwrap().dst.to_string(), "10.244.1.9");
+    let _ = reason::COUNT;
+}
