@@ -1,6 +1,10 @@
 //! The lb agent, its CLI and the lab. See README.md for the big picture.
 
+pub mod agent;
 pub mod datapath;
+pub mod echo;
+pub mod lab;
+pub mod netns;
 pub mod packet;
 pub mod plan;
 pub mod translate;

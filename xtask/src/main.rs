@@ -1,1 +1,117 @@
-fn main() {}
+//! `cargo xtask setup | build | run | test`: what a newcomer or CI runs.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what this machine lacks: nightly rust-src, bpf-linker built
+    /// against nightly rustc's own LLVM, and the Debian packages tests use.
+    Setup,
+    /// Build the eBPF object and the `lb` binary.
+    Build,
+    /// Setup, build, then bring up the lab and show the load balancer; with
+    /// --kubeconfig, run the agent against that cluster instead.
+    Run {
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// Extra arguments for `lb lab up` or `lb agent`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Setup, then formatting, clippy and every test (needs root).
+    Test {
+        /// Arguments passed to `cargo test` (a test name filter, for instance).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn require_root(what: &str) -> Result<()> {
+    if !nix_is_root() {
+        bail!("{what} needs root (BPF, network namespaces): run it with sudo");
+    }
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn build() -> Result<()> {
+    run(cargo().args(["build", "--package", "lb-userspace"]))
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => setup::setup(),
+        Cmd::Build => {
+            setup::setup()?;
+            build()
+        }
+        Cmd::Run { kubeconfig, args } => {
+            require_root("cargo xtask run")?;
+            setup::setup()?;
+            build()?;
+            let lb = root().join("target/debug/lb");
+            let mut cmd = Command::new(&lb);
+            match kubeconfig {
+                Some(kc) => cmd.arg("agent").arg("--kubeconfig").arg(kc),
+                None => cmd
+                    .args(["lab", "up", "--demo", "--manifests"])
+                    .arg(root().join("manifests/demo")),
+            };
+            run(cmd.args(args))
+        }
+        Cmd::Test { args } => {
+            require_root("cargo xtask test")?;
+            setup::setup()?;
+            run(cargo().args(["fmt", "--all", "--check"]))?;
+            run(cargo().args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
+            run(cargo().args(["test", "--workspace"]).args(args))
+        }
+    }
+}

@@ -4,13 +4,12 @@
 
 use std::{
     collections::BTreeSet,
-    io,
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context, Result};
 use aya::programs::{
-    links::{FdLink, LinkError, PinnedLink},
+    links::{FdLink, PinnedLink},
     tc::{SchedClassifierLink, TcAttachOptions},
     LinkOrder, TcAttachType,
 };
@@ -41,7 +40,8 @@ impl Attacher {
     }
 
     fn pin_path(&self, ifname: &str, ty: TcAttachType) -> PathBuf {
-        self.links_dir.join(format!("{ifname}.{}", direction(ty)))
+        // bpffs refuses names with a dot.
+        self.links_dir.join(format!("{ifname}_{}", direction(ty)))
     }
 
     /// Attaches both programs to `ifname` unless done already.
@@ -52,20 +52,18 @@ impl Attacher {
         for (prog_name, ty) in Datapath::attachments() {
             let pin = self.pin_path(ifname, ty);
             let prog = dp.program(prog_name)?;
-            match PinnedLink::from_pin(&pin) {
-                Ok(old) => {
-                    // A link from an earlier agent: put our program into it.
-                    let link = SchedClassifierLink::try_from(FdLink::from(old))?;
-                    if prog.attach_to_link(link).is_err() {
-                        // The link is defunct (its interface was re-created).
-                        std::fs::remove_file(&pin).ok();
-                        attach_new(prog, ifname, ty, &pin)?;
-                    }
-                }
-                Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {
-                    attach_new(prog, ifname, ty, &pin)?;
-                }
-                Err(e) => return Err(e).with_context(|| format!("opening {}", pin.display())),
+            if !pin.exists() {
+                attach_new(prog, ifname, ty, &pin)?;
+                continue;
+            }
+            // A link from an earlier agent: put our program into it.
+            let old =
+                PinnedLink::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
+            let link = SchedClassifierLink::try_from(FdLink::from(old))?;
+            if prog.attach_to_link(link).is_err() {
+                // The link is defunct (its interface was re-created).
+                std::fs::remove_file(&pin).ok();
+                attach_new(prog, ifname, ty, &pin)?;
             }
         }
         self.attached.insert(ifname.to_string());
@@ -78,7 +76,7 @@ impl Attacher {
         if let Ok(dir) = std::fs::read_dir(&self.links_dir) {
             for entry in dir.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                let ifname = name.rsplit_once('.').map_or(name.as_str(), |(i, _)| i);
+                let ifname = name.rsplit_once('_').map_or(name.as_str(), |(i, _)| i);
                 if !present.contains(ifname) {
                     std::fs::remove_file(entry.path()).ok();
                 }

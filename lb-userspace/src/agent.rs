@@ -1,0 +1,165 @@
+//! `lb agent`: keeps the data path's maps equal to what the Kubernetes API
+//! says. Watchers (kube-rs reflectors) feed caches at the edge; on any change
+//! a pure translation and a pure differ decide the map writes.
+
+use std::{
+    collections::BTreeSet,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use futures::StreamExt;
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use kube::{
+    runtime::{reflector, watcher, WatchStreamExt},
+    Api, Client,
+};
+use tokio::sync::Notify;
+
+use crate::{
+    datapath::{attach::interfaces_with_prefix, attach::Attacher, Datapath},
+    plan::{desired_state, plan},
+    translate::translate,
+};
+
+pub struct AgentConfig {
+    pub kubeconfig: Option<PathBuf>,
+    pub node_name: Option<String>,
+    pub pin_dir: PathBuf,
+    /// Pod veths are the interfaces whose names start with this.
+    pub interface_prefix: String,
+    /// How often the maps are compared with the desired state even when
+    /// nothing changed (repairs drift).
+    pub resync: Duration,
+}
+
+pub async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no --kubeconfig given and no cluster config found")?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// Starts a reflector for `K`; `changed` is notified on every change.
+fn reflect<K>(api: Api<K>, changed: Arc<Notify>) -> reflector::Store<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector(writer, watcher(api, watcher::Config::default()))
+        .default_backoff()
+        .touched_objects();
+    tokio::spawn(async move {
+        futures::pin_mut!(stream);
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(_) => changed.notify_one(),
+                Err(e) => tracing::warn!("watch {}: {e}", std::any::type_name::<K>()),
+            }
+        }
+    });
+    reader
+}
+
+pub async fn run(cfg: AgentConfig) -> Result<()> {
+    let mut dp = Datapath::load(Some(&cfg.pin_dir))?;
+    let mut attacher = Attacher::new(&cfg.pin_dir)?;
+    tracing::info!(pin_dir = %cfg.pin_dir.display(), node = ?cfg.node_name, "data path loaded");
+
+    let client = client(cfg.kubeconfig.as_ref()).await?;
+    let changed = Arc::new(Notify::new());
+    let services = reflect(Api::<Service>::all(client.clone()), changed.clone());
+    let slices = reflect(Api::<EndpointSlice>::all(client), changed.clone());
+    // Program nothing until every cache is complete: a restart must never
+    // write a half-known cluster into the maps.
+    services
+        .wait_until_ready()
+        .await
+        .context("service watch ended")?;
+    slices
+        .wait_until_ready()
+        .await
+        .context("endpointslice watch ended")?;
+    tracing::info!("caches synced");
+
+    let mut logged_errors = BTreeSet::new();
+    let mut resync = tokio::time::interval(cfg.resync);
+    let mut links = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = changed.notified() => {
+                // Let a burst of events settle into one pass.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            _ = resync.tick() => {}
+            _ = links.tick() => {
+                sync_links(&mut dp, &mut attacher, &cfg.interface_prefix);
+                continue;
+            }
+        }
+        let started = Instant::now();
+        let svcs: Vec<Service> = services.state().iter().map(|s| (**s).clone()).collect();
+        let eps: Vec<EndpointSlice> = slices.state().iter().map(|s| (**s).clone()).collect();
+        let t = translate(&svcs, &eps);
+        let errors: BTreeSet<String> = t
+            .errors
+            .iter()
+            .map(|e| format!("{}: {}", e.object, e.message))
+            .collect();
+        for e in errors.difference(&logged_errors) {
+            tracing::warn!("skipped: {e}");
+        }
+        logged_errors = errors;
+        let result = dp.maps.state().and_then(|current| {
+            let desired = desired_state(&current, &t.services);
+            let ops = plan(&current, &desired);
+            dp.maps.apply(&ops).map(|()| (ops.len(), desired))
+        });
+        match result {
+            Ok((0, _)) => {}
+            Ok((n, desired)) => tracing::info!(
+                ops = n,
+                frontends = t.services.len(),
+                backends = desired.backends.len(),
+                took_ms = started.elapsed().as_millis() as u64,
+                "maps updated"
+            ),
+            Err(e) => tracing::error!("updating maps: {e:#}"),
+        }
+    }
+}
+
+fn sync_links(dp: &mut Datapath, attacher: &mut Attacher, prefix: &str) {
+    let present = match interfaces_with_prefix(prefix) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!("{e:#}");
+            return;
+        }
+    };
+    for ifname in &present {
+        if !attacher.attached().contains(ifname) {
+            match attacher.attach(dp, ifname) {
+                Ok(()) => tracing::info!(interface = %ifname, "programs attached"),
+                Err(e) => tracing::warn!(interface = %ifname, "attach failed: {e:#}"),
+            }
+        }
+    }
+    attacher.prune(&present);
+}

@@ -1,0 +1,264 @@
+//! What the API server does to an object before storing it: defaulting and
+//! allocation of ClusterIPs (10.96.0.0/16) and NodePorts (30000-32767),
+//! honouring requested values and rejecting conflicts, as a cluster does.
+
+use std::{collections::BTreeSet, net::Ipv4Addr};
+
+use serde_json::{json, Value};
+
+use super::{
+    kinds::Kind,
+    store::{meta_str, Inner, StoreError},
+};
+
+pub const SERVICE_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 96, 0, 0), 16);
+pub const NODE_PORT_RANGE: std::ops::RangeInclusive<i64> = 30000..=32767;
+
+pub fn admit(
+    kind: Kind,
+    obj: &mut Value,
+    old: Option<&Value>,
+    inner: &Inner,
+) -> Result<(), StoreError> {
+    match kind {
+        Kind::Service => admit_service(obj, old, inner),
+        Kind::Deployment | Kind::ReplicaSet => {
+            if obj["spec"]["replicas"].is_null() {
+                obj["spec"]["replicas"] = json!(1);
+            }
+            Ok(())
+        }
+        Kind::Pod => {
+            if obj["status"]["phase"].is_null() {
+                obj["status"]["phase"] = json!("Pending");
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn in_service_cidr(ip: Ipv4Addr) -> bool {
+    let mask = u32::MAX << (32 - SERVICE_CIDR.1);
+    u32::from(ip) & mask == u32::from(SERVICE_CIDR.0) & mask
+}
+
+/// The same Service (namespace and name) as `obj`?
+fn same_object(a: &Value, b: &Value) -> bool {
+    meta_str(a, "namespace") == meta_str(b, "namespace")
+        && meta_str(a, "name") == meta_str(b, "name")
+}
+
+fn admit_service(obj: &mut Value, old: Option<&Value>, inner: &Inner) -> Result<(), StoreError> {
+    let svc_name = meta_str(obj, "name").to_string();
+    let invalid = |m: String| {
+        Err(StoreError::Invalid(format!(
+            "Service \"{svc_name}\" is invalid: {m}"
+        )))
+    };
+    if !obj["spec"].is_object() {
+        obj["spec"] = json!({});
+    }
+    let spec = &obj["spec"];
+    let svc_type = spec["type"].as_str().unwrap_or("ClusterIP").to_string();
+    if !["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"].contains(&svc_type.as_str()) {
+        return invalid(format!("spec.type: Unsupported value: {svc_type:?}"));
+    }
+    let others: Vec<&Value> = inner
+        .list(Kind::Service, None)
+        .into_iter()
+        .filter(|s| !same_object(s, obj))
+        .collect();
+
+    // ClusterIP.
+    let mut cluster_ip = spec["clusterIP"].as_str().unwrap_or("").to_string();
+    if cluster_ip.is_empty() {
+        cluster_ip = old
+            .and_then(|o| o["spec"]["clusterIP"].as_str())
+            .unwrap_or("")
+            .to_string();
+    }
+    if svc_type == "ExternalName" {
+        cluster_ip.clear();
+    } else if cluster_ip != "None" {
+        let used: BTreeSet<String> = others
+            .iter()
+            .filter_map(|s| s["spec"]["clusterIP"].as_str().map(str::to_string))
+            .collect();
+        if cluster_ip.is_empty() {
+            let base = u32::from(SERVICE_CIDR.0);
+            let size = 1u32 << (32 - SERVICE_CIDR.1);
+            // .1 is the kubernetes Service's by convention; .0 and the last are not hosts.
+            let Some(free) = (2..size - 1)
+                .map(|i| Ipv4Addr::from(base + i))
+                .find(|ip| !used.contains(&ip.to_string()))
+            else {
+                return invalid("no ClusterIP left in 10.96.0.0/16".into());
+            };
+            cluster_ip = free.to_string();
+        } else {
+            match cluster_ip.parse::<Ipv4Addr>() {
+                Ok(ip) if in_service_cidr(ip) => {}
+                _ => {
+                    return invalid(format!(
+                        "spec.clusterIP: Invalid value: {cluster_ip:?}: not in 10.96.0.0/16"
+                    ))
+                }
+            }
+            if used.contains(&cluster_ip) {
+                return invalid(format!("spec.clusterIP: Invalid value: {cluster_ip:?}: provided IP is already allocated"));
+            }
+        }
+    }
+    if cluster_ip.is_empty() {
+        if let Some(m) = obj["spec"].as_object_mut() {
+            m.remove("clusterIP");
+            m.remove("clusterIPs");
+        }
+    } else {
+        obj["spec"]["clusterIP"] = json!(cluster_ip);
+        obj["spec"]["clusterIPs"] = json!([cluster_ip]);
+    }
+    obj["spec"]["type"] = json!(svc_type);
+
+    // Ports: protocol and targetPort defaults, NodePorts.
+    let wants_node_ports = svc_type == "NodePort" || svc_type == "LoadBalancer";
+    let mut used_ports: BTreeSet<i64> = others
+        .iter()
+        .flat_map(|s| s["spec"]["ports"].as_array().cloned().unwrap_or_default())
+        .filter_map(|p| p["nodePort"].as_i64())
+        .collect();
+    let old_ports = old
+        .and_then(|o| o["spec"]["ports"].as_array().cloned())
+        .unwrap_or_default();
+    let Some(ports) = obj["spec"]["ports"].as_array_mut() else {
+        return Ok(());
+    };
+    for p in ports.iter_mut() {
+        if p["protocol"].is_null() {
+            p["protocol"] = json!("TCP");
+        }
+        if p["targetPort"].is_null() {
+            p["targetPort"] = p["port"].clone();
+        }
+        if !wants_node_ports {
+            if let Some(m) = p.as_object_mut() {
+                m.remove("nodePort");
+            }
+            continue;
+        }
+        let requested = p["nodePort"].as_i64().or_else(|| {
+            old_ports
+                .iter()
+                .find(|o| o["port"] == p["port"] && o["protocol"] == p["protocol"])
+                .and_then(|o| o["nodePort"].as_i64())
+        });
+        let node_port = match requested {
+            Some(n) if !NODE_PORT_RANGE.contains(&n) => {
+                return Err(StoreError::Invalid(format!("spec.ports.nodePort: Invalid value: {n}: provided port is not in the valid range 30000-32767")));
+            }
+            Some(n) if used_ports.contains(&n) => {
+                return Err(StoreError::Invalid(format!(
+                    "spec.ports.nodePort: Invalid value: {n}: provided port is already allocated"
+                )));
+            }
+            Some(n) => n,
+            None => match NODE_PORT_RANGE.clone().find(|n| !used_ports.contains(n)) {
+                Some(n) => n,
+                None => return Err(StoreError::Invalid("no NodePort left".into())),
+            },
+        };
+        used_ports.insert(node_port);
+        p["nodePort"] = json!(node_port);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::store::Store;
+    use super::*;
+
+    fn svc(name: &str, spec: Value) -> Value {
+        json!({"metadata": {"name": name, "namespace": "default"}, "spec": spec})
+    }
+
+    fn store() -> Store {
+        let s = Store::new();
+        s.create(Kind::Namespace, json!({"metadata": {"name": "default"}}))
+            .unwrap();
+        s
+    }
+
+    #[test]
+    fn cluster_ips_are_allocated_requested_or_rejected() {
+        let s = store();
+        let a = s
+            .create(Kind::Service, svc("a", json!({"ports": [{"port": 80}]})))
+            .unwrap();
+        assert_eq!(a["spec"]["clusterIP"], "10.96.0.2");
+        assert_eq!(a["spec"]["ports"][0]["targetPort"], 80);
+        assert_eq!(a["spec"]["ports"][0]["protocol"], "TCP");
+        let b = s
+            .create(Kind::Service, svc("b", json!({"clusterIP": "10.96.7.7"})))
+            .unwrap();
+        assert_eq!(b["spec"]["clusterIPs"], json!(["10.96.7.7"]));
+        let dup = s.create(Kind::Service, svc("c", json!({"clusterIP": "10.96.7.7"})));
+        assert_eq!(dup.map_err(|e| e.code()).err(), Some(422));
+        let outside = s.create(Kind::Service, svc("d", json!({"clusterIP": "192.168.1.1"})));
+        assert_eq!(outside.map_err(|e| e.code()).err(), Some(422));
+        let headless = s
+            .create(Kind::Service, svc("e", json!({"clusterIP": "None"})))
+            .unwrap();
+        assert_eq!(headless["spec"]["clusterIP"], "None");
+        let ext = s
+            .create(
+                Kind::Service,
+                svc(
+                    "f",
+                    json!({"type": "ExternalName", "externalName": "x.org"}),
+                ),
+            )
+            .unwrap();
+        assert!(ext["spec"]["clusterIP"].is_null());
+        // An update without clusterIP keeps the allocated one.
+        let a2 = s
+            .replace(Kind::Service, svc("a", json!({"ports": [{"port": 81}]})))
+            .unwrap();
+        assert_eq!(a2["spec"]["clusterIP"], "10.96.0.2");
+    }
+
+    #[test]
+    fn node_ports_are_allocated_requested_or_rejected() {
+        let s = store();
+        let a = s.create(Kind::Service, svc("a", json!({"type": "NodePort", "ports": [{"port": 80}, {"port": 81, "nodePort": 30080}]}))).unwrap();
+        assert_eq!(a["spec"]["ports"][0]["nodePort"], 30000);
+        assert_eq!(a["spec"]["ports"][1]["nodePort"], 30080);
+        let conflict = s.create(
+            Kind::Service,
+            svc(
+                "b",
+                json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]}),
+            ),
+        );
+        assert_eq!(conflict.map_err(|e| e.code()).err(), Some(422));
+        let range = s.create(
+            Kind::Service,
+            svc(
+                "c",
+                json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 80}]}),
+            ),
+        );
+        assert_eq!(range.map_err(|e| e.code()).err(), Some(422));
+        let again = s
+            .replace(
+                Kind::Service,
+                svc("a", json!({"type": "NodePort", "ports": [{"port": 80}]})),
+            )
+            .unwrap();
+        assert_eq!(
+            again["spec"]["ports"][0]["nodePort"], 30000,
+            "kept on update"
+        );
+    }
+}

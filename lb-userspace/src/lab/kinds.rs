@@ -1,0 +1,89 @@
+//! The API kinds the lab serves, and where they live in the URL space.
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Namespace,
+    Node,
+    Pod,
+    Service,
+    EndpointSlice,
+    NetworkPolicy,
+    Deployment,
+    ReplicaSet,
+    Event,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 9] = [
+        Kind::Namespace,
+        Kind::Node,
+        Kind::Pod,
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::NetworkPolicy,
+        Kind::Deployment,
+        Kind::ReplicaSet,
+        Kind::Event,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Namespace => "Namespace",
+            Kind::Node => "Node",
+            Kind::Pod => "Pod",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::Deployment => "Deployment",
+            Kind::ReplicaSet => "ReplicaSet",
+            Kind::Event => "Event",
+        }
+    }
+
+    pub fn plural(self) -> &'static str {
+        match self {
+            Kind::Namespace => "namespaces",
+            Kind::Node => "nodes",
+            Kind::Pod => "pods",
+            Kind::Service => "services",
+            Kind::EndpointSlice => "endpointslices",
+            Kind::NetworkPolicy => "networkpolicies",
+            Kind::Deployment => "deployments",
+            Kind::ReplicaSet => "replicasets",
+            Kind::Event => "events",
+        }
+    }
+
+    /// `apiVersion` as written in objects.
+    pub fn api_version(self) -> &'static str {
+        match self {
+            Kind::Namespace | Kind::Node | Kind::Pod | Kind::Service | Kind::Event => "v1",
+            Kind::EndpointSlice => "discovery.k8s.io/v1",
+            Kind::NetworkPolicy => "networking.k8s.io/v1",
+            Kind::Deployment | Kind::ReplicaSet => "apps/v1",
+        }
+    }
+
+    pub fn namespaced(self) -> bool {
+        !matches!(self, Kind::Namespace | Kind::Node)
+    }
+
+    /// Finds a kind by apiVersion and kind (as in a manifest). events.k8s.io
+    /// Events are stored with core Events.
+    pub fn from_manifest(api_version: &str, kind: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| {
+            k.name() == kind
+                && (k.api_version() == api_version
+                    || (kind == "Event" && api_version == "events.k8s.io/v1"))
+        })
+    }
+
+    /// Finds a kind by URL group/version and plural.
+    pub fn from_path(group_version: &str, plural: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| {
+            k.plural() == plural
+                && (k.api_version() == group_version
+                    || (*k == Kind::Event && group_version == "events.k8s.io/v1"))
+        })
+    }
+}

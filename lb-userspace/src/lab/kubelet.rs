@@ -1,0 +1,327 @@
+//! The lab's scheduler and kubelet: puts Pods on nodes, gives each a network
+//! namespace, an address from its node's pod CIDR and an echo server on its
+//! container ports, reports readiness, and tears Pods down on deletion
+//! (SIGTERM, a grace period, then the namespace goes).
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    io::{BufRead, BufReader},
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::{Child, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use super::{
+    kinds::Kind,
+    net::{self, Names},
+    objects::is_terminating,
+    store::{meta_str, now_rfc3339, Store},
+};
+use crate::netns;
+
+/// Annotation naming the pod's network namespace (read by `lb lab exec`).
+pub const NETNS_ANNOTATION: &str = "lab.lb.dev/netns";
+/// How long a terminating pod may take before it is killed.
+const MAX_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Phase {
+    Starting,
+    Running,
+    Stopping,
+}
+
+struct PodRuntime {
+    k: u32,
+    ip: Ipv4Addr,
+    phase: Phase,
+    child: Option<Child>,
+}
+
+#[derive(Default)]
+struct State {
+    pods: HashMap<String, PodRuntime>,
+    next_k: u32,
+    used_ips: BTreeSet<Ipv4Addr>,
+}
+
+#[derive(Clone)]
+pub struct Kubelet {
+    store: Store,
+    names: Names,
+    /// Node names; node i+1 is `nodes[i]`.
+    nodes: Vec<String>,
+    lb_binary: PathBuf,
+    log_dir: PathBuf,
+    state: Arc<Mutex<State>>,
+}
+
+impl Kubelet {
+    pub fn new(
+        store: Store,
+        names: Names,
+        nodes: Vec<String>,
+        lb_binary: PathBuf,
+        log_dir: PathBuf,
+    ) -> Self {
+        Self {
+            store,
+            names,
+            nodes,
+            lb_binary,
+            log_dir,
+            state: Arc::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn node_index(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n == name).map(|i| i + 1)
+    }
+
+    pub fn reconcile(&self) {
+        let (pods, _) = self.store.list(Kind::Pod, None);
+        self.schedule(&pods);
+        let present: BTreeSet<&str> = pods.iter().map(|p| meta_str(p, "uid")).collect();
+        for pod in &pods {
+            let uid = meta_str(pod, "uid").to_string();
+            let Some(node) = pod["spec"]["nodeName"]
+                .as_str()
+                .and_then(|n| self.node_index(n))
+            else {
+                continue;
+            };
+            let phase = self.lock().pods.get(&uid).map(|r| r.phase);
+            match (is_terminating(pod), phase) {
+                (false, None) => self.start(pod.clone(), node),
+                (true, None) => {
+                    let _ = self.store.delete(
+                        Kind::Pod,
+                        meta_str(pod, "namespace"),
+                        meta_str(pod, "name"),
+                    );
+                }
+                (true, Some(Phase::Starting | Phase::Running)) => self.stop(uid, Some(pod.clone())),
+                _ => {}
+            }
+        }
+        let orphans: Vec<String> = self
+            .lock()
+            .pods
+            .iter()
+            .filter(|(uid, r)| !present.contains(uid.as_str()) && r.phase != Phase::Stopping)
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in orphans {
+            self.stop(uid, None);
+        }
+    }
+
+    /// Binds unscheduled pods to the node with the fewest pods.
+    fn schedule(&self, pods: &[Value]) {
+        for pod in pods
+            .iter()
+            .filter(|p| p["spec"]["nodeName"].is_null() && !is_terminating(p))
+        {
+            let count = |n: &String| {
+                pods.iter()
+                    .filter(|p| p["spec"]["nodeName"].as_str() == Some(n))
+                    .count()
+            };
+            let Some(node) = self.nodes.iter().min_by_key(|n| count(n)) else {
+                return;
+            };
+            let mut pod = pod.clone();
+            pod["spec"]["nodeName"] = json!(node);
+            pod["metadata"]["resourceVersion"] = json!("");
+            let _ = self.store.replace(Kind::Pod, pod);
+        }
+    }
+
+    fn start(&self, pod: Value, node: usize) {
+        let uid = meta_str(&pod, "uid").to_string();
+        let (k, ip) = {
+            let mut st = self.lock();
+            let (net, _) = net::pod_cidr(node);
+            let base = u32::from(net);
+            let Some(ip) = (2..255)
+                .map(|i| Ipv4Addr::from(base + i))
+                .find(|ip| !st.used_ips.contains(ip))
+            else {
+                tracing::error!("node {node}: pod CIDR exhausted");
+                return;
+            };
+            st.used_ips.insert(ip);
+            st.next_k += 1;
+            let k = st.next_k;
+            st.pods.insert(
+                uid.clone(),
+                PodRuntime {
+                    k,
+                    ip,
+                    phase: Phase::Starting,
+                    child: None,
+                },
+            );
+            (k, ip)
+        };
+        let this = self.clone();
+        tokio::spawn(async move {
+            let name = format!("{}/{}", meta_str(&pod, "namespace"), meta_str(&pod, "name"));
+            match this.run_pod(&pod, node, k, ip).await {
+                Ok(child) => {
+                    if let Some(r) = this.lock().pods.get_mut(&uid) {
+                        r.child = Some(child);
+                        if r.phase == Phase::Starting {
+                            r.phase = Phase::Running;
+                        }
+                    }
+                    this.set_status(&pod, node, ip, true, k);
+                }
+                Err(e) => {
+                    tracing::error!("pod {name} failed to start: {e:#}");
+                    let mut failed = pod.clone();
+                    failed["status"] = json!({"phase": "Failed", "message": format!("{e:#}")});
+                    failed["metadata"]["resourceVersion"] = json!("");
+                    let _ = this.store.replace(Kind::Pod, failed);
+                }
+            }
+        });
+    }
+
+    async fn run_pod(&self, pod: &Value, node: usize, k: u32, ip: Ipv4Addr) -> Result<Child> {
+        net::create_pod(&self.names, node, k, ip).await?;
+        let mut listen = Vec::new();
+        for c in pod["spec"]["containers"].as_array().into_iter().flatten() {
+            for p in c["ports"].as_array().into_iter().flatten() {
+                let port = p["containerPort"]
+                    .as_i64()
+                    .context("containerPort missing")?;
+                let proto = p["protocol"].as_str().unwrap_or("TCP").to_ascii_lowercase();
+                listen.push(format!("{proto}:{port}"));
+            }
+        }
+        let log = std::fs::File::create(self.log_dir.join(format!(
+            "pod-{}-{}.log",
+            meta_str(pod, "namespace"),
+            meta_str(pod, "name")
+        )))?;
+        let mut cmd = netns::command_in(&self.names.pod_ns(k), &self.lb_binary, true)?;
+        cmd.arg("echo").arg("--name").arg(meta_str(pod, "name"));
+        for l in &listen {
+            cmd.arg("--listen").arg(l);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting echo server")?;
+        let stdout = child.stdout.take().context("echo stdout")?;
+        // The echo server prints "ready" once every port is bound.
+        let ready = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            BufReader::new(stdout).read_line(&mut line).map(|_| line)
+        });
+        match tokio::time::timeout(Duration::from_secs(10), ready).await {
+            Ok(Ok(Ok(line))) if line.trim() == "ready" => Ok(child),
+            other => {
+                let _ = child.kill();
+                bail!("echo server did not become ready: {other:?}")
+            }
+        }
+    }
+
+    fn set_status(&self, pod: &Value, node: usize, ip: Ipv4Addr, ready: bool, k: u32) {
+        let Ok(mut cur) =
+            self.store
+                .get(Kind::Pod, meta_str(pod, "namespace"), meta_str(pod, "name"))
+        else {
+            return;
+        };
+        if meta_str(&cur, "uid") != meta_str(pod, "uid") {
+            return;
+        }
+        let status = if ready { "True" } else { "False" };
+        let now = now_rfc3339();
+        cur["metadata"]["annotations"][NETNS_ANNOTATION] = json!(self.names.pod_ns(k));
+        cur["status"] = json!({
+            "phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}],
+            "hostIP": net::node_ip(node).to_string(), "startTime": now,
+            "conditions": [
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
+                {"type": "Initialized", "status": "True", "lastTransitionTime": now},
+                {"type": "ContainersReady", "status": status, "lastTransitionTime": now},
+                {"type": "Ready", "status": status, "lastTransitionTime": now},
+            ],
+        });
+        cur["metadata"]["resourceVersion"] = json!("");
+        let _ = self.store.replace(Kind::Pod, cur);
+    }
+
+    /// SIGTERM, wait for the grace period, SIGKILL; then remove the network
+    /// namespace and, if the pod object is still there, the object.
+    fn stop(&self, uid: String, pod: Option<Value>) {
+        let child = {
+            let mut st = self.lock();
+            let Some(r) = st.pods.get_mut(&uid) else {
+                return;
+            };
+            r.phase = Phase::Stopping;
+            r.child.take()
+        };
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Some(mut child) = child {
+                let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+                let grace = pod
+                    .as_ref()
+                    .and_then(|p| p["spec"]["terminationGracePeriodSeconds"].as_u64())
+                    .map_or(MAX_GRACE, |s| Duration::from_secs(s).min(MAX_GRACE));
+                let deadline = Instant::now() + grace;
+                while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            let runtime = this.lock().pods.remove(&uid);
+            if let Some(r) = runtime {
+                if let Err(e) = net::delete_pod(&this.names, r.k).await {
+                    tracing::warn!("removing pod netns: {e:#}");
+                }
+                this.lock().used_ips.remove(&r.ip);
+            }
+            if let Some(pod) = pod {
+                let (ns, name) = (meta_str(&pod, "namespace"), meta_str(&pod, "name"));
+                if this
+                    .store
+                    .get(Kind::Pod, ns, name)
+                    .is_ok_and(|p| meta_str(&p, "uid") == uid)
+                {
+                    let _ = this.store.delete(Kind::Pod, ns, name);
+                }
+            }
+        });
+    }
+
+    /// Kills every pod process at once (lab teardown).
+    pub fn kill_all(&self) {
+        let mut st = self.lock();
+        for r in st.pods.values_mut() {
+            if let Some(mut c) = r.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}

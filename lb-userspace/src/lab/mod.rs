@@ -1,0 +1,357 @@
+//! The lab: a stand-in for a Kubernetes cluster on one Linux box, with real
+//! network namespaces, veths and TCP. See `lb lab --help`.
+
+pub mod admission;
+pub mod apiserver;
+pub mod demo;
+pub mod endpoints;
+pub mod kinds;
+pub mod kubelet;
+pub mod manifests;
+pub mod net;
+pub mod objects;
+pub mod store;
+pub mod workloads;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use tokio::task::JoinHandle;
+
+use crate::netns;
+use kinds::Kind;
+use kubelet::Kubelet;
+use net::Names;
+use objects::{is_terminating, pod_ready};
+use store::{meta_str, Store};
+
+pub struct LabConfig {
+    /// Short name put in front of every namespace, link and pin: [a-z0-9]{1,6}.
+    pub prefix: String,
+    pub nodes: usize,
+    pub manifests: Option<PathBuf>,
+    /// The `lb` binary: runs echo servers and agents.
+    pub lb_binary: PathBuf,
+    /// Start an agent on every node.
+    pub agents: bool,
+}
+
+impl LabConfig {
+    pub fn new(prefix: &str, lb_binary: impl Into<PathBuf>) -> Self {
+        Self {
+            prefix: prefix.into(),
+            nodes: 1,
+            manifests: None,
+            lb_binary: lb_binary.into(),
+            agents: true,
+        }
+    }
+}
+
+pub fn state_dir(prefix: &str) -> PathBuf {
+    PathBuf::from("/run/lb-lab").join(prefix)
+}
+
+pub fn pin_root(prefix: &str) -> PathBuf {
+    PathBuf::from("/sys/fs/bpf").join(prefix)
+}
+
+pub fn node_name(index: usize) -> String {
+    format!("node-{index}")
+}
+
+pub struct Lab {
+    pub prefix: String,
+    pub names: Names,
+    pub store: Store,
+    pub port: u16,
+    pub nodes: usize,
+    lb_binary: PathBuf,
+    kubelet: Kubelet,
+    agents: Vec<(usize, Child)>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+fn valid_prefix(p: &str) -> bool {
+    (1..=6).contains(&p.len())
+        && p.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+}
+
+impl Lab {
+    /// Brings up the API server, the network, the nodes (and their agents),
+    /// and applies the manifests. Anything half-built is removed on error.
+    pub async fn up(cfg: LabConfig) -> Result<Lab> {
+        if !valid_prefix(&cfg.prefix) {
+            bail!(
+                "lab prefix {:?} must be 1-6 lowercase letters or digits",
+                cfg.prefix
+            );
+        }
+        if cfg.nodes == 0 || cfg.nodes > 8 {
+            bail!("a lab has 1 to 8 nodes");
+        }
+        if let Some(pid) = running_pid(&cfg.prefix) {
+            bail!("lab {:?} is already running (pid {pid}); use another --prefix or `lb lab down --prefix {}`", cfg.prefix, cfg.prefix);
+        }
+        // Leftovers of a lab with the same prefix that was killed.
+        teardown(&cfg.prefix);
+        let dir = state_dir(&cfg.prefix);
+        std::fs::create_dir_all(dir.join("logs"))?;
+        crate::datapath::ensure_bpffs()?;
+
+        let store = Store::new();
+        for ns in ["default", "kube-system"] {
+            store.create(Kind::Namespace, json!({"metadata": {"name": ns}}))?;
+        }
+        let names = Names {
+            prefix: cfg.prefix.clone(),
+        };
+        let node_names: Vec<String> = (1..=cfg.nodes).map(node_name).collect();
+        let kubelet = Kubelet::new(
+            store.clone(),
+            names.clone(),
+            node_names,
+            cfg.lb_binary.clone(),
+            dir.join("logs"),
+        );
+        let mut lab = Lab {
+            prefix: cfg.prefix.clone(),
+            names: names.clone(),
+            store: store.clone(),
+            port: 0,
+            nodes: cfg.nodes,
+            lb_binary: cfg.lb_binary.clone(),
+            kubelet: kubelet.clone(),
+            agents: vec![],
+            tasks: vec![],
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        lab.port = listener.local_addr()?.port();
+        lab.serve(listener);
+
+        net::create_network(&names).await?;
+        for i in 1..=cfg.nodes {
+            net::create_node(&names, i, cfg.nodes).await?;
+            // The API server also listens on the node's own loopback, where
+            // the agent (a hostNetwork pod) finds it, as 127.0.0.1:port.
+            let port = lab.port;
+            let std_listener = netns::run_in(&names.node_ns(i), move || {
+                std::net::TcpListener::bind(("127.0.0.1", port))
+            })??;
+            std_listener.set_nonblocking(true)?;
+            lab.serve(tokio::net::TcpListener::from_std(std_listener)?);
+            let (cidr, len) = net::pod_cidr(i);
+            store.create(
+                Kind::Node,
+                json!({"metadata": {"name": node_name(i), "labels": {"kubernetes.io/hostname": node_name(i)}},
+                       "spec": {"podCIDR": format!("{cidr}/{len}"), "podCIDRs": [format!("{cidr}/{len}")]},
+                       "status": {"addresses": [{"type": "InternalIP", "address": net::node_ip(i).to_string()},
+                                                {"type": "Hostname", "address": node_name(i)}],
+                                  "conditions": [{"type": "Ready", "status": "True"}]}}),
+            )?;
+        }
+        std::fs::write(lab.kubeconfig_path(), kubeconfig(lab.port))?;
+        std::fs::write(
+            dir.join("lab.json"),
+            json!({"pid": std::process::id(), "port": lab.port, "prefix": lab.prefix, "nodes": cfg.nodes}).to_string(),
+        )?;
+        lab.tasks
+            .push(tokio::spawn(controllers(store.clone(), kubelet)));
+        if let Some(m) = &cfg.manifests {
+            manifests::apply(&store, manifests::load(m)?)?;
+        }
+        if cfg.agents {
+            for i in 1..=cfg.nodes {
+                lab.start_agent(i)?;
+            }
+        }
+        Ok(lab)
+    }
+
+    fn serve(&mut self, listener: tokio::net::TcpListener) {
+        let app = apiserver::router(self.store.clone());
+        self.tasks.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!("lab API server: {e}");
+            }
+        }));
+    }
+
+    pub fn kubeconfig_path(&self) -> PathBuf {
+        state_dir(&self.prefix).join("kubeconfig")
+    }
+
+    pub fn log_path(&self, what: &str) -> PathBuf {
+        state_dir(&self.prefix)
+            .join("logs")
+            .join(format!("{what}.log"))
+    }
+
+    pub fn pin_dir(&self, node: usize) -> PathBuf {
+        pin_root(&self.prefix).join(node_name(node))
+    }
+
+    /// Starts the agent of node `i` inside the node's network namespace.
+    pub fn start_agent(&mut self, i: usize) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(&format!("agent-{}", node_name(i))))?;
+        let mut cmd = netns::command_in(&self.names.node_ns(i), &self.lb_binary, true)?;
+        cmd.arg("agent")
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig_path())
+            .arg("--node-name")
+            .arg(node_name(i))
+            .arg("--pin-dir")
+            .arg(self.pin_dir(i))
+            .arg("--interface-prefix")
+            .arg(self.names.host_veth_prefix())
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        self.agents
+            .push((i, cmd.spawn().context("starting the agent")?));
+        Ok(())
+    }
+
+    /// Stops node `i`'s agent with SIGKILL (pinned maps and links stay).
+    pub fn kill_agent(&mut self, i: usize) {
+        self.agents.retain_mut(|(n, c)| {
+            if *n == i {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            *n != i
+        });
+    }
+
+    /// Waits until every pod is running and ready, and no pod is terminating.
+    pub async fn wait_pods_ready(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (pods, _) = self.store.list(Kind::Pod, None);
+            let (deps, _) = self.store.list(Kind::Deployment, None);
+            let want: i64 = deps
+                .iter()
+                .map(|d| d["spec"]["replicas"].as_i64().unwrap_or(1))
+                .sum();
+            let owned = pods
+                .iter()
+                .filter(|p| objects::owner(p, "ReplicaSet").is_some() && !is_terminating(p))
+                .count() as i64;
+            let pending: Vec<&str> = pods
+                .iter()
+                .filter(|p| !pod_ready(p) || is_terminating(p))
+                .map(|p| meta_str(p, "name"))
+                .collect();
+            if pending.is_empty() && owned >= want {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("pods not ready after {timeout:?}: {pending:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The network namespace of pod `ns/name`.
+    pub fn pod_netns(&self, ns: &str, name: &str) -> Result<String> {
+        pod_netns(&self.store.get(Kind::Pod, ns, name)?)
+    }
+
+    pub fn node_netns(&self, i: usize) -> String {
+        self.names.node_ns(i)
+    }
+
+    /// Ready pods whose name starts with `prefix`, in namespace `ns`.
+    pub fn pods_named(&self, ns: &str, prefix: &str) -> Vec<Value> {
+        self.store
+            .list(Kind::Pod, Some(ns))
+            .0
+            .into_iter()
+            .filter(|p| meta_str(p, "name").starts_with(prefix))
+            .collect()
+    }
+
+    pub fn lb_binary(&self) -> &Path {
+        &self.lb_binary
+    }
+
+    fn shutdown(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        for (_, c) in &mut self.agents {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.agents.clear();
+        self.kubelet.kill_all();
+        teardown(&self.prefix);
+    }
+}
+
+impl Drop for Lab {
+    /// Removes everything the lab made, also when a test fails.
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+pub fn pod_netns(pod: &Value) -> Result<String> {
+    pod["metadata"]["annotations"][kubelet::NETNS_ANNOTATION]
+        .as_str()
+        .map(str::to_string)
+        .with_context(|| format!("pod {} has no network yet", meta_str(pod, "name")))
+}
+
+/// The pid of the live process running lab `prefix`, if any.
+pub fn running_pid(prefix: &str) -> Option<i32> {
+    let text = std::fs::read_to_string(state_dir(prefix).join("lab.json")).ok()?;
+    let pid = serde_json::from_str::<Value>(&text).ok()?["pid"].as_i64()? as i32;
+    let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+    (alive && pid != std::process::id() as i32).then_some(pid)
+}
+
+/// Removes the namespaces, pins and state of lab `prefix`, and kills its processes.
+pub fn teardown(prefix: &str) {
+    net::destroy(prefix);
+    let _ = std::fs::remove_dir_all(pin_root(prefix));
+    let _ = std::fs::remove_dir_all(state_dir(prefix));
+}
+
+pub fn kubeconfig(port: u16) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: http://127.0.0.1:{port}\n\
+         users:\n- name: lab\n  user: {{}}\ncontexts:\n- name: lab\n  context:\n    cluster: lab\n    user: lab\n\
+         current-context: lab\n"
+    )
+}
+
+/// The controllers, level-triggered: after any change (or every half
+/// second) each one compares the whole state with what it wants.
+async fn controllers(store: Store, kubelet: Kubelet) {
+    let mut events = store.subscribe();
+    loop {
+        tokio::select! {
+            r = events.recv() => if matches!(r, Err(tokio::sync::broadcast::error::RecvError::Closed)) { return },
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        while events.try_recv().is_ok() {}
+        workloads::reconcile_deployments(&store);
+        workloads::reconcile_replicasets(&store);
+        kubelet.reconcile();
+        endpoints::reconcile(&store);
+    }
+}

@@ -1,0 +1,363 @@
+//! The lab's object store: JSON objects by kind, namespace and name, one
+//! resourceVersion counter, and a bounded history of events so that a watch
+//! can resume from a resourceVersion, or get `410 Gone` when it is too old.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+use serde_json::{json, Value};
+use tokio::sync::broadcast;
+
+use super::{admission, kinds::Kind};
+
+/// How many events are kept for resuming watches.
+const HISTORY: usize = 50_000;
+
+#[derive(Clone, Debug)]
+pub struct Event {
+    pub kind: Kind,
+    /// ADDED, MODIFIED or DELETED.
+    pub event_type: &'static str,
+    pub object: Value,
+    pub rv: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("resourceVersion {0} is too old")]
+    Gone(u64),
+    #[error("the object has been modified; please apply your changes to the latest version")]
+    Conflict,
+}
+
+impl StoreError {
+    pub fn code(&self) -> u16 {
+        match self {
+            StoreError::NotFound(_) => 404,
+            StoreError::AlreadyExists(_) | StoreError::Conflict => 409,
+            StoreError::Invalid(_) => 422,
+            StoreError::Gone(_) => 410,
+        }
+    }
+
+    pub fn reason(&self) -> &'static str {
+        match self {
+            StoreError::NotFound(_) => "NotFound",
+            StoreError::AlreadyExists(_) => "AlreadyExists",
+            StoreError::Conflict => "Conflict",
+            StoreError::Invalid(_) => "Invalid",
+            StoreError::Gone(_) => "Expired",
+        }
+    }
+
+    /// A `Status` object, as the API server returns errors.
+    pub fn status(&self) -> Value {
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": self.to_string(), "reason": self.reason(), "code": self.code()})
+    }
+}
+
+pub type Key = (Kind, String, String);
+
+#[derive(Default)]
+pub struct Inner {
+    pub rv: u64,
+    pub objects: BTreeMap<Key, Value>,
+    history: VecDeque<Event>,
+    /// Watches from a resourceVersion below this get 410 Gone.
+    oldest_rv: u64,
+    uid: u64,
+}
+
+impl Inner {
+    pub fn list(&self, kind: Kind, ns: Option<&str>) -> Vec<&Value> {
+        self.objects
+            .range((kind, String::new(), String::new())..)
+            .take_while(|((k, _, _), _)| *k == kind)
+            .filter(|((_, n, _), _)| ns.is_none_or(|ns| ns == n))
+            .map(|(_, v)| v)
+            .collect()
+    }
+
+    pub fn get(&self, kind: Kind, ns: &str, name: &str) -> Option<&Value> {
+        self.objects.get(&(kind, ns.to_string(), name.to_string()))
+    }
+}
+
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Mutex<Inner>>,
+    events: broadcast::Sender<Event>,
+    /// Closing every open watch (fault injection): bump to end them all.
+    pub watch_epoch: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+pub fn meta_str<'a>(obj: &'a Value, field: &str) -> &'a str {
+    obj["metadata"][field].as_str().unwrap_or("")
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Store {
+    pub fn new() -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(Inner::default())),
+            events: broadcast::channel(65_536).0,
+            watch_epoch: Arc::new(tokio::sync::watch::channel(0).0),
+        }
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves consistent data (each write
+        // is a single insert), so a poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    fn record(&self, inner: &mut Inner, kind: Kind, event_type: &'static str, object: Value) {
+        let ev = Event {
+            kind,
+            event_type,
+            object,
+            rv: inner.rv,
+        };
+        inner.history.push_back(ev.clone());
+        while inner.history.len() > HISTORY {
+            if let Some(old) = inner.history.pop_front() {
+                inner.oldest_rv = old.rv;
+            }
+        }
+        let _ = self.events.send(ev);
+    }
+
+    /// Creates an object. Fills in namespace, uid, resourceVersion and
+    /// creationTimestamp, and runs admission (ClusterIP/NodePort allocation).
+    pub fn create(&self, kind: Kind, mut obj: Value) -> Result<Value, StoreError> {
+        let mut inner = self.lock();
+        normalise(kind, &mut obj)?;
+        let ns = meta_str(&obj, "namespace").to_string();
+        let name = meta_str(&obj, "name").to_string();
+        if kind.namespaced() && kind != Kind::Event && inner.get(Kind::Namespace, "", &ns).is_none()
+        {
+            return Err(StoreError::NotFound(format!("namespaces \"{ns}\"")));
+        }
+        let key = (kind, ns, name.clone());
+        if inner.objects.contains_key(&key) {
+            return Err(StoreError::AlreadyExists(format!(
+                "{} \"{name}\"",
+                kind.plural()
+            )));
+        }
+        admission::admit(kind, &mut obj, None, &inner)?;
+        inner.rv += 1;
+        inner.uid += 1;
+        let rv = inner.rv;
+        let uid = inner.uid;
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        obj["metadata"]["uid"] = json!(format!("00000000-0000-4000-8000-{uid:012x}"));
+        obj["metadata"]["creationTimestamp"] = json!(now_rfc3339());
+        obj["metadata"]["generation"] = json!(1);
+        inner.objects.insert(key, obj.clone());
+        self.record(&mut inner, kind, "ADDED", obj.clone());
+        Ok(obj)
+    }
+
+    /// Replaces an object. A resourceVersion in `obj`, if any, must match.
+    pub fn replace(&self, kind: Kind, mut obj: Value) -> Result<Value, StoreError> {
+        let mut inner = self.lock();
+        normalise(kind, &mut obj)?;
+        let key = (
+            kind,
+            meta_str(&obj, "namespace").to_string(),
+            meta_str(&obj, "name").to_string(),
+        );
+        let Some(old) = inner.objects.get(&key).cloned() else {
+            return Err(StoreError::NotFound(format!(
+                "{} \"{}\"",
+                kind.plural(),
+                key.2
+            )));
+        };
+        let given_rv = meta_str(&obj, "resourceVersion");
+        if !given_rv.is_empty() && given_rv != meta_str(&old, "resourceVersion") {
+            return Err(StoreError::Conflict);
+        }
+        admission::admit(kind, &mut obj, Some(&old), &inner)?;
+        // Fields the server owns stay as they were.
+        for f in ["uid", "creationTimestamp", "deletionTimestamp"] {
+            if obj["metadata"].get(f).is_none() && !old["metadata"][f].is_null() {
+                obj["metadata"][f] = old["metadata"][f].clone();
+            }
+        }
+        let generation = old["metadata"]["generation"].as_u64().unwrap_or(1);
+        obj["metadata"]["generation"] = json!(if obj["spec"] != old["spec"] {
+            generation + 1
+        } else {
+            generation
+        });
+        if obj == old {
+            return Ok(old);
+        }
+        inner.rv += 1;
+        obj["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
+        inner.objects.insert(key, obj.clone());
+        self.record(&mut inner, kind, "MODIFIED", obj.clone());
+        Ok(obj)
+    }
+
+    /// Removes an object at once.
+    pub fn delete(&self, kind: Kind, ns: &str, name: &str) -> Result<Value, StoreError> {
+        let mut inner = self.lock();
+        let key = (kind, ns.to_string(), name.to_string());
+        let Some(mut obj) = inner.objects.remove(&key) else {
+            return Err(StoreError::NotFound(format!(
+                "{} \"{name}\"",
+                kind.plural()
+            )));
+        };
+        inner.rv += 1;
+        obj["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
+        self.record(&mut inner, kind, "DELETED", obj.clone());
+        Ok(obj)
+    }
+
+    /// Deletion as the API server does it for Pods: mark with a
+    /// deletionTimestamp and let the kubelet finish; other kinds go at once.
+    pub fn request_delete(&self, kind: Kind, ns: &str, name: &str) -> Result<Value, StoreError> {
+        if kind != Kind::Pod {
+            return self.delete(kind, ns, name);
+        }
+        let mut obj = self.get(kind, ns, name)?;
+        if obj["metadata"]
+            .get("deletionTimestamp")
+            .is_some_and(|v| !v.is_null())
+        {
+            return Ok(obj);
+        }
+        obj["metadata"]["deletionTimestamp"] = json!(now_rfc3339());
+        obj["metadata"]["resourceVersion"] = json!("");
+        self.replace(kind, obj)
+    }
+
+    pub fn get(&self, kind: Kind, ns: &str, name: &str) -> Result<Value, StoreError> {
+        self.lock()
+            .get(kind, ns, name)
+            .cloned()
+            .ok_or_else(|| StoreError::NotFound(format!("{} \"{name}\"", kind.plural())))
+    }
+
+    pub fn list(&self, kind: Kind, ns: Option<&str>) -> (Vec<Value>, u64) {
+        let inner = self.lock();
+        (
+            inner.list(kind, ns).into_iter().cloned().collect(),
+            inner.rv,
+        )
+    }
+
+    /// Events after `rv` for a watch, and a receiver for later ones; both
+    /// taken under the lock so nothing falls between them.
+    pub fn watch_from(
+        &self,
+        rv: u64,
+    ) -> Result<(Vec<Event>, broadcast::Receiver<Event>), StoreError> {
+        let inner = self.lock();
+        if rv < inner.oldest_rv {
+            return Err(StoreError::Gone(rv));
+        }
+        let backlog = inner
+            .history
+            .iter()
+            .filter(|e| e.rv > rv)
+            .cloned()
+            .collect();
+        Ok((backlog, self.events.subscribe()))
+    }
+
+    /// Forgets the event history: every watch resuming from an earlier
+    /// resourceVersion gets 410 Gone (fault injection).
+    pub fn compact(&self) {
+        let mut inner = self.lock();
+        inner.history.clear();
+        inner.oldest_rv = inner.rv;
+    }
+
+    /// Ends every open watch stream (fault injection).
+    pub fn drop_watches(&self) {
+        self.watch_epoch.send_modify(|e| *e += 1);
+    }
+
+    pub fn current_rv(&self) -> u64 {
+        self.lock().rv
+    }
+}
+
+/// Sets apiVersion/kind, defaults the namespace, checks the name.
+fn normalise(kind: Kind, obj: &mut Value) -> Result<(), StoreError> {
+    if !obj.is_object() {
+        return Err(StoreError::Invalid("object is not a JSON object".into()));
+    }
+    obj["apiVersion"] = json!(kind.api_version());
+    obj["kind"] = json!(kind.name());
+    if !obj["metadata"].is_object() {
+        obj["metadata"] = json!({});
+    }
+    if kind.namespaced() {
+        if meta_str(obj, "namespace").is_empty() {
+            obj["metadata"]["namespace"] = json!("default");
+        }
+    } else if let Some(m) = obj["metadata"].as_object_mut() {
+        m.remove("namespace");
+    }
+    let name = meta_str(obj, "name");
+    if name.is_empty()
+        || name.len() > 253
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+    {
+        return Err(StoreError::Invalid(format!(
+            "{} name {name:?} is not a valid DNS subdomain",
+            kind.name()
+        )));
+    }
+    Ok(())
+}
+
+pub fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    // Civil date from days since epoch (Howard Hinnant's algorithm).
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}

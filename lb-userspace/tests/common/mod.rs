@@ -1,0 +1,77 @@
+//! Helpers for lab tests: a lab per test with its own prefix, removed when
+//! the test ends (the Lab's Drop runs on panic too).
+
+#![allow(dead_code)]
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use lb::{
+    echo::http_get_in,
+    lab::{Lab, LabConfig},
+};
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A prefix unique to this test process and test: `<letter><4 hex>`.
+pub fn prefix(letter: char) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = (std::process::id() + N.fetch_add(1, Ordering::Relaxed) * 7919) & 0xffff;
+    format!("{letter}{n:04x}")
+}
+
+pub async fn demo_lab(letter: char) -> Lab {
+    let mut cfg = LabConfig::new(&prefix(letter), env!("CARGO_BIN_EXE_lb"));
+    cfg.manifests = Some(repo_root().join("manifests/demo"));
+    let lab = Lab::up(cfg).await.expect("lab up");
+    lab.wait_pods_ready(Duration::from_secs(60))
+        .await
+        .expect("pods ready");
+    lab
+}
+
+/// One HTTP request from pod `ns/name` to `addr`; the answering pod's name.
+pub async fn request(lab: &Lab, from: (&str, &str), addr: SocketAddr) -> anyhow::Result<String> {
+    let netns = lab.pod_netns(from.0, from.1)?;
+    tokio::task::spawn_blocking(move || http_get_in(&netns, addr, Duration::from_secs(3))).await?
+}
+
+/// Retries until a request succeeds (the agent programs the maps shortly
+/// after the pods come up), or panics after `within`.
+pub async fn wait_reachable(lab: &Lab, from: (&str, &str), addr: SocketAddr, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        match request(lab, from, addr).await {
+            Ok(_) => return,
+            Err(e) if Instant::now() > deadline => {
+                panic!("{addr} not reachable from {from:?} after {within:?}: {e:#}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// Sends `n` requests; returns answers per pod and the failures.
+pub async fn burst(
+    lab: &Lab,
+    from: (&str, &str),
+    addr: SocketAddr,
+    n: usize,
+) -> (BTreeMap<String, usize>, Vec<String>) {
+    let mut answers = BTreeMap::new();
+    let mut failures = Vec::new();
+    for i in 0..n {
+        match request(lab, from, addr).await {
+            Ok(pod) => *answers.entry(pod).or_insert(0) += 1,
+            Err(e) => failures.push(format!("request {i}: {e:#}")),
+        }
+    }
+    (answers, failures)
+}
