@@ -17,8 +17,8 @@ use crate::{
     packet::{self, Flow, Parsed},
 };
 
-const PASS: i32 = TC_ACT_OK as i32;
-const DROP: i32 = TC_ACT_SHOT as i32;
+const PASS: i32 = TC_ACT_OK;
+const DROP: i32 = TC_ACT_SHOT;
 
 /// Packets a pod sends: DNAT of new and tracked flows to a Service.
 #[inline(always)]
@@ -86,13 +86,13 @@ fn dnat(ctx: &TcContext, flow: &Flow, addr: u32, port: u16) -> Result<(), i32> {
 fn lookup_service(flow: &Flow, slot: u16) -> Option<ServiceValue> {
     let key = ServiceKey::new(flow.daddr, flow.dport, flow.proto, slot);
     // SAFETY: copied out at once.
-    SERVICES.get_ptr(&key).map(|v| unsafe { *v })
+    SERVICES.get_ptr(key).map(|v| unsafe { *v })
 }
 
 #[inline(always)]
 fn lookup_backend(id: u32) -> Option<Backend> {
     // SAFETY: copied out at once.
-    BACKENDS.get_ptr(&id).map(|v| unsafe { *v })
+    BACKENDS.get_ptr(id).map(|v| unsafe { *v })
 }
 
 /// A tracked flow keeps its backend while that backend exists with the same

@@ -51,10 +51,12 @@ fn service(port: u16, proto: u8, backends: &[(&str, u16)]) -> DesiredService {
 /// Runs `prog` once on `input`; returns the verdict and the output frame.
 fn run(dp: &mut Datapath, prog: &str, input: &[u8]) -> (u32, Vec<u8>) {
     let mut out = vec![0u8; input.len() + 256];
-    let mut opts = TestRunOptions::default();
-    opts.data_in = Some(input);
-    opts.data_out = Some(&mut out);
-    opts.repeat = 1;
+    let opts = TestRunOptions {
+        data_in: Some(input),
+        data_out: Some(&mut out),
+        repeat: 1,
+        ..Default::default()
+    };
     let res = dp
         .program(prog)
         .unwrap()

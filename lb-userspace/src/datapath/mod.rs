@@ -90,7 +90,7 @@ pub fn ensure_bpffs() -> Result<()> {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
     let path = Path::new("/sys/fs/bpf");
     if let Ok(st) = nix::sys::statfs::statfs(path) {
-        if st.filesystem_type().0 as i64 == BPF_FS_MAGIC {
+        if st.filesystem_type().0 == BPF_FS_MAGIC {
             return Ok(());
         }
     }
