@@ -103,6 +103,13 @@ pub fn desired_state(current: &MapState, desired: &[DesiredService]) -> MapState
                 },
             );
         }
+        // Not-ready endpoints keep the id they have (flows may point at it)
+        // but get none if they never had one: no flow can be on them.
+        for b in &svc.retained {
+            if let Some(id) = ids.get(b) {
+                out.backends.insert(*id, backend_value(b));
+            }
+        }
         out.services.insert(
             master,
             ServiceValue {

@@ -17,6 +17,7 @@ fn svc(vip: &str, port: u16, backends: &[&str]) -> DesiredService {
                 proto: PROTO_TCP,
             })
             .collect(),
+        retained: vec![],
     }
 }
 
@@ -148,6 +149,28 @@ fn ids_are_kept_for_unchanged_backends_and_services() {
         first.services[&master].rev_nat_id,
         second.services[&master].rev_nat_id
     );
+}
+
+#[test]
+fn a_backend_that_stops_being_ready_keeps_its_entry_until_it_leaves_the_slice() {
+    let start = desired_state(
+        &MapState::default(),
+        &[svc("10.96.0.1", 80, &["10.244.1.2", "10.244.1.3"])],
+    );
+    let mut terminating = svc("10.96.0.1", 80, &["10.244.1.2"]);
+    terminating.retained = svc("10.96.0.1", 80, &["10.244.1.3"]).backends;
+    let during = desired_state(&start, &[terminating]);
+    let master = service_key("10.96.0.1".parse().unwrap(), 80, PROTO_TCP, 0);
+    assert_eq!(
+        during.services[&master].count, 1,
+        "no new flows to the terminating backend"
+    );
+    assert_eq!(
+        during.backends, start.backends,
+        "its backend entry stays, with the same id"
+    );
+    let gone = desired_state(&during, &[svc("10.96.0.1", 80, &["10.244.1.2"])]);
+    assert_eq!(gone.backends.len(), 1, "removed once it leaves the slice");
 }
 
 #[test]

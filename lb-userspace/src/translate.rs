@@ -27,8 +27,12 @@ pub struct DesiredService {
     pub port: u16,
     pub proto: u8,
     pub flags: u16,
-    /// Sorted and without duplicates.
+    /// Ready endpoints: new flows go to these. Sorted, without duplicates.
     pub backends: Vec<BackendAddr>,
+    /// Endpoints still listed but not ready (terminating, or failing
+    /// readiness). They get no new flows, but flows already on them keep
+    /// them, as with kube-proxy's conntrack, until they leave the slice.
+    pub retained: Vec<BackendAddr>,
 }
 
 /// An object, or part of one, that could not be translated.
@@ -105,15 +109,16 @@ fn cluster_ips(svc: &Service) -> Result<Vec<Ipv4Addr>, String> {
     Ok(out)
 }
 
-/// Backends for one Service port, from the Service's EndpointSlices: ready
-/// endpoints, on the slice port whose name equals the Service port's name.
+/// Backends for one Service port, from the Service's EndpointSlices, on the
+/// slice port whose name equals the Service port's name: (ready, not ready).
 fn backends_for(
     slices: &[&EndpointSlice],
     port_name: &str,
     proto: u8,
     errors: &mut Vec<ObjectError>,
-) -> Vec<BackendAddr> {
+) -> (Vec<BackendAddr>, Vec<BackendAddr>) {
     let mut out = BTreeSet::new();
+    let mut not_ready = BTreeSet::new();
     for slice in slices {
         if slice.address_type != "IPv4" {
             continue;
@@ -138,13 +143,13 @@ fn backends_for(
         for ep in slice.endpoints.iter().flatten() {
             // A nil ready condition means "unknown", which consumers treat as ready.
             let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-            if !ready {
-                continue;
-            }
             for addr in &ep.addresses {
                 match addr.parse::<Ipv4Addr>() {
-                    Ok(ip) => {
+                    Ok(ip) if ready => {
                         out.insert(BackendAddr { ip, port, proto });
+                    }
+                    Ok(ip) => {
+                        not_ready.insert(BackendAddr { ip, port, proto });
                     }
                     Err(_) => errors.push(ObjectError {
                         object: name_of("EndpointSlice", &slice.metadata),
@@ -154,7 +159,8 @@ fn backends_for(
             }
         }
     }
-    out.into_iter().collect()
+    let not_ready = not_ready.difference(&out).copied().collect();
+    (out.into_iter().collect(), not_ready)
 }
 
 /// Translates Services and EndpointSlices into the frontends to program.
@@ -200,7 +206,7 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> Translation 
                     continue;
                 }
             };
-            let backends = backends_for(&own_slices, &port_name, proto, &mut t.errors);
+            let (backends, retained) = backends_for(&own_slices, &port_name, proto, &mut t.errors);
             for vip in &ips {
                 t.services.push(DesiredService {
                     name: format!("{ns}/{name}:{port_name}"),
@@ -209,6 +215,7 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> Translation 
                     proto,
                     flags: lb_common::service::SERVICE_F_CLUSTER_IP,
                     backends: backends.clone(),
+                    retained: retained.clone(),
                 });
             }
         }

@@ -261,6 +261,32 @@ fn cases() -> Vec<Case> {
 }
 
 #[test]
+fn not_ready_endpoints_are_retained_for_established_flows() {
+    let t = translate(
+        &[svc(
+            "web",
+            cluster_ip("10.96.0.10", vec![port("http", 80, "TCP")]),
+        )],
+        &[slice(
+            "web",
+            &[("http", 8080, "TCP")],
+            vec![
+                endpoint("10.244.1.3", Some(false)),
+                endpoint("10.244.1.2", Some(true)),
+            ],
+        )],
+    );
+    assert_eq!(
+        t.services[0].backends,
+        vec![b("10.244.1.2", 8080, PROTO_TCP)]
+    );
+    assert_eq!(
+        t.services[0].retained,
+        vec![b("10.244.1.3", 8080, PROTO_TCP)]
+    );
+}
+
+#[test]
 fn translation_table() {
     for (case, services, slices, want, want_errors) in cases() {
         let t = translate(&services, &slices);

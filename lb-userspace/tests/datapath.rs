@@ -45,6 +45,7 @@ fn service(port: u16, proto: u8, backends: &[(&str, u16)]) -> DesiredService {
                 proto,
             })
             .collect(),
+        retained: vec![],
     }
 }
 
@@ -235,6 +236,36 @@ fn service_without_backends_drops_and_counts() {
     );
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(counter(&dp, "drop_no_backend"), 1);
+}
+
+#[test]
+fn tracked_flow_keeps_a_backend_that_is_no_longer_ready() {
+    let mut dp = datapath_with(&[service(80, PROTO_TCP, &[("10.244.1.2", 8080)])]);
+    let frame = Frame::tcp(CLIENT, 40000, VIP, 80).build(b"");
+    run(&mut dp, PROG_FROM_POD, &frame);
+    // 10.244.1.2 terminates: no longer in a slot, still in the backend map.
+    let mut svc = service(80, PROTO_TCP, &[("10.244.1.9", 8080)]);
+    svc.retained = service(80, PROTO_TCP, &[("10.244.1.2", 8080)]).backends;
+    let current = dp.maps.state().unwrap();
+    dp.maps
+        .apply(&plan(&current, &desired_state(&current, &[svc])))
+        .unwrap();
+    let (_, out) = run(&mut dp, PROG_FROM_POD, &frame);
+    assert_eq!(
+        Frame::parse(&out).unwrap().dst.to_string(),
+        "10.244.1.2",
+        "established flow stays"
+    );
+    let (_, out) = run(
+        &mut dp,
+        PROG_FROM_POD,
+        &Frame::tcp(CLIENT, 40001, VIP, 80).build(b""),
+    );
+    assert_eq!(
+        Frame::parse(&out).unwrap().dst.to_string(),
+        "10.244.1.9",
+        "new flows avoid it"
+    );
 }
 
 #[test]
