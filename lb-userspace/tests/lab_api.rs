@@ -1,0 +1,199 @@
+//! The lab's API server through kube-rs, as the agent uses it: CRUD, list,
+//! watch from a resourceVersion, 410 Gone after compaction, dropped watches
+//! and a reflector that recovers from both.
+
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Service};
+use kube::{
+    api::{Api, DeleteParams, ListParams, PostParams, WatchEvent, WatchParams},
+    runtime::{reflector, watcher, WatchStreamExt},
+    Client,
+};
+use lb::lab::{apiserver, kinds::Kind, kubeconfig, store::Store};
+use serde_json::json;
+
+async fn serve() -> (Store, Client, tempdir::Dir) {
+    let store = Store::new();
+    store
+        .create(Kind::Namespace, json!({"metadata": {"name": "default"}}))
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let app = apiserver::router(store.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let dir = tempdir::Dir::new();
+    let path = dir.0.join("kubeconfig");
+    std::fs::write(&path, kubeconfig(port)).unwrap();
+    let client = lb::agent::client(Some(&path)).await.unwrap();
+    (store, client, dir)
+}
+
+mod tempdir {
+    pub struct Dir(pub std::path::PathBuf);
+    impl Dir {
+        pub fn new() -> Self {
+            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let p = std::env::temp_dir().join(format!("lb-lab-api-{}-{n}", std::process::id()));
+            std::fs::create_dir_all(&p).unwrap();
+            Self(p)
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn service(name: &str) -> Service {
+    serde_json::from_value(json!({"metadata": {"name": name}, "spec": {"ports": [{"port": 80}], "selector": {"app": name}}})).unwrap()
+}
+
+#[tokio::test]
+async fn crud_and_list_through_kube_rs() {
+    let (_store, client, _dir) = serve().await;
+    let api: Api<Service> = Api::namespaced(client.clone(), "default");
+    let created = api
+        .create(&PostParams::default(), &service("web"))
+        .await
+        .unwrap();
+    let ip = created
+        .spec
+        .as_ref()
+        .and_then(|s| s.cluster_ip.clone())
+        .unwrap();
+    assert!(ip.starts_with("10.96."), "allocated {ip}");
+    let err = api
+        .create(&PostParams::default(), &service("web"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, kube::Error::Api(ref s) if s.code == 409),
+        "{err:?}"
+    );
+
+    let mut changed = created.clone();
+    changed.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].port = 81;
+    let replaced = api
+        .replace("web", &PostParams::default(), &changed)
+        .await
+        .unwrap();
+    assert_eq!(
+        replaced.spec.as_ref().unwrap().cluster_ip.as_deref(),
+        Some(ip.as_str()),
+        "clusterIP kept"
+    );
+    assert_ne!(
+        replaced.metadata.resource_version,
+        created.metadata.resource_version
+    );
+
+    let list = api.list(&ListParams::default()).await.unwrap();
+    assert_eq!(list.items.len(), 1);
+    api.delete("web", &DeleteParams::default()).await.unwrap();
+    assert!(api
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .is_empty());
+    let missing: Api<Namespace> = Api::all(client);
+    assert!(matches!(missing.get("nope").await, Err(kube::Error::Api(s)) if s.code == 404));
+}
+
+#[tokio::test]
+async fn watch_resumes_from_a_resource_version_and_gets_410_after_compaction() {
+    let (store, client, _dir) = serve().await;
+    let api: Api<Service> = Api::namespaced(client, "default");
+    let rv = api
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    api.create(&PostParams::default(), &service("a"))
+        .await
+        .unwrap();
+    api.delete("a", &DeleteParams::default()).await.unwrap();
+
+    // Resuming from before the two writes replays both.
+    let events: Vec<_> = api
+        .watch(&WatchParams::default().timeout(1), &rv)
+        .await
+        .unwrap()
+        .take(2)
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(
+        matches!(&events[0], WatchEvent::Added(s) if s.metadata.name.as_deref() == Some("a")),
+        "{events:?}"
+    );
+    assert!(matches!(&events[1], WatchEvent::Deleted(_)), "{events:?}");
+
+    // After compaction the same resourceVersion is too old.
+    store.compact();
+    let mut stream = api
+        .watch(&WatchParams::default().timeout(1), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    match stream.next().await {
+        Some(Ok(WatchEvent::Error(e))) => assert_eq!(e.code, 410),
+        other => panic!("expected a 410 ERROR event, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn reflector_recovers_from_dropped_watches_and_410() {
+    let (store, client, _dir) = serve().await;
+    let api: Api<Service> = Api::namespaced(client, "default");
+    let (reader, writer) = reflector::store();
+    let stream = reflector(writer, watcher(api.clone(), watcher::Config::default()))
+        .default_backoff()
+        .touched_objects();
+    tokio::spawn(stream.for_each(|_| async {}));
+    reader.wait_until_ready().await.unwrap();
+
+    let wait_for = |want: &'static [&'static str]| {
+        let reader = reader.clone();
+        async move {
+            let mut names = vec![];
+            for _ in 0..100 {
+                names = reader
+                    .state()
+                    .iter()
+                    .filter_map(|s| s.metadata.name.clone())
+                    .collect::<Vec<_>>();
+                names.sort();
+                if names == want {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("reflector has {names:?}, wanted {want:?}");
+        }
+    };
+    api.create(&PostParams::default(), &service("a"))
+        .await
+        .unwrap();
+    wait_for(&["a"]).await;
+    store.drop_watches();
+    api.create(&PostParams::default(), &service("b"))
+        .await
+        .unwrap();
+    wait_for(&["a", "b"]).await;
+    // The next watch resumes from a resourceVersion that compaction made
+    // too old: the reflector must relist and drop "a".
+    store.compact();
+    store.drop_watches();
+    api.create(&PostParams::default(), &service("c"))
+        .await
+        .unwrap();
+    api.delete("a", &DeleteParams::default()).await.unwrap();
+    wait_for(&["b", "c"]).await;
+}
