@@ -8,8 +8,9 @@ pub mod reason {
     pub const FORWARDED: u32 = 1;
     /// A reply was translated back to the Service address.
     pub const REVERSE_NAT: u32 = 2;
-    /// A packet to a Service with no backend was dropped.
-    pub const DROP_NO_BACKEND: u32 = 3;
+    /// A packet to a Service with no backend was refused (ICMP port
+    /// unreachable back to the client, or dropped if that failed).
+    pub const REJECT_NO_BACKEND: u32 = 3;
     /// A packet too short for the headers it announces (passed untouched).
     pub const MALFORMED: u32 = 4;
     /// A checksum or store helper failed; the packet was dropped.
@@ -22,7 +23,7 @@ pub mod reason {
         "new_flow",
         "forwarded",
         "reverse_nat",
-        "drop_no_backend",
+        "reject_no_backend",
         "malformed",
         "drop_rewrite_failed",
         "ct_insert_failed",

@@ -15,6 +15,7 @@ use crate::{
     metrics::count,
     nat::{self, Side},
     packet::{self, Flow, Parsed},
+    reject,
 };
 
 const PASS: i32 = TC_ACT_OK;
@@ -45,8 +46,8 @@ pub fn from_pod(ctx: &TcContext) -> Result<i32, i32> {
         return Ok(PASS);
     };
     let Some((backend_id, backend)) = select_backend(&flow, &service) else {
-        count(ctx, reason::DROP_NO_BACKEND);
-        return Err(DROP);
+        count(ctx, reason::REJECT_NO_BACKEND);
+        return reject::port_unreachable(ctx, &flow).map_err(|()| DROP);
     };
     if conntrack::create(&flow, backend_id, &backend, service.rev_nat_id).is_err() {
         // Still forward: the flow works while it keeps this backend by hash.

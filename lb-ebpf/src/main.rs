@@ -16,6 +16,7 @@ mod maps;
 mod metrics;
 mod nat;
 mod packet;
+mod reject;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 

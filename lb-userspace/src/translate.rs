@@ -110,15 +110,21 @@ fn cluster_ips(svc: &Service) -> Result<Vec<Ipv4Addr>, String> {
 }
 
 /// Backends for one Service port, from the Service's EndpointSlices, on the
-/// slice port whose name equals the Service port's name: (ready, not ready).
+/// slice port whose name equals the Service port's name.
+///
+/// New flows go to ready endpoints; when there is none, to endpoints that are
+/// terminating but still serving (as kube-proxy does), so a Service whose
+/// last pod is shutting down keeps answering until the pod is gone. All other
+/// listed endpoints are retained for the flows already on them.
 fn backends_for(
     slices: &[&EndpointSlice],
     port_name: &str,
     proto: u8,
     errors: &mut Vec<ObjectError>,
 ) -> (Vec<BackendAddr>, Vec<BackendAddr>) {
-    let mut out = BTreeSet::new();
-    let mut not_ready = BTreeSet::new();
+    let mut ready = BTreeSet::new();
+    let mut serving_terminating = BTreeSet::new();
+    let mut listed = BTreeSet::new();
     for slice in slices {
         if slice.address_type != "IPv4" {
             continue;
@@ -141,26 +147,37 @@ fn backends_for(
             None => continue,
         };
         for ep in slice.endpoints.iter().flatten() {
-            // A nil ready condition means "unknown", which consumers treat as ready.
-            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            let c = ep.conditions.as_ref();
+            // A nil condition means "unknown": ready and serving count as
+            // true, terminating as false, as the API documents.
+            let is_ready = c.and_then(|c| c.ready).unwrap_or(true);
+            let is_serving = c.and_then(|c| c.serving).unwrap_or(is_ready);
+            let is_terminating = c.and_then(|c| c.terminating).unwrap_or(false);
             for addr in &ep.addresses {
-                match addr.parse::<Ipv4Addr>() {
-                    Ok(ip) if ready => {
-                        out.insert(BackendAddr { ip, port, proto });
-                    }
-                    Ok(ip) => {
-                        not_ready.insert(BackendAddr { ip, port, proto });
-                    }
-                    Err(_) => errors.push(ObjectError {
+                let Ok(ip) = addr.parse::<Ipv4Addr>() else {
+                    errors.push(ObjectError {
                         object: name_of("EndpointSlice", &slice.metadata),
                         message: format!("endpoint address {addr:?} is not an IPv4 address"),
-                    }),
+                    });
+                    continue;
+                };
+                let b = BackendAddr { ip, port, proto };
+                listed.insert(b);
+                if is_ready {
+                    ready.insert(b);
+                } else if is_serving && is_terminating {
+                    serving_terminating.insert(b);
                 }
             }
         }
     }
-    let not_ready = not_ready.difference(&out).copied().collect();
-    (out.into_iter().collect(), not_ready)
+    let active = if ready.is_empty() {
+        serving_terminating
+    } else {
+        ready
+    };
+    let retained = listed.difference(&active).copied().collect();
+    (active.into_iter().collect(), retained)
 }
 
 /// Translates Services and EndpointSlices into the frontends to program.

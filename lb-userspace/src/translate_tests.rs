@@ -286,6 +286,65 @@ fn not_ready_endpoints_are_retained_for_established_flows() {
     );
 }
 
+fn terminating(ip: &str, serving: bool) -> Endpoint {
+    Endpoint {
+        addresses: vec![ip.into()],
+        conditions: Some(EndpointConditions {
+            ready: Some(false),
+            serving: Some(serving),
+            terminating: Some(true),
+        }),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn serving_terminating_endpoints_are_used_only_without_ready_ones() {
+    let services = [svc(
+        "web",
+        cluster_ip("10.96.0.10", vec![port("", 80, "TCP")]),
+    )];
+    let with_ready = translate(
+        &services,
+        &[slice(
+            "web",
+            &[("", 80, "TCP")],
+            vec![
+                terminating("10.244.1.3", true),
+                endpoint("10.244.1.2", Some(true)),
+            ],
+        )],
+    );
+    assert_eq!(
+        with_ready.services[0].backends,
+        vec![b("10.244.1.2", 80, PROTO_TCP)]
+    );
+    assert_eq!(
+        with_ready.services[0].retained,
+        vec![b("10.244.1.3", 80, PROTO_TCP)]
+    );
+    let only_terminating = translate(
+        &services,
+        &[slice(
+            "web",
+            &[("", 80, "TCP")],
+            vec![
+                terminating("10.244.1.3", true),
+                terminating("10.244.1.4", false),
+            ],
+        )],
+    );
+    assert_eq!(
+        only_terminating.services[0].backends,
+        vec![b("10.244.1.3", 80, PROTO_TCP)],
+        "serving ones only"
+    );
+    assert_eq!(
+        only_terminating.services[0].retained,
+        vec![b("10.244.1.4", 80, PROTO_TCP)]
+    );
+}
+
 #[test]
 fn translation_table() {
     for (case, services, slices, want, want_errors) in cases() {

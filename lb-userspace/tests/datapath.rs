@@ -17,7 +17,6 @@ use lb_common::{
 };
 
 const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
 const VIP: &str = "10.96.0.10";
 const CLIENT: &str = "10.244.1.5";
 
@@ -226,16 +225,53 @@ fn truncated_packets_are_never_rewritten() {
     );
 }
 
-#[test]
-fn service_without_backends_drops_and_counts() {
-    let mut dp = datapath_with(&[service(80, PROTO_TCP, &[])]);
-    let (verdict, _) = run(
-        &mut dp,
-        PROG_FROM_POD,
-        &Frame::tcp(CLIENT, 40000, VIP, 80).build(b""),
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// Checks that `out` is an ICMP port unreachable answering `input`, from the
+/// Service address back to the client, quoting the original header.
+fn assert_port_unreachable(input: &[u8], out: &[u8]) {
+    assert_eq!(
+        out.len(),
+        14 + 20 + 8 + 20 + 8,
+        "eth + ip + icmp + quoted ip + 8 bytes"
     );
-    assert_eq!(verdict, TC_ACT_SHOT);
-    assert_eq!(counter(&dp, "drop_no_backend"), 1);
+    assert_eq!(&out[0..6], &input[6..12], "back to the sender's MAC");
+    assert_eq!(&out[6..12], &input[0..6]);
+    let ip = &out[14..34];
+    assert_eq!(lb::packet::checksum(ip), 0, "IP header checksum");
+    assert_eq!(ip[9], 1, "protocol ICMP");
+    assert_eq!(&ip[12..16], &input[30..34], "from the Service address");
+    assert_eq!(&ip[16..20], &input[26..30], "to the client");
+    let icmp = &out[34..];
+    assert_eq!(
+        (icmp[0], icmp[1]),
+        (3, 3),
+        "destination unreachable, port unreachable"
+    );
+    assert_eq!(lb::packet::checksum(icmp), 0, "ICMP checksum");
+    assert_eq!(
+        &icmp[8..36],
+        &input[14..42],
+        "quotes the original IP header and 8 bytes"
+    );
+}
+
+#[test]
+fn service_without_backends_refuses_with_icmp_port_unreachable() {
+    let mut dp = datapath_with(&[service(80, PROTO_TCP, &[]), service(53, PROTO_UDP, &[])]);
+    for input in [
+        Frame::tcp(CLIENT, 40000, VIP, 80).build(b""),
+        Frame::udp(CLIENT, 40000, VIP, 53).build(b"query"),
+    ] {
+        let (verdict, out) = run(&mut dp, PROG_FROM_POD, &input);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "sent back out of the interface");
+        assert_port_unreachable(&input, &out);
+    }
+    assert_eq!(counter(&dp, "reject_no_backend"), 2);
+    assert!(
+        dp.maps.conntrack.keys().next().is_none(),
+        "no conntrack entry for a refused flow"
+    );
 }
 
 #[test]
