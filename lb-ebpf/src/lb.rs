@@ -47,7 +47,10 @@ pub fn from_pod(ctx: &TcContext) -> Result<i32, i32> {
     };
     let Some((backend_id, backend)) = select_backend(&flow, &service) else {
         count(ctx, reason::REJECT_NO_BACKEND);
-        return reject::port_unreachable(ctx, &flow).map_err(|()| DROP);
+        return reject::port_unreachable(ctx, &flow).map_err(|()| {
+            count(ctx, reason::DROP_REWRITE_FAILED);
+            DROP
+        });
     };
     if conntrack::create(&flow, backend_id, &backend, service.rev_nat_id).is_err() {
         // Still forward: the flow works while it keeps this backend by hash.

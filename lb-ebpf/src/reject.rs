@@ -5,7 +5,13 @@
 //!
 //! The packet is turned into the ICMP error in place and redirected back out
 //! of the interface it came from:
-//! `[eth][ip][l4...]` -> `[eth][new ip][icmp hdr][orig ip][first 8 bytes of l4]`.
+//! `[eth][ip][l4...]` -> `[eth][new ip][icmp hdr][orig ip][start of l4]`.
+//!
+//! The quote holds the whole 20-byte TCP header but only the 8-byte UDP
+//! header (RFC 1812 allows more than 8 bytes). The reason: a packet sent by a
+//! local socket carries CHECKSUM_PARTIAL, and the kernel will not cut it
+//! shorter than its pending L4 checksum field, which sits 16 bytes into the
+//! TCP header and 6 bytes into the UDP header.
 
 use aya_ebpf::{
     bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_NET, TC_ACT_REDIRECT},
@@ -15,10 +21,11 @@ use aya_ebpf::{
 
 use crate::packet::{Flow, ETH_HLEN};
 
+use lb_common::PROTO_TCP;
+
 const IP_HLEN: usize = 20;
-/// ICMP header (8) + quoted IP header (20) + first 8 bytes of the datagram.
-const ICMP_LEN: usize = 8 + IP_HLEN + 8;
-const OUT_LEN: usize = ETH_HLEN + IP_HLEN + ICMP_LEN;
+const TCP_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
 const IPPROTO_ICMP: u8 = 1;
@@ -54,6 +61,19 @@ fn checksum<const N: usize>(buf: &mut [u32; N]) -> u16 {
 /// be rewritten (the caller drops it).
 #[inline(always)]
 pub fn port_unreachable(ctx: &TcContext, flow: &Flow) -> Result<i32, ()> {
+    if flow.proto == PROTO_TCP {
+        rewrite::<{ IP_HLEN + TCP_HLEN }, { (8 + IP_HLEN + TCP_HLEN) / 4 }>(ctx, flow)
+    } else {
+        rewrite::<{ IP_HLEN + UDP_HLEN }, { (8 + IP_HLEN + UDP_HLEN) / 4 }>(ctx, flow)
+    }
+}
+
+/// `Q` bytes are quoted (IP header + start of L4); the ICMP message is
+/// `W` 32-bit words: 8 bytes of header and the quote.
+#[inline(always)]
+fn rewrite<const Q: usize, const W: usize>(ctx: &TcContext, flow: &Flow) -> Result<i32, ()> {
+    let icmp_len = 8 + Q;
+    let out_len = ETH_HLEN + IP_HLEN + icmp_len;
     // Only plain 20-byte IP headers are quoted; packets with options are
     // dropped instead (they do not occur in practice for pod traffic).
     if flow.l4_off != ETH_HLEN + IP_HLEN {
@@ -62,10 +82,10 @@ pub fn port_unreachable(ctx: &TcContext, flow: &Flow) -> Result<i32, ()> {
     // What the ICMP message quotes, read before the packet changes.
     // Fixed-size loads: the verifier must see constant lengths.
     let macs: [u8; 12] = ctx.load(0).map_err(|_| ())?;
-    let quote: [u8; IP_HLEN + 8] = ctx.load(ETH_HLEN).map_err(|_| ())?;
-    let mut icmp = [0u32; ICMP_LEN / 4];
-    // SAFETY: icmp is 36 bytes; bytes 8..36 get the quoted header and ports.
-    unsafe { core::slice::from_raw_parts_mut((icmp.as_mut_ptr() as *mut u8).add(8), IP_HLEN + 8) }
+    let quote: [u8; Q] = ctx.load(ETH_HLEN).map_err(|_| ())?;
+    let mut icmp = [0u32; W];
+    // SAFETY: icmp is 8 + Q bytes; bytes 8.. get the quote.
+    unsafe { core::slice::from_raw_parts_mut((icmp.as_mut_ptr() as *mut u8).add(8), Q) }
         .copy_from_slice(&quote);
 
     // Make room for the new IP header + ICMP header in front of the quote,
@@ -73,12 +93,12 @@ pub fn port_unreachable(ctx: &TcContext, flow: &Flow) -> Result<i32, ()> {
     ctx.adjust_room((IP_HLEN + 8) as i32, BPF_ADJ_ROOM_NET, 0)
         .map_err(|_| ())?;
     // SAFETY: the skb pointer comes from the context.
-    if unsafe { bpf_skb_change_tail(ctx.skb.skb, OUT_LEN as u32, 0) } != 0 {
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, out_len as u32, 0) } != 0 {
         return Err(());
     }
 
     // ICMP header: type, code, checksum, unused.
-    // SAFETY: writing the first 4 bytes of a 36-byte buffer.
+    // SAFETY: writing the first 8 bytes of the buffer.
     let hdr = unsafe { core::slice::from_raw_parts_mut(icmp.as_mut_ptr() as *mut u8, 8) };
     hdr.copy_from_slice(&[ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, 0, 0, 0, 0, 0]);
     let csum = checksum(&mut icmp);
@@ -90,7 +110,7 @@ pub fn port_unreachable(ctx: &TcContext, flow: &Flow) -> Result<i32, ()> {
         // SAFETY: 20 bytes of a 20-byte buffer.
         let b = unsafe { core::slice::from_raw_parts_mut(ip.as_mut_ptr() as *mut u8, IP_HLEN) };
         b[0] = 0x45;
-        b[2..4].copy_from_slice(&((IP_HLEN + ICMP_LEN) as u16).to_be_bytes());
+        b[2..4].copy_from_slice(&((IP_HLEN + icmp_len) as u16).to_be_bytes());
         b[6] = 0x40; // DF
         b[8] = 64; // TTL
         b[9] = IPPROTO_ICMP;

@@ -167,3 +167,30 @@ pub fn http_get_in(netns: &str, addr: std::net::SocketAddr, timeout: Duration) -
         rt.block_on(http_get(addr, timeout))
     })?
 }
+
+/// Sends one UDP datagram to `addr` and returns the answer (the pod's name).
+pub async fn udp_request(addr: std::net::SocketAddr, timeout: Duration) -> Result<String> {
+    let sock = UdpSocket::bind(("0.0.0.0", 0)).await?;
+    // Connected, so that an ICMP port unreachable surfaces as an error.
+    sock.connect(addr).await?;
+    sock.send(b"ping\n").await?;
+    let mut buf = [0u8; 512];
+    let n = tokio::time::timeout(timeout, sock.recv(&mut buf))
+        .await
+        .with_context(|| format!("no UDP answer from {addr} within {timeout:?}"))??;
+    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+}
+
+/// `udp_request` from inside network namespace `netns`.
+pub fn udp_request_in(
+    netns: &str,
+    addr: std::net::SocketAddr,
+    timeout: Duration,
+) -> Result<String> {
+    crate::netns::run_in(netns, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(udp_request(addr, timeout))
+    })?
+}

@@ -230,10 +230,12 @@ const TC_ACT_REDIRECT: u32 = 7;
 /// Checks that `out` is an ICMP port unreachable answering `input`, from the
 /// Service address back to the client, quoting the original header.
 fn assert_port_unreachable(input: &[u8], out: &[u8]) {
+    // The quote is the IP header and the L4 header (20 bytes TCP, 8 UDP).
+    let l4_quote = if input[23] == PROTO_TCP { 20 } else { 8 };
     assert_eq!(
         out.len(),
-        14 + 20 + 8 + 20 + 8,
-        "eth + ip + icmp + quoted ip + 8 bytes"
+        14 + 20 + 8 + 20 + l4_quote,
+        "eth + ip + icmp + quoted ip + l4 header"
     );
     assert_eq!(&out[0..6], &input[6..12], "back to the sender's MAC");
     assert_eq!(&out[6..12], &input[0..6]);
@@ -250,9 +252,9 @@ fn assert_port_unreachable(input: &[u8], out: &[u8]) {
     );
     assert_eq!(lb::packet::checksum(icmp), 0, "ICMP checksum");
     assert_eq!(
-        &icmp[8..36],
-        &input[14..42],
-        "quotes the original IP header and 8 bytes"
+        &icmp[8..],
+        &input[14..34 + l4_quote],
+        "quotes the original IP and L4 headers"
     );
 }
 

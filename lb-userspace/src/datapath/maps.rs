@@ -39,6 +39,21 @@ impl Maps {
         })
     }
 
+    /// Opens the maps an agent pinned in `dir` (for inspection and tests).
+    pub fn open_pinned(dir: &std::path::Path) -> Result<Self> {
+        use aya::maps::Map;
+        let open = |name: &str| {
+            let path = dir.join(name);
+            MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
+        };
+        Ok(Self {
+            services: Map::HashMap(open(map_names::SERVICES)?).try_into()?,
+            backends: Map::HashMap(open(map_names::BACKENDS)?).try_into()?,
+            conntrack: Map::LruHashMap(open(map_names::CONNTRACK)?).try_into()?,
+            metrics: Map::PerCpuArray(open(map_names::METRICS)?).try_into()?,
+        })
+    }
+
     /// What the service and backend maps hold now.
     pub fn state(&self) -> Result<MapState> {
         let mut state = MapState::default();

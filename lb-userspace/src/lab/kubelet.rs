@@ -127,18 +127,26 @@ impl Kubelet {
 
     /// Binds unscheduled pods to the node with the fewest pods.
     fn schedule(&self, pods: &[Value]) {
+        let mut load: HashMap<&str, usize> = self.nodes.iter().map(|n| (n.as_str(), 0)).collect();
+        for p in pods {
+            if let Some(n) = p["spec"]["nodeName"].as_str().and_then(|n| load.get_mut(n)) {
+                *n += 1;
+            }
+        }
         for pod in pods
             .iter()
             .filter(|p| p["spec"]["nodeName"].is_null() && !is_terminating(p))
         {
-            let count = |n: &String| {
-                pods.iter()
-                    .filter(|p| p["spec"]["nodeName"].as_str() == Some(n))
-                    .count()
-            };
-            let Some(node) = self.nodes.iter().min_by_key(|n| count(n)) else {
+            let Some(node) = self
+                .nodes
+                .iter()
+                .min_by_key(|n| load.get(n.as_str()).copied().unwrap_or(0))
+            else {
                 return;
             };
+            if let Some(n) = load.get_mut(node.as_str()) {
+                *n += 1;
+            }
             let mut pod = pod.clone();
             pod["spec"]["nodeName"] = json!(node);
             pod["metadata"]["resourceVersion"] = json!("");

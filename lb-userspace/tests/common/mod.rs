@@ -13,7 +13,7 @@ use std::{
 
 use lb::{
     echo::http_get_in,
-    lab::{Lab, LabConfig},
+    lab::{kinds::Kind, Lab, LabConfig},
 };
 
 pub fn repo_root() -> PathBuf {
@@ -28,13 +28,60 @@ pub fn prefix(letter: char) -> String {
 }
 
 pub async fn demo_lab(letter: char) -> Lab {
+    lab_with(letter, repo_root().join("manifests/demo"), 1).await
+}
+
+/// A lab with `nodes` nodes and the manifests in `manifests`, pods ready.
+pub async fn lab_with(letter: char, manifests: PathBuf, nodes: usize) -> Lab {
     let mut cfg = LabConfig::new(&prefix(letter), env!("CARGO_BIN_EXE_lb"));
-    cfg.manifests = Some(repo_root().join("manifests/demo"));
+    cfg.manifests = Some(manifests);
+    cfg.nodes = nodes;
     let lab = Lab::up(cfg).await.expect("lab up");
     lab.wait_pods_ready(Duration::from_secs(60))
         .await
         .expect("pods ready");
     lab
+}
+
+pub fn test_manifests(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/manifests")
+        .join(name)
+}
+
+/// `clusterIP:port` of Service `default/name`.
+pub fn vip(lab: &Lab, name: &str, port: u16) -> SocketAddr {
+    let svc = lab
+        .store
+        .get(Kind::Service, "default", name)
+        .expect("service");
+    let ip = svc["spec"]["clusterIP"]
+        .as_str()
+        .expect("clusterIP")
+        .to_string();
+    format!("{ip}:{port}").parse().expect("address")
+}
+
+/// The node a pod runs on.
+pub fn node_of(lab: &Lab, pod: &str) -> String {
+    let p = lab.store.get(Kind::Pod, "default", pod).expect("pod");
+    p["spec"]["nodeName"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// One UDP request from pod `ns/name` to `addr`.
+pub async fn udp_request(
+    lab: &Lab,
+    from: (&str, &str),
+    addr: SocketAddr,
+) -> anyhow::Result<String> {
+    let netns = lab.pod_netns(from.0, from.1)?;
+    tokio::task::spawn_blocking(move || {
+        lb::echo::udp_request_in(&netns, addr, Duration::from_secs(2))
+    })
+    .await?
 }
 
 /// One HTTP request from pod `ns/name` to `addr`; the answering pod's name.
