@@ -21,7 +21,8 @@ pub mod map_names {
     pub const BACKENDS: &str = "BACKENDS";
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const METRICS: &str = "METRICS";
-    pub const ALL: [&str; 4] = [SERVICES, BACKENDS, CONNTRACK, METRICS];
+    pub const MAGLEV: &str = "MAGLEV";
+    pub const ALL: [&str; 5] = [SERVICES, BACKENDS, CONNTRACK, METRICS, MAGLEV];
 }
 
 /// Implements the user-side marker traits for a shared type.

@@ -49,10 +49,28 @@ pub struct ServiceValue {
     pub flags: u16,
     /// Identifies the service for reverse NAT and per-service counters.
     pub rev_nat_id: u16,
-    pub pad0: u16,
+    /// Entries of the Service's Maglev table (slot 0); 0 while it has none.
+    pub maglev_size: u16,
 }
 
 /// Service kinds, kept in `ServiceValue::flags` for inspection and metrics.
 pub const SERVICE_F_CLUSTER_IP: u16 = 1 << 0;
 
 crate::user_pod!(ServiceKey, ServiceValue);
+
+/// Maglev table sizes: primes, far larger than the number of backends so
+/// that shares are near-equal and a backend change moves few entries. Small
+/// Services get the small table to keep kernel memory down (4 KiB vs 64 KiB).
+pub const MAGLEV_TABLE_SIZE_SMALL: u32 = 1021;
+pub const MAGLEV_TABLE_SIZE_LARGE: u32 = 16381;
+/// Up to this many backends the small table is used.
+pub const MAGLEV_SMALL_MAX_BACKENDS: usize = 10;
+
+/// The Maglev table size for a Service with `backends` backends.
+pub const fn maglev_table_size(backends: usize) -> u32 {
+    if backends <= MAGLEV_SMALL_MAX_BACKENDS {
+        MAGLEV_TABLE_SIZE_SMALL
+    } else {
+        MAGLEV_TABLE_SIZE_LARGE
+    }
+}

@@ -11,7 +11,7 @@ use lb_common::{
 
 use crate::{
     conntrack,
-    maps::{BACKENDS, SERVICES},
+    maps::{BACKENDS, MAGLEV, SERVICES},
     metrics::count,
     nat::{self, Side},
     packet::{self, Flow, Parsed},
@@ -109,29 +109,44 @@ fn backend_still_there(entry: &ConntrackEntry) -> bool {
     }
 }
 
-/// Picks one of the service's backends by a hash of the flow, so that every
-/// packet of a flow (and its retransmits before CT exists) lands on the same one.
+/// Picks one of the service's backends by a hash of the flow, through the
+/// Service's Maglev table, so that a backend change moves few flows; until the
+/// table exists, by the hash modulo the backend slots.
 #[inline(always)]
 fn select_backend(flow: &Flow, service: &ServiceValue) -> Option<(u32, Backend)> {
     if service.count == 0 {
         return None;
     }
-    let slot = (flow_hash(flow) % u32::from(service.count)) as u16 + 1;
-    let backend_id = lookup_service(flow, slot)?.backend_id;
+    let hash = flow_hash(flow);
+    let from_table = if service.maglev_size == 0 {
+        None
+    } else {
+        let entry = hash % u32::from(service.maglev_size);
+        // SAFETY: the value is copied out at once; tables are swapped whole.
+        unsafe { MAGLEV.get_value(&u32::from(service.rev_nat_id), &entry) }.copied()
+    };
+    let backend_id = match from_table {
+        Some(id) => id,
+        None => lookup_service(flow, (hash % u32::from(service.count)) as u16 + 1)?.backend_id,
+    };
     Some((backend_id, lookup_backend(backend_id)?))
 }
 
-/// Murmur3's finaliser over the 5-tuple: cheap and well mixed.
+/// Murmur3's finaliser, applied field by field over the 5-tuple so that
+/// correlated fields (address and port growing together) do not cancel out.
 #[inline(always)]
 fn flow_hash(flow: &Flow) -> u32 {
-    let mut h = flow.saddr
-        ^ flow.daddr.rotate_left(7)
-        ^ ((u32::from(flow.sport) << 16) | u32::from(flow.dport))
-        ^ u32::from(flow.proto).rotate_left(24);
+    let mut h = fmix(flow.saddr ^ 0x9e37_79b9);
+    h = fmix(h ^ flow.daddr);
+    h = fmix(h ^ ((u32::from(flow.sport) << 16) | u32::from(flow.dport)));
+    fmix(h ^ u32::from(flow.proto))
+}
+
+#[inline(always)]
+fn fmix(mut h: u32) -> u32 {
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;
     h = h.wrapping_mul(0xc2b2_ae35);
-    h ^= h >> 16;
-    h
+    h ^ (h >> 16)
 }

@@ -2,14 +2,15 @@
 //! The agent pins them under `/sys/fs/bpf/<prefix>/<NAME>`.
 
 use aya_ebpf::{
-    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    bindings::BPF_F_INNER_MAP,
+    btf_maps::{Array, HashMap, HashOfMaps, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
     backend::Backend,
     conntrack::{ConntrackEntry, ConntrackKey},
     metrics::{reason, Counter},
-    service::{ServiceKey, ServiceValue},
+    service::{ServiceKey, ServiceValue, MAGLEV_TABLE_SIZE_LARGE},
 };
 
 /// (vip, port, proto, slot) -> master entry (slot 0) or backend id (slot >= 1).
@@ -28,3 +29,14 @@ pub static CONNTRACK: LruHashMap<ConntrackKey, ConntrackEntry, 65536> = LruHashM
 /// Per-CPU counters by reason (see `lb_common::metrics::reason`).
 #[btf_map]
 pub static METRICS: PerCpuArray<Counter, { reason::COUNT as usize }> = PerCpuArray::new();
+
+/// rev-NAT id -> the Service's Maglev table: entry -> backend id. Written
+/// whole by the agent (a new inner map swapped in), never entry by entry.
+/// BPF_F_INNER_MAP lets each inner table have its own size (the Service
+/// entry's `maglev_size`); the template declares the largest.
+#[btf_map]
+pub static MAGLEV: HashOfMaps<
+    u32,
+    Array<u32, { MAGLEV_TABLE_SIZE_LARGE as usize }, { BPF_F_INNER_MAP as usize }>,
+    65536,
+> = HashOfMaps::new();

@@ -4,6 +4,7 @@ pub mod agent;
 pub mod datapath;
 pub mod echo;
 pub mod lab;
+pub mod maglev;
 pub mod netns;
 pub mod packet;
 pub mod plan;

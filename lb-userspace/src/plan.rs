@@ -13,22 +13,32 @@ use std::{
 
 use lb_common::{
     backend::Backend,
-    service::{ServiceKey, ServiceValue},
+    service::{maglev_table_size, ServiceKey, ServiceValue},
 };
 
-use crate::translate::{BackendAddr, DesiredService};
+use crate::{
+    maglev,
+    translate::{BackendAddr, DesiredService},
+};
 
-/// What the service and backend maps hold.
+/// What the service, backend and Maglev maps hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapState {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, Backend>,
+    /// Maglev tables by rev-NAT id: one backend id per table entry.
+    /// Read back from the kernel, only the keys are known (tables are empty
+    /// here): a table is rewritten when its Service's slots change.
+    pub maglev: BTreeMap<u16, Vec<u32>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MapOp {
     PutBackend(u32, Backend),
     PutService(ServiceKey, ServiceValue),
+    /// Replace a Service's whole Maglev table at once (create, fill, swap).
+    PutMaglev(u16, Vec<u32>),
+    DeleteMaglev(u16),
     DeleteService(ServiceKey),
     DeleteBackend(u32),
 }
@@ -86,6 +96,7 @@ pub fn desired_state(current: &MapState, desired: &[DesiredService]) -> MapState
                 id
             });
         let count = u16::try_from(svc.backends.len()).unwrap_or(u16::MAX);
+        let mut slot_ids = Vec::with_capacity(usize::from(count));
         for (i, b) in svc.backends.iter().take(usize::from(count)).enumerate() {
             let id = *ids.entry(*b).or_insert_with(|| {
                 let id = next_id;
@@ -93,6 +104,7 @@ pub fn desired_state(current: &MapState, desired: &[DesiredService]) -> MapState
                 id
             });
             out.backends.insert(id, backend_value(b));
+            slot_ids.push(id);
             let slot = service_key(svc.vip, svc.port, svc.proto, i as u16 + 1);
             out.services.insert(
                 slot,
@@ -101,6 +113,18 @@ pub fn desired_state(current: &MapState, desired: &[DesiredService]) -> MapState
                     rev_nat_id,
                     ..Default::default()
                 },
+            );
+        }
+        if !slot_ids.is_empty() {
+            let names: Vec<String> = svc
+                .backends
+                .iter()
+                .map(|b| format!("{}:{}", b.ip, b.port))
+                .collect();
+            let table = maglev::table(&names, maglev_table_size(names.len()));
+            out.maglev.insert(
+                rev_nat_id,
+                table.iter().map(|i| slot_ids[*i as usize]).collect(),
             );
         }
         // Not-ready endpoints keep the id they have (flows may point at it)
@@ -117,7 +141,7 @@ pub fn desired_state(current: &MapState, desired: &[DesiredService]) -> MapState
                 count,
                 flags: svc.flags,
                 rev_nat_id,
-                pad0: 0,
+                maglev_size: out.maglev.get(&rev_nat_id).map_or(0, |t| t.len() as u16),
             },
         );
     }
@@ -143,15 +167,40 @@ pub fn plan(current: &MapState, desired: &MapState) -> Vec<MapOp> {
             ops.push(MapOp::PutService(*k, *v));
         }
     }
+    // A Service whose slots change gets its Maglev table rebuilt.
     let gone: BTreeSet<&ServiceKey> = current
         .services
         .keys()
         .filter(|k| !desired.services.contains_key(*k))
         .collect();
+    let mut reshaped: BTreeSet<u16> = BTreeSet::new();
+    for (k, v) in desired.services.iter().filter(|(k, _)| k.slot != 0) {
+        if changed(k, v) {
+            reshaped.insert(v.rev_nat_id);
+        }
+    }
+    reshaped.extend(
+        gone.iter()
+            .filter(|k| k.slot != 0)
+            .filter_map(|k| current.services.get(*k))
+            .map(|v| v.rev_nat_id),
+    );
+    for (id, table) in &desired.maglev {
+        if !current.maglev.contains_key(id) || reshaped.contains(id) {
+            ops.push(MapOp::PutMaglev(*id, table.clone()));
+        }
+    }
     ops.extend(
         gone.iter()
             .filter(|k| k.slot == 0)
             .map(|k| MapOp::DeleteService(**k)),
+    );
+    ops.extend(
+        current
+            .maglev
+            .keys()
+            .filter(|id| !desired.maglev.contains_key(*id))
+            .map(|id| MapOp::DeleteMaglev(*id)),
     );
     ops.extend(
         gone.iter()

@@ -38,6 +38,20 @@ fn apply_checked(mut state: MapState, ops: &[MapOp]) -> MapState {
             MapOp::DeleteBackend(id) => {
                 state.backends.remove(id);
             }
+            MapOp::PutMaglev(id, table) => {
+                state.maglev.insert(*id, table.clone());
+            }
+            MapOp::DeleteMaglev(id) => {
+                state.maglev.remove(id);
+            }
+        }
+        for table in state.maglev.values() {
+            for id in table {
+                assert!(
+                    state.backends.contains_key(id),
+                    "after {op:?}: a Maglev table names missing backend {id}"
+                );
+            }
         }
         for (k, v) in state.services.iter().filter(|(k, _)| k.slot == 0) {
             for slot in 1..=v.count {
@@ -190,6 +204,8 @@ fn plan_orders_backends_then_slots_then_master_then_removals() {
             MapOp::DeleteService(k) if k.slot == 0 => "del-master",
             MapOp::DeleteService(..) => "del-slot",
             MapOp::DeleteBackend(..) => "del-backend",
+            MapOp::PutMaglev(..) => "put-maglev",
+            MapOp::DeleteMaglev(..) => "del-maglev",
         })
         .collect();
     assert_eq!(
@@ -198,6 +214,7 @@ fn plan_orders_backends_then_slots_then_master_then_removals() {
             "put-backend",
             "put-slot",
             "put-master",
+            "put-maglev",
             "del-slot",
             "del-backend",
             "del-backend"

@@ -321,3 +321,51 @@ fn tracked_flow_moves_when_its_backend_is_removed() {
     assert_eq!(Frame::parse(&out).unwrap().dst.to_string(), "10.244.1.9");
     let _ = reason::COUNT;
 }
+
+/// The data path selects through the Maglev table: after one of 10 backends
+/// is removed, the same 1000 flows (conntrack cleared) mostly keep their
+/// backend; a modulo over the slots would move about 90% of them.
+#[test]
+fn maglev_selection_moves_about_one_tenth_of_flows_when_one_of_ten_backends_goes() {
+    let ips: Vec<String> = (2..12).map(|i| format!("10.244.1.{i}")).collect();
+    let all: Vec<(&str, u16)> = ips.iter().map(|ip| (ip.as_str(), 8080)).collect();
+    let mut dp = datapath_with(&[service(80, PROTO_TCP, &all)]);
+    let pick = |dp: &mut Datapath| -> Vec<Ipv4Addr> {
+        let keys: Vec<ConntrackKey> = dp.maps.conntrack.keys().map(|k| k.unwrap()).collect();
+        for k in keys {
+            dp.maps.conntrack.remove(&k).unwrap();
+        }
+        (0..1000u16)
+            .map(|i| {
+                let client = format!("10.244.{}.{}", 2 + i / 250, 2 + i % 250);
+                let (_, out) = run(
+                    dp,
+                    PROG_FROM_POD,
+                    &Frame::tcp(&client, 40000 + i, VIP, 80).build(b""),
+                );
+                Frame::parse(&out).unwrap().dst
+            })
+            .collect()
+    };
+    let before = pick(&mut dp);
+    let used: std::collections::BTreeSet<_> = before.iter().collect();
+    assert_eq!(used.len(), 10, "all backends get flows");
+    let current = dp.maps.state().unwrap();
+    let without_one = service(80, PROTO_TCP, &all[1..]);
+    dp.maps
+        .apply(&plan(&current, &desired_state(&current, &[without_one])))
+        .unwrap();
+    let after = pick(&mut dp);
+    let removed: Ipv4Addr = ips[0].parse().unwrap();
+    assert!(after.iter().all(|b| *b != removed));
+    let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
+    let on_removed = before.iter().filter(|b| **b == removed).count();
+    assert!(
+        moved >= on_removed,
+        "flows of the removed backend must move"
+    );
+    assert!(
+        moved <= 150,
+        "{moved} of 1000 flows moved; Maglev should move about 100 (1/N)"
+    );
+}

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, HashOfMaps, MapData, PerCpuArray},
     Ebpf,
 };
 use lb_common::{
@@ -22,6 +22,8 @@ pub struct Maps {
     pub backends: HashMap<MapData, u32, Backend>,
     pub conntrack: HashMap<MapData, ConntrackKey, ConntrackEntry>,
     pub metrics: PerCpuArray<MapData, Counter>,
+    /// rev-NAT id -> the Service's Maglev table (an inner array map).
+    pub maglev: HashOfMaps<MapData, u32, Array<MapData, u32>>,
 }
 
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
@@ -36,6 +38,7 @@ impl Maps {
             backends: take(ebpf, map_names::BACKENDS)?.try_into()?,
             conntrack: take(ebpf, map_names::CONNTRACK)?.try_into()?,
             metrics: take(ebpf, map_names::METRICS)?.try_into()?,
+            maglev: take(ebpf, map_names::MAGLEV)?.try_into()?,
         })
     }
 
@@ -51,6 +54,7 @@ impl Maps {
             backends: Map::HashMap(open(map_names::BACKENDS)?).try_into()?,
             conntrack: Map::LruHashMap(open(map_names::CONNTRACK)?).try_into()?,
             metrics: Map::PerCpuArray(open(map_names::METRICS)?).try_into()?,
+            maglev: Map::HashOfMaps(open(map_names::MAGLEV)?).try_into()?,
         })
     }
 
@@ -65,6 +69,10 @@ impl Maps {
             let (k, v) = item.context("reading the backends map")?;
             state.backends.insert(k, v);
         }
+        for key in self.maglev.keys() {
+            let key = key.context("reading the maglev map")?;
+            state.maglev.insert(key as u16, vec![]);
+        }
         Ok(state)
     }
 
@@ -76,6 +84,8 @@ impl Maps {
                 MapOp::PutService(k, v) => self.services.insert(k, v, 0),
                 MapOp::DeleteService(k) => ignore_missing(self.services.remove(k)),
                 MapOp::DeleteBackend(id) => ignore_missing(self.backends.remove(id)),
+                MapOp::PutMaglev(id, table) => put_maglev(&mut self.maglev, *id, table),
+                MapOp::DeleteMaglev(id) => ignore_missing(self.maglev.remove(&u32::from(*id))),
             }
             .with_context(|| format!("applying {op:?}"))?;
         }
@@ -96,6 +106,26 @@ impl Maps {
         }
         Ok(out)
     }
+}
+
+/// Cilium's create-fill-swap: a new inner table, filled completely, then
+/// swapped in with one update, so a packet sees the old or the new table.
+fn put_maglev(
+    outer: &mut HashOfMaps<MapData, u32, Array<MapData, u32>>,
+    id: u16,
+    table: &[u32],
+) -> Result<(), aya::maps::MapError> {
+    // BPF_F_INNER_MAP: inner tables may differ in size from the template.
+    const BPF_F_INNER_MAP: u32 = 1 << 12;
+    let size = u32::try_from(table.len()).map_err(|_| aya::maps::MapError::InvalidValueSize {
+        size: table.len(),
+        expected: 0,
+    })?;
+    let mut inner = Array::<MapData, u32>::create(size, BPF_F_INNER_MAP)?;
+    for (i, backend) in table.iter().enumerate() {
+        inner.set(i as u32, backend, 0)?;
+    }
+    outer.insert(u32::from(id), &inner, 0)
 }
 
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
