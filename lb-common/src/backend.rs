@@ -15,4 +15,7 @@ pub struct Backend {
     pub flags: u8,
 }
 
+/// The backend runs on this node.
+pub const BACKEND_F_LOCAL: u8 = 1 << 0;
+
 crate::user_pod!(Backend);

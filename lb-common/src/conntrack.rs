@@ -8,7 +8,14 @@
 //!   (backend -> client): the entry holds the VIP to put back as the source.
 //!
 //! In both, `nat_addr:nat_port` is "the address to rewrite to": the backend for
-//! forward packets, the VIP for replies.
+//! forward packets, the frontend for replies.
+//!
+//! Flows that arrive from outside the node through a NodePort, LoadBalancer
+//! or external IP with `externalTrafficPolicy: Cluster` are also SNATed to
+//! the node's address, so that replies come back through this node:
+//! `snat_addr:snat_port` is then the new source (forward entry) or the
+//! client to restore as destination (reply entry, keyed by the backend's
+//! reply to `node:snat_port`). Zero when there is no SNAT.
 
 pub const CT_FORWARD: u8 = 0;
 pub const CT_REPLY: u8 = 1;
@@ -42,7 +49,16 @@ pub struct ConntrackEntry {
     pub rev_nat_id: u16,
     /// Backend chosen for the flow.
     pub backend_id: u32,
+    /// `CT_F_*` flags.
+    pub flags: u16,
+    /// SNAT port (network byte order), see the module documentation.
+    pub snat_port: u16,
+    /// SNAT address (network byte order), see the module documentation.
+    pub snat_addr: u32,
     pub pad0: u32,
 }
+
+/// The flow came through a frontend from outside the node (XDP).
+pub const CT_F_EXTERNAL: u16 = 1 << 0;
 
 crate::user_pod!(ConntrackKey, ConntrackEntry);

@@ -9,6 +9,7 @@
 pub mod backend;
 pub mod conntrack;
 pub mod metrics;
+pub mod node;
 pub mod service;
 
 /// IANA protocol numbers as used in the IPv4 header.
@@ -22,7 +23,8 @@ pub mod map_names {
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const METRICS: &str = "METRICS";
     pub const MAGLEV: &str = "MAGLEV";
-    pub const ALL: [&str; 5] = [SERVICES, BACKENDS, CONNTRACK, METRICS, MAGLEV];
+    pub const NODE: &str = "NODE";
+    pub const ALL: [&str; 6] = [SERVICES, BACKENDS, CONNTRACK, METRICS, MAGLEV, NODE];
 }
 
 /// Implements the user-side marker traits for a shared type.

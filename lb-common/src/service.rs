@@ -53,8 +53,16 @@ pub struct ServiceValue {
     pub maglev_size: u16,
 }
 
-/// Service kinds, kept in `ServiceValue::flags` for inspection and metrics.
+/// What a frontend is, in `ServiceValue::flags`.
+/// A ClusterIP: only translated for traffic from pods on this node.
 pub const SERVICE_F_CLUSTER_IP: u16 = 1 << 0;
+/// A NodePort on one of this node's addresses.
+pub const SERVICE_F_NODE_PORT: u16 = 1 << 1;
+/// A LoadBalancer ingress address or an external IP.
+pub const SERVICE_F_EXTERNAL: u16 = 1 << 2;
+/// `externalTrafficPolicy: Local`: local backends only, client address kept
+/// (no SNAT).
+pub const SERVICE_F_LOCAL: u16 = 1 << 3;
 
 crate::user_pod!(ServiceKey, ServiceValue);
 

@@ -62,26 +62,71 @@ pub fn lookup(key: &ConntrackKey) -> Option<ConntrackEntry> {
     }
 }
 
-/// Records a new flow to `backend`: the forward entry (where to DNAT) and the
-/// reply entry (which VIP to restore as the source of replies).
+/// Where a new flow goes: its backend, and the source to give it (SNAT).
+pub struct NewFlow<'a> {
+    pub backend_id: u32,
+    pub backend: &'a Backend,
+    pub rev_nat_id: u16,
+    /// `(node address, port)` to SNAT to, or `(0, 0)`.
+    pub snat: (u32, u16),
+    pub flags: u16,
+}
+
+/// Records a new flow: the forward entry (where to DNAT, what to SNAT to)
+/// and the reply entry (which frontend to restore as the source of replies,
+/// and, with SNAT, which client to restore as their destination).
 #[inline(always)]
-pub fn create(flow: &Flow, backend_id: u32, backend: &Backend, rev_nat_id: u16) -> Result<(), i32> {
+pub fn create(flow: &Flow, new: &NewFlow) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
     let forward = ConntrackEntry {
         last_seen_ns: now,
-        nat_addr: backend.addr,
-        nat_port: backend.port,
-        rev_nat_id,
-        backend_id,
+        nat_addr: new.backend.addr,
+        nat_port: new.backend.port,
+        rev_nat_id: new.rev_nat_id,
+        backend_id: new.backend_id,
+        flags: new.flags,
+        snat_addr: new.snat.0,
+        snat_port: new.snat.1,
         pad0: 0,
     };
+    let snat = new.snat.0 != 0;
     let reply = ConntrackEntry {
         nat_addr: flow.daddr,
         nat_port: flow.dport,
+        snat_addr: if snat { flow.saddr } else { 0 },
+        snat_port: if snat { flow.sport } else { 0 },
         ..forward
+    };
+    let reply_key = if snat {
+        key(
+            new.backend.addr,
+            new.snat.0,
+            new.backend.port,
+            new.snat.1,
+            flow.proto,
+            CT_REPLY,
+        )
+    } else {
+        reply_key_for(flow, new.backend)
     };
     // Reply entry first: once the forward entry exists, packets may reach the
     // backend and its answers must already find their way back.
-    CONNTRACK.insert(reply_key_for(flow, backend), reply, 0)?;
+    CONNTRACK.insert(reply_key, reply, 0)?;
     CONNTRACK.insert(forward_key(flow), forward, 0)
+}
+
+/// Whether a reply entry for `backend` answering to `node:port` exists
+/// (an SNAT port in use).
+#[inline(always)]
+pub fn snat_port_taken(backend: &Backend, node: u32, port: u16, proto: u8) -> bool {
+    CONNTRACK
+        .get_ptr(&key(
+            backend.addr,
+            node,
+            backend.port,
+            port,
+            proto,
+            CT_REPLY,
+        ))
+        .is_some()
 }

@@ -10,7 +10,7 @@ use lb_common::{
 };
 
 use crate::{
-    conntrack,
+    conntrack::{self, NewFlow},
     maps::{BACKENDS, MAGLEV, SERVICES},
     metrics::count,
     nat::{self, Side},
@@ -21,7 +21,8 @@ use crate::{
 const PASS: i32 = TC_ACT_OK;
 const DROP: i32 = TC_ACT_SHOT;
 
-/// Packets a pod sends: DNAT of new and tracked flows to a Service.
+/// Packets a pod sends: replies of flows it serves get their frontend back;
+/// new and tracked flows to a Service are DNATed to a backend.
 #[inline(always)]
 pub fn from_pod(ctx: &TcContext) -> Result<i32, i32> {
     let flow = match packet::parse(ctx) {
@@ -32,6 +33,14 @@ pub fn from_pod(ctx: &TcContext) -> Result<i32, i32> {
             return Ok(PASS);
         }
     };
+
+    // A backend answering a flow that this node translated: restore the
+    // frontend as source (and the client as destination if it was SNATed).
+    if let Some(entry) = conntrack::lookup(&conntrack::reply_key(&flow)) {
+        reverse_nat(ctx, &flow, &entry)?;
+        count(ctx, reason::REVERSE_NAT);
+        return Ok(PASS);
+    }
 
     if let Some(entry) = conntrack::lookup(&conntrack::forward_key(&flow)) {
         if backend_still_there(&entry) {
@@ -52,13 +61,45 @@ pub fn from_pod(ctx: &TcContext) -> Result<i32, i32> {
             DROP
         });
     };
-    if conntrack::create(&flow, backend_id, &backend, service.rev_nat_id).is_err() {
+    let new = NewFlow {
+        backend_id,
+        backend: &backend,
+        rev_nat_id: service.rev_nat_id,
+        snat: (0, 0),
+        flags: 0,
+    };
+    if conntrack::create(&flow, &new).is_err() {
         // Still forward: the flow works while it keeps this backend by hash.
         count(ctx, reason::CT_INSERT_FAILED);
     }
     dnat(ctx, &flow, backend.addr, backend.port)?;
     count(ctx, reason::NEW_FLOW);
     Ok(PASS)
+}
+
+#[inline(always)]
+fn reverse_nat(ctx: &TcContext, flow: &Flow, entry: &ConntrackEntry) -> Result<(), i32> {
+    let mut r = nat::rewrite(ctx, flow, Side::Source, entry.nat_addr, entry.nat_port);
+    if r.is_ok() && entry.snat_addr != 0 {
+        // The checksums now account for the new source: describe the packet
+        // as it is before rewriting its destination.
+        let rewritten = Flow {
+            saddr: entry.nat_addr,
+            sport: entry.nat_port,
+            ..*flow
+        };
+        r = nat::rewrite(
+            ctx,
+            &rewritten,
+            Side::Destination,
+            entry.snat_addr,
+            entry.snat_port,
+        );
+    }
+    r.map_err(|_| {
+        count(ctx, reason::DROP_REWRITE_FAILED);
+        DROP
+    })
 }
 
 /// Packets a pod receives: replies from a backend get the Service address back.
@@ -70,10 +111,7 @@ pub fn to_pod(ctx: &TcContext) -> Result<i32, i32> {
     let Some(entry) = conntrack::lookup(&conntrack::reply_key(&flow)) else {
         return Ok(PASS);
     };
-    if nat::rewrite(ctx, &flow, Side::Source, entry.nat_addr, entry.nat_port).is_err() {
-        count(ctx, reason::DROP_REWRITE_FAILED);
-        return Err(DROP);
-    }
+    reverse_nat(ctx, &flow, &entry)?;
     count(ctx, reason::REVERSE_NAT);
     Ok(PASS)
 }
@@ -87,7 +125,7 @@ fn dnat(ctx: &TcContext, flow: &Flow, addr: u32, port: u16) -> Result<(), i32> {
 }
 
 #[inline(always)]
-fn lookup_service(flow: &Flow, slot: u16) -> Option<ServiceValue> {
+pub fn lookup_service(flow: &Flow, slot: u16) -> Option<ServiceValue> {
     let key = ServiceKey::new(flow.daddr, flow.dport, flow.proto, slot);
     // SAFETY: copied out at once.
     SERVICES.get_ptr(key).map(|v| unsafe { *v })
@@ -102,7 +140,7 @@ fn lookup_backend(id: u32) -> Option<Backend> {
 /// A tracked flow keeps its backend while that backend exists with the same
 /// address; ids are never reused for another address, the check guards anyway.
 #[inline(always)]
-fn backend_still_there(entry: &ConntrackEntry) -> bool {
+pub fn backend_still_there(entry: &ConntrackEntry) -> bool {
     match lookup_backend(entry.backend_id) {
         Some(b) => b.addr == entry.nat_addr && b.port == entry.nat_port,
         None => false,
@@ -113,7 +151,7 @@ fn backend_still_there(entry: &ConntrackEntry) -> bool {
 /// Service's Maglev table, so that a backend change moves few flows; until the
 /// table exists, by the hash modulo the backend slots.
 #[inline(always)]
-fn select_backend(flow: &Flow, service: &ServiceValue) -> Option<(u32, Backend)> {
+pub fn select_backend(flow: &Flow, service: &ServiceValue) -> Option<(u32, Backend)> {
     if service.count == 0 {
         return None;
     }
@@ -135,7 +173,7 @@ fn select_backend(flow: &Flow, service: &ServiceValue) -> Option<(u32, Backend)>
 /// Murmur3's finaliser, applied field by field over the 5-tuple so that
 /// correlated fields (address and port growing together) do not cancel out.
 #[inline(always)]
-fn flow_hash(flow: &Flow) -> u32 {
+pub fn flow_hash(flow: &Flow) -> u32 {
     let mut h = fmix(flow.saddr ^ 0x9e37_79b9);
     h = fmix(h ^ flow.daddr);
     h = fmix(h ^ ((u32::from(flow.sport) << 16) | u32::from(flow.dport)));

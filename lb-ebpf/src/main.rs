@@ -4,6 +4,8 @@
 //!   conntrack lookup, Service lookup, backend selection and DNAT.
 //! - `lb_to_pod` (tc egress on a pod's host-side veth: packets the pod receives):
 //!   reverse NAT of replies, so the pod sees answers from the Service address.
+//! - `lb_uplink` (XDP on the node's uplink): NodePort, LoadBalancer and
+//!   external-IP frontends for traffic from outside the node, with SNAT.
 //!
 //! Modules follow the packet: `packet` parses, `conntrack` remembers, `lb`
 //! decides, `nat` rewrites, `metrics` counts.
@@ -17,8 +19,12 @@ mod metrics;
 mod nat;
 mod packet;
 mod reject;
+mod xdp;
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 
 #[classifier]
 pub fn lb_from_pod(ctx: TcContext) -> i32 {
@@ -30,6 +36,13 @@ pub fn lb_from_pod(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn lb_to_pod(ctx: TcContext) -> i32 {
     match lb::to_pod(&ctx) {
+        Ok(verdict) | Err(verdict) => verdict,
+    }
+}
+
+#[xdp]
+pub fn lb_uplink(ctx: XdpContext) -> u32 {
+    match xdp::uplink(&ctx) {
         Ok(verdict) | Err(verdict) => verdict,
     }
 }

@@ -10,6 +10,7 @@ use lb_common::{
     backend::Backend,
     conntrack::{ConntrackEntry, ConntrackKey},
     metrics::{reason, Counter},
+    node::NodeConfig,
     service::{ServiceKey, ServiceValue, MAGLEV_TABLE_SIZE_LARGE},
 };
 
@@ -40,3 +41,7 @@ pub static MAGLEV: HashOfMaps<
     Array<u32, { MAGLEV_TABLE_SIZE_LARGE as usize }, { BPF_F_INNER_MAP as usize }>,
     65536,
 > = HashOfMaps::new();
+
+/// This node's address and SNAT port range, written by the agent.
+#[btf_map]
+pub static NODE: Array<NodeConfig, 1> = Array::new();

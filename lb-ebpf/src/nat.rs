@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use lb_common::PROTO_UDP;
 
-use crate::packet::{Flow, ETH_HLEN, IP_CSUM, IP_DADDR, IP_SADDR};
+use crate::packet::{Flow, Packet, ETH_HLEN, IP_CSUM, IP_DADDR, IP_SADDR};
 
 /// Which end of the packet to rewrite.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -45,6 +45,74 @@ pub fn rewrite(ctx: &TcContext, flow: &Flow, side: Side, addr: u32, port: u16) -
     if old_port != port {
         ctx.l4_csum_replace(csum_off, old_port as u64, port as u64, mangled | 2)?;
         ctx.store(port_off, &port, 0)?;
+    }
+    Ok(())
+}
+
+/// One's-complement checksum update for a 32-bit field (RFC 1624):
+/// HC' = ~(~HC + ~m + m'). Values are taken as they lie in memory; the
+/// one's-complement sum does not depend on byte order.
+#[inline(always)]
+fn csum_replace4(csum: u16, old: u32, new: u32) -> u16 {
+    let mut sum = u32::from(!csum);
+    sum += (!old & 0xffff) + (!old >> 16);
+    sum += (new & 0xffff) + (new >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+#[inline(always)]
+fn csum_replace2(csum: u16, old: u16, new: u16) -> u16 {
+    let mut sum = u32::from(!csum) + u32::from(!old) + u32::from(new);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+#[inline(always)]
+fn at<T, P: Packet>(ctx: &P, offset: usize) -> Result<*mut T, ()> {
+    crate::packet::ptr_at::<T, P>(ctx, offset)
+        .map(|p| p as *mut T)
+        .ok_or(())
+}
+
+/// The same rewrite with direct packet writes, for XDP (no checksum helpers
+/// there). Packets from the wire carry complete checksums, which this
+/// updates incrementally.
+#[inline(always)]
+pub fn rewrite_direct<P: Packet>(
+    ctx: &P,
+    flow: &Flow,
+    side: Side,
+    addr: u32,
+    port: u16,
+) -> Result<(), ()> {
+    let (addr_off, port_off) = match side {
+        Side::Source => (ETH_HLEN + IP_SADDR, flow.l4_off),
+        Side::Destination => (ETH_HLEN + IP_DADDR, flow.l4_off + 2),
+    };
+    let ip_csum = at::<u16, P>(ctx, ETH_HLEN + IP_CSUM)?;
+    let addr_ptr = at::<u32, P>(ctx, addr_off)?;
+    let port_ptr = at::<u16, P>(ctx, port_off)?;
+    let l4_csum = at::<u16, P>(ctx, flow.l4_csum_off())?;
+    // SAFETY: every pointer was bounds-checked against the packet by `at`;
+    // unaligned accesses because IP options can shift the L4 header.
+    unsafe {
+        let old_addr = addr_ptr.read_unaligned();
+        let old_port = port_ptr.read_unaligned();
+        ip_csum.write_unaligned(csum_replace4(ip_csum.read_unaligned(), old_addr, addr));
+        let c = l4_csum.read_unaligned();
+        // A UDP checksum of 0 means "none" and stays so.
+        if !(flow.proto == PROTO_UDP && c == 0) {
+            let mut c = csum_replace2(csum_replace4(c, old_addr, addr), old_port, port);
+            if flow.proto == PROTO_UDP && c == 0 {
+                c = 0xffff;
+            }
+            l4_csum.write_unaligned(c);
+        }
+        addr_ptr.write_unaligned(addr);
+        port_ptr.write_unaligned(port);
     }
     Ok(())
 }

@@ -4,8 +4,36 @@
 //! too short for the headers the data path needs is reported as `Malformed`
 //! and is never rewritten.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::programs::{TcContext, XdpContext};
 use lb_common::{PROTO_TCP, PROTO_UDP};
+
+/// A packet in either hook: both give direct access to the frame.
+pub trait Packet {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+}
+
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+}
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -57,7 +85,7 @@ pub enum Parsed {
 }
 
 #[inline(always)]
-fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
+pub fn ptr_at<T, P: Packet>(ctx: &P, offset: usize) -> Option<*const T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + core::mem::size_of::<T>() > end {
@@ -67,20 +95,20 @@ fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
 }
 
 #[inline(always)]
-fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+fn read<T: Copy, P: Packet>(ctx: &P, offset: usize) -> Option<T> {
     // SAFETY: ptr_at checked that the whole T lies inside the packet.
-    ptr_at::<T>(ctx, offset).map(|p| unsafe { core::ptr::read_unaligned(p) })
+    ptr_at::<T, P>(ctx, offset).map(|p| unsafe { core::ptr::read_unaligned(p) })
 }
 
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Parsed {
-    let Some(ether_type) = read::<u16>(ctx, 12) else {
+pub fn parse<P: Packet>(ctx: &P) -> Parsed {
+    let Some(ether_type) = read::<u16, P>(ctx, 12) else {
         return Parsed::Malformed;
     };
     if u16::from_be(ether_type) != ETH_P_IP {
         return Parsed::Other;
     }
-    let Some(version_ihl) = read::<u8>(ctx, ETH_HLEN) else {
+    let Some(version_ihl) = read::<u8, P>(ctx, ETH_HLEN) else {
         return Parsed::Malformed;
     };
     let ihl = ((version_ihl & 0x0f) as usize) * 4;
@@ -90,16 +118,16 @@ pub fn parse(ctx: &TcContext) -> Parsed {
     // The fixed 20 bytes must be there; options are skipped via ihl. Each
     // field is read with its own early return: a tuple of Options lets LLVM
     // keep undefined payloads in registers, which the verifier rejects.
-    let Some(daddr) = read::<u32>(ctx, ETH_HLEN + IP_DADDR) else {
+    let Some(daddr) = read::<u32, P>(ctx, ETH_HLEN + IP_DADDR) else {
         return Parsed::Malformed;
     };
-    let Some(saddr) = read::<u32>(ctx, ETH_HLEN + IP_SADDR) else {
+    let Some(saddr) = read::<u32, P>(ctx, ETH_HLEN + IP_SADDR) else {
         return Parsed::Malformed;
     };
-    let Some(proto) = read::<u8>(ctx, ETH_HLEN + IP_PROTO) else {
+    let Some(proto) = read::<u8, P>(ctx, ETH_HLEN + IP_PROTO) else {
         return Parsed::Malformed;
     };
-    let Some(frag) = read::<u16>(ctx, ETH_HLEN + IP_FRAG_OFF) else {
+    let Some(frag) = read::<u16, P>(ctx, ETH_HLEN + IP_FRAG_OFF) else {
         return Parsed::Malformed;
     };
     if proto != PROTO_TCP && proto != PROTO_UDP {
@@ -116,13 +144,13 @@ pub fn parse(ctx: &TcContext) -> Parsed {
         UDP_HLEN
     };
     // The whole L4 header, checksum included, must be present to rewrite it.
-    if ptr_at::<u8>(ctx, l4_off + l4_len - 1).is_none() {
+    if ptr_at::<u8, P>(ctx, l4_off + l4_len - 1).is_none() {
         return Parsed::Malformed;
     }
-    let Some(sport) = read::<u16>(ctx, l4_off) else {
+    let Some(sport) = read::<u16, P>(ctx, l4_off) else {
         return Parsed::Malformed;
     };
-    let Some(dport) = read::<u16>(ctx, l4_off + 2) else {
+    let Some(dport) = read::<u16, P>(ctx, l4_off + 2) else {
         return Parsed::Malformed;
     };
     Parsed::Flow(Flow {

@@ -11,7 +11,10 @@ use std::{
 
 use anyhow::{Context, Result};
 use futures::StreamExt;
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use kube::{
     runtime::{reflector, watcher, WatchStreamExt},
     Api, Client,
@@ -21,8 +24,29 @@ use tokio::sync::Notify;
 use crate::{
     datapath::{attach::interfaces_with_prefix, attach::Attacher, Datapath},
     plan::{desired_state, plan},
-    translate::translate,
+    translate::{translate, NodeContext},
 };
+
+/// This node's name and InternalIP addresses, from its Node object.
+fn node_context(name: Option<&String>, nodes: &reflector::Store<Node>) -> NodeContext {
+    let Some(name) = name else {
+        return NodeContext::default();
+    };
+    let addrs = nodes
+        .state()
+        .iter()
+        .find(|n| n.metadata.name.as_ref() == Some(name))
+        .and_then(|n| n.status.as_ref()?.addresses.clone())
+        .unwrap_or_default()
+        .iter()
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .filter_map(|a| a.address.parse().ok())
+        .collect();
+    NodeContext {
+        name: Some(name.clone()),
+        addrs,
+    }
+}
 
 pub struct AgentConfig {
     pub kubeconfig: Option<PathBuf>,
@@ -30,6 +54,9 @@ pub struct AgentConfig {
     pub pin_dir: PathBuf,
     /// Pod veths are the interfaces whose names start with this.
     pub interface_prefix: String,
+    /// The node's uplink, where XDP serves traffic from outside the node
+    /// (NodePorts, LoadBalancer IPs); none to leave it alone.
+    pub uplink: Option<String>,
     /// How often the maps are compared with the desired state even when
     /// nothing changed (repairs drift).
     pub resync: Duration,
@@ -85,7 +112,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let client = client(cfg.kubeconfig.as_ref()).await?;
     let changed = Arc::new(Notify::new());
     let services = reflect(Api::<Service>::all(client.clone()), changed.clone());
-    let slices = reflect(Api::<EndpointSlice>::all(client), changed.clone());
+    let slices = reflect(Api::<EndpointSlice>::all(client.clone()), changed.clone());
+    let nodes = reflect(Api::<Node>::all(client), changed.clone());
     // Program nothing until every cache is complete: a restart must never
     // write a half-known cluster into the maps.
     services
@@ -96,7 +124,21 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .wait_until_ready()
         .await
         .context("endpointslice watch ended")?;
+    nodes.wait_until_ready().await.context("node watch ended")?;
     tracing::info!("caches synced");
+    if cfg.node_name.is_none() {
+        tracing::warn!(
+            "no --node-name (NODE_NAME): NodePorts and node-local endpoints are not programmed"
+        );
+    }
+    if let Some(uplink) = &cfg.uplink {
+        match crate::datapath::attach::attach_uplink(&mut dp, &cfg.pin_dir.join("uplink"), uplink) {
+            Ok(()) => tracing::info!(interface = %uplink, "XDP attached to the uplink"),
+            Err(e) => {
+                tracing::error!(interface = %uplink, "XDP attach failed, no NodePort from outside: {e:#}")
+            }
+        }
+    }
 
     let mut logged_errors = BTreeSet::new();
     let mut resync = tokio::time::interval(cfg.resync);
@@ -116,7 +158,11 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         let started = Instant::now();
         let svcs: Vec<Service> = services.state().iter().map(|s| (**s).clone()).collect();
         let eps: Vec<EndpointSlice> = slices.state().iter().map(|s| (**s).clone()).collect();
-        let t = translate(&svcs, &eps);
+        let node = node_context(cfg.node_name.as_ref(), &nodes);
+        if let Err(e) = dp.maps.set_node(node.addrs.first().copied()) {
+            tracing::error!("writing the node map: {e:#}");
+        }
+        let t = translate(&svcs, &eps, &node);
         let errors: BTreeSet<String> = t
             .errors
             .iter()

@@ -81,6 +81,10 @@ pub async fn run(name: String, listen: Vec<Listen>, drain: Duration) -> Result<(
 
 async fn serve_tcp(stream: TcpStream, name: String) {
     let _ = stream.set_nodelay(true);
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     let mut reader = BufReader::new(stream);
     let mut first = String::new();
     let Ok(Ok(n)) =
@@ -107,7 +111,7 @@ async fn serve_tcp(stream: TcpStream, name: String) {
         }
         let body = format!("{name}\n");
         let resp = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Client-Addr: {peer}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         );
         let _ = reader.get_mut().write_all(resp.as_bytes()).await;
@@ -133,8 +137,20 @@ async fn serve_tcp(stream: TcpStream, name: String) {
     }
 }
 
+/// What an echo server answered: its pod's name and the client address it saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer {
+    pub pod: String,
+    pub client: String,
+}
+
 /// Sends an HTTP GET to `addr` and returns the body (the answering pod's name).
 pub async fn http_get(addr: std::net::SocketAddr, timeout: Duration) -> Result<String> {
+    Ok(http_get_answer(addr, timeout).await?.pod)
+}
+
+/// Sends an HTTP GET to `addr`; the answering pod and the client it saw.
+pub async fn http_get_answer(addr: std::net::SocketAddr, timeout: Duration) -> Result<Answer> {
     let fut = async {
         let mut s = TcpStream::connect(addr)
             .await
@@ -151,7 +167,15 @@ pub async fn http_get(addr: std::net::SocketAddr, timeout: Duration) -> Result<S
         if !head.starts_with("HTTP/1.1 200") {
             bail!("{addr} answered {head:?}");
         }
-        Ok(body.trim().to_string())
+        let client = head
+            .lines()
+            .find_map(|l| l.strip_prefix("X-Client-Addr: "))
+            .unwrap_or_default()
+            .to_string();
+        Ok(Answer {
+            pod: body.trim().to_string(),
+            client,
+        })
     };
     tokio::time::timeout(timeout, fut)
         .await
@@ -160,11 +184,20 @@ pub async fn http_get(addr: std::net::SocketAddr, timeout: Duration) -> Result<S
 
 /// `http_get` from inside network namespace `netns` (a pod's).
 pub fn http_get_in(netns: &str, addr: std::net::SocketAddr, timeout: Duration) -> Result<String> {
+    Ok(http_get_answer_in(netns, addr, timeout)?.pod)
+}
+
+/// `http_get_answer` from inside network namespace `netns`.
+pub fn http_get_answer_in(
+    netns: &str,
+    addr: std::net::SocketAddr,
+    timeout: Duration,
+) -> Result<Answer> {
     crate::netns::run_in(netns, move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        rt.block_on(http_get(addr, timeout))
+        rt.block_on(http_get_answer(addr, timeout))
     })?
 }
 

@@ -37,6 +37,9 @@ enum Command {
         /// Pod veths: host-side interfaces whose names start with this.
         #[arg(long, env = "LB_INTERFACE_PREFIX", default_value = "veth")]
         interface_prefix: String,
+        /// The node's uplink, for NodePort/LoadBalancer traffic from outside (XDP); "" for none.
+        #[arg(long, env = "LB_UPLINK", default_value = "eth0")]
+        uplink: String,
         /// Seconds between full comparisons of the maps with the desired state.
         #[arg(long, env = "LB_RESYNC_SECONDS", default_value_t = 30)]
         resync_seconds: u64,
@@ -107,12 +110,14 @@ fn main() -> Result<()> {
             node_name,
             pin_dir,
             interface_prefix,
+            uplink,
             resync_seconds,
         } => rt.block_on(agent::run(AgentConfig {
             kubeconfig,
             node_name,
             pin_dir,
             interface_prefix,
+            uplink: Some(uplink).filter(|u| !u.is_empty()),
             resync: Duration::from_secs(resync_seconds.max(1)),
         })),
         Command::Echo {

@@ -12,7 +12,7 @@ use std::{
 };
 
 use lb_common::{
-    backend::Backend,
+    backend::{Backend, BACKEND_F_LOCAL},
     service::{maglev_table_size, ServiceKey, ServiceValue},
 };
 
@@ -48,7 +48,7 @@ pub fn backend_value(b: &BackendAddr) -> Backend {
         addr: u32::from(b.ip).to_be(),
         port: b.port.to_be(),
         proto: b.proto,
-        flags: 0,
+        flags: if b.local { BACKEND_F_LOCAL } else { 0 },
     }
 }
 
@@ -57,6 +57,7 @@ pub fn backend_addr(b: &Backend) -> BackendAddr {
         ip: Ipv4Addr::from(u32::from_be(b.addr)),
         port: u16::from_be(b.port),
         proto: b.proto,
+        local: b.flags & BACKEND_F_LOCAL != 0,
     }
 }
 

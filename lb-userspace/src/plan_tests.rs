@@ -15,6 +15,7 @@ fn svc(vip: &str, port: u16, backends: &[&str]) -> DesiredService {
                 ip: ip.parse().unwrap(),
                 port: 8080,
                 proto: PROTO_TCP,
+                local: false,
             })
             .collect(),
         retained: vec![],

@@ -5,7 +5,10 @@
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use lb_common::{PROTO_TCP, PROTO_UDP};
+use lb_common::{
+    service::{SERVICE_F_CLUSTER_IP, SERVICE_F_EXTERNAL, SERVICE_F_LOCAL, SERVICE_F_NODE_PORT},
+    PROTO_TCP, PROTO_UDP,
+};
 
 /// Label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -16,6 +19,16 @@ pub struct BackendAddr {
     pub ip: Ipv4Addr,
     pub port: u16,
     pub proto: u8,
+    /// The pod runs on this node.
+    pub local: bool,
+}
+
+/// The node the agent programs: its name (endpoints' `nodeName`) and
+/// addresses (NodePort frontends).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeContext {
+    pub name: Option<String>,
+    pub addrs: Vec<Ipv4Addr>,
 }
 
 /// One frontend (virtual address, port, protocol) and the backends behind it.
@@ -109,22 +122,24 @@ fn cluster_ips(svc: &Service) -> Result<Vec<Ipv4Addr>, String> {
     Ok(out)
 }
 
-/// Backends for one Service port, from the Service's EndpointSlices, on the
-/// slice port whose name equals the Service port's name.
-///
-/// New flows go to ready endpoints; when there is none, to endpoints that are
-/// terminating but still serving (as kube-proxy does), so a Service whose
-/// last pod is shutting down keeps answering until the pod is gone. All other
-/// listed endpoints are retained for the flows already on them.
-fn backends_for(
+/// An endpoint of one Service port, with what the choice of backends needs.
+#[derive(Clone, Copy, Debug)]
+struct Candidate {
+    addr: BackendAddr,
+    ready: bool,
+    serving_terminating: bool,
+}
+
+/// The endpoints of one Service port, from the Service's EndpointSlices, on
+/// the slice port whose name equals the Service port's name.
+fn candidates_for(
     slices: &[&EndpointSlice],
     port_name: &str,
     proto: u8,
+    node: &NodeContext,
     errors: &mut Vec<ObjectError>,
-) -> (Vec<BackendAddr>, Vec<BackendAddr>) {
-    let mut ready = BTreeSet::new();
-    let mut serving_terminating = BTreeSet::new();
-    let mut listed = BTreeSet::new();
+) -> Vec<Candidate> {
+    let mut out: Vec<Candidate> = Vec::new();
     for slice in slices {
         if slice.address_type != "IPv4" {
             continue;
@@ -150,41 +165,101 @@ fn backends_for(
             let c = ep.conditions.as_ref();
             // A nil condition means "unknown": ready and serving count as
             // true, terminating as false, as the API documents.
-            let is_ready = c.and_then(|c| c.ready).unwrap_or(true);
-            let is_serving = c.and_then(|c| c.serving).unwrap_or(is_ready);
-            let is_terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-            for addr in &ep.addresses {
-                let Ok(ip) = addr.parse::<Ipv4Addr>() else {
+            let ready = c.and_then(|c| c.ready).unwrap_or(true);
+            let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+            let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+            let local = node.name.is_some() && ep.node_name == node.name;
+            for a in &ep.addresses {
+                let Ok(ip) = a.parse::<Ipv4Addr>() else {
                     errors.push(ObjectError {
                         object: name_of("EndpointSlice", &slice.metadata),
-                        message: format!("endpoint address {addr:?} is not an IPv4 address"),
+                        message: format!("endpoint address {a:?} is not an IPv4 address"),
                     });
                     continue;
                 };
-                let b = BackendAddr { ip, port, proto };
-                listed.insert(b);
-                if is_ready {
-                    ready.insert(b);
-                } else if is_serving && is_terminating {
-                    serving_terminating.insert(b);
+                let addr = BackendAddr {
+                    ip,
+                    port,
+                    proto,
+                    local,
+                };
+                if out.iter().any(|c| c.addr == addr) {
+                    continue; // the same endpoint in two slices
                 }
+                out.push(Candidate {
+                    addr,
+                    ready,
+                    serving_terminating: serving && terminating,
+                });
             }
         }
     }
-    let active = if ready.is_empty() {
-        serving_terminating
-    } else {
-        ready
-    };
-    let retained = listed.difference(&active).copied().collect();
+    out
+}
+
+/// Backends for one frontend: (active, retained).
+///
+/// New flows go to ready endpoints (local ones only under a Local traffic
+/// policy); when there is none, to endpoints that are terminating but still
+/// serving, as kube-proxy does, so a Service whose last pod is shutting down
+/// keeps answering until the pod is gone. Every other listed endpoint is
+/// retained for the flows already on it.
+fn choose(candidates: &[Candidate], local_only: bool) -> (Vec<BackendAddr>, Vec<BackendAddr>) {
+    let eligible = |c: &&Candidate| !local_only || c.addr.local;
+    let mut active: BTreeSet<BackendAddr> = candidates
+        .iter()
+        .filter(eligible)
+        .filter(|c| c.ready)
+        .map(|c| c.addr)
+        .collect();
+    if active.is_empty() {
+        active = candidates
+            .iter()
+            .filter(eligible)
+            .filter(|c| c.serving_terminating)
+            .map(|c| c.addr)
+            .collect();
+    }
+    let retained = candidates
+        .iter()
+        .map(|c| c.addr)
+        .filter(|a| !active.contains(a))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
     (active.into_iter().collect(), retained)
 }
 
-/// Translates Services and EndpointSlices into the frontends to program.
-pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> Translation {
+fn parse_ipv4_list<'a>(
+    ips: impl Iterator<Item = &'a str>,
+    what: &str,
+    errors: &mut Vec<String>,
+) -> Vec<Ipv4Addr> {
+    let mut out = Vec::new();
+    for ip in ips {
+        match ip.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(v4)) => out.push(v4),
+            Ok(std::net::IpAddr::V6(_)) => {}
+            Err(_) => errors.push(format!("{what} {ip:?} is not an IP address")),
+        }
+    }
+    out
+}
+
+/// Translates Services and EndpointSlices into the frontends to program on
+/// `node`: ClusterIPs, NodePorts on the node's addresses, LoadBalancer
+/// ingress addresses and external IPs.
+pub fn translate(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    node: &NodeContext,
+) -> Translation {
     let mut t = Translation::default();
     for svc in services {
         let object = name_of("Service", &svc.metadata);
+        let Some(spec) = svc.spec.as_ref() else {
+            continue;
+        };
         let ips = match cluster_ips(svc) {
             Ok(ips) if ips.is_empty() => continue,
             Ok(ips) => ips,
@@ -193,6 +268,36 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> Translation 
                 continue;
             }
         };
+        let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+        let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+        let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+        let mut errors = Vec::new();
+        let mut external_ips = parse_ipv4_list(
+            spec.external_ips.iter().flatten().map(String::as_str),
+            "externalIP",
+            &mut errors,
+        );
+        if svc_type == "LoadBalancer" {
+            let ingress = svc
+                .status
+                .as_ref()
+                .and_then(|s| s.load_balancer.as_ref())
+                .and_then(|lb| lb.ingress.as_ref());
+            external_ips.extend(parse_ipv4_list(
+                ingress
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|i| i.ip.as_deref()),
+                "load balancer ingress IP",
+                &mut errors,
+            ));
+        }
+        t.errors
+            .extend(errors.into_iter().map(|message| ObjectError {
+                object: object.clone(),
+                message,
+            }));
+
         let ns = svc.metadata.namespace.as_deref().unwrap_or("");
         let name = svc.metadata.name.as_deref().unwrap_or("");
         let own_slices: Vec<&EndpointSlice> = slices
@@ -207,8 +312,7 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> Translation 
                         == Some(name)
             })
             .collect();
-        let ports = svc.spec.as_ref().and_then(|s| s.ports.as_ref());
-        for sp in ports.into_iter().flatten() {
+        for sp in spec.ports.iter().flatten() {
             let port_name = sp.name.clone().unwrap_or_default();
             let (proto, port) = match (
                 protocol_number(sp.protocol.as_deref()),
@@ -223,17 +327,57 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> Translation 
                     continue;
                 }
             };
-            let (backends, retained) = backends_for(&own_slices, &port_name, proto, &mut t.errors);
-            for vip in &ips {
+            let candidates = candidates_for(&own_slices, &port_name, proto, node, &mut t.errors);
+            let mut push = |vip: Ipv4Addr, port: u16, flags: u16, local_only: bool, kind: &str| {
+                let (backends, retained) = choose(&candidates, local_only);
                 t.services.push(DesiredService {
-                    name: format!("{ns}/{name}:{port_name}"),
-                    vip: *vip,
+                    name: format!("{ns}/{name}:{port_name} ({kind})"),
+                    vip,
                     port,
                     proto,
-                    flags: lb_common::service::SERVICE_F_CLUSTER_IP,
-                    backends: backends.clone(),
-                    retained: retained.clone(),
+                    flags,
+                    backends,
+                    retained,
                 });
+            };
+            let local_flag = if external_local { SERVICE_F_LOCAL } else { 0 };
+            for vip in &ips {
+                push(
+                    *vip,
+                    port,
+                    SERVICE_F_CLUSTER_IP,
+                    internal_local,
+                    "ClusterIP",
+                );
+            }
+            if matches!(svc_type, "NodePort" | "LoadBalancer") {
+                match sp.node_port.map(port_number) {
+                    Some(Ok(node_port)) => {
+                        for addr in &node.addrs {
+                            push(
+                                *addr,
+                                node_port,
+                                SERVICE_F_NODE_PORT | local_flag,
+                                external_local,
+                                "NodePort",
+                            );
+                        }
+                    }
+                    Some(Err(e)) => t.errors.push(ObjectError {
+                        object: object.clone(),
+                        message: format!("port {port_name:?}: nodePort: {e}"),
+                    }),
+                    None => {}
+                }
+            }
+            for ip in &external_ips {
+                push(
+                    *ip,
+                    port,
+                    SERVICE_F_EXTERNAL | local_flag,
+                    external_local,
+                    "external",
+                );
             }
         }
     }

@@ -77,6 +77,7 @@ fn b(ip: &str, port: u16, proto: u8) -> BackendAddr {
         ip: ip.parse().unwrap(),
         port,
         proto,
+        local: false,
     }
 }
 
@@ -275,6 +276,7 @@ fn not_ready_endpoints_are_retained_for_established_flows() {
                 endpoint("10.244.1.2", Some(true)),
             ],
         )],
+        &NodeContext::default(),
     );
     assert_eq!(
         t.services[0].backends,
@@ -314,6 +316,7 @@ fn serving_terminating_endpoints_are_used_only_without_ready_ones() {
                 endpoint("10.244.1.2", Some(true)),
             ],
         )],
+        &NodeContext::default(),
     );
     assert_eq!(
         with_ready.services[0].backends,
@@ -333,6 +336,7 @@ fn serving_terminating_endpoints_are_used_only_without_ready_ones() {
                 terminating("10.244.1.4", false),
             ],
         )],
+        &NodeContext::default(),
     );
     assert_eq!(
         only_terminating.services[0].backends,
@@ -348,7 +352,7 @@ fn serving_terminating_endpoints_are_used_only_without_ready_ones() {
 #[test]
 fn translation_table() {
     for (case, services, slices, want, want_errors) in cases() {
-        let t = translate(&services, &slices);
+        let t = translate(&services, &slices, &NodeContext::default());
         let got: Vec<_> = t
             .services
             .iter()

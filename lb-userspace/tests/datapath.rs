@@ -42,6 +42,7 @@ fn service(port: u16, proto: u8, backends: &[(&str, u16)]) -> DesiredService {
                 ip: ip.parse().unwrap(),
                 port: *port,
                 proto,
+                local: false,
             })
             .collect(),
         retained: vec![],
@@ -368,4 +369,129 @@ fn maglev_selection_moves_about_one_tenth_of_flows_when_one_of_ten_backends_goes
         moved <= 150,
         "{moved} of 1000 flows moved; Maglev should move about 100 (1/N)"
     );
+}
+
+const XDP_PASS: u32 = 2;
+const NODE_IP: &str = "172.18.0.11";
+const OUTSIDE: &str = "172.18.0.100";
+
+fn frontend(vip: &str, port: u16, flags: u16, backends: &[(&str, u16)]) -> DesiredService {
+    DesiredService {
+        vip: vip.parse().unwrap(),
+        flags,
+        ..service(port, PROTO_TCP, backends)
+    }
+}
+
+fn run_xdp(dp: &mut Datapath, input: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; input.len() + 256];
+    let opts = TestRunOptions {
+        data_in: Some(input),
+        data_out: Some(&mut out),
+        repeat: 1,
+        ..Default::default()
+    };
+    let res = dp
+        .xdp()
+        .unwrap()
+        .test_run(opts)
+        .expect("BPF_PROG_TEST_RUN (xdp)");
+    out.truncate(res.data_size_out as usize);
+    (res.return_value, out)
+}
+
+#[test]
+fn nodeport_from_outside_is_dnated_and_snated_and_its_reply_restored() {
+    use lb_common::service::SERVICE_F_NODE_PORT;
+    let mut dp = datapath_with(&[frontend(
+        NODE_IP,
+        30080,
+        SERVICE_F_NODE_PORT,
+        &[("10.244.2.5", 8080)],
+    )]);
+    dp.maps.set_node(Some(NODE_IP.parse().unwrap())).unwrap();
+    let (verdict, out) = run_xdp(
+        &mut dp,
+        &Frame::tcp(OUTSIDE, 50000, NODE_IP, 30080).build(b""),
+    );
+    assert_eq!(verdict, XDP_PASS);
+    let fwd = Frame::parse(&out).expect("valid checksums after DNAT+SNAT");
+    assert_eq!(
+        (fwd.dst.to_string().as_str(), fwd.dport),
+        ("10.244.2.5", 8080)
+    );
+    assert_eq!(
+        fwd.src.to_string(),
+        NODE_IP,
+        "SNAT to the node (externalTrafficPolicy: Cluster)"
+    );
+    let snat_range = lb::datapath::maps::SNAT_PORT_MIN
+        ..lb::datapath::maps::SNAT_PORT_MIN + lb::datapath::maps::SNAT_PORT_COUNT;
+    assert!(
+        snat_range.contains(&fwd.sport),
+        "SNAT port {} in range",
+        fwd.sport
+    );
+
+    // The backend's reply to node:snat_port gets frontend and client back.
+    let (verdict, out) = run_xdp(
+        &mut dp,
+        &Frame::tcp("10.244.2.5", 8080, NODE_IP, fwd.sport).build(b"pong"),
+    );
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(
+        Frame::parse(&out).unwrap(),
+        Frame::tcp(NODE_IP, 30080, OUTSIDE, 50000)
+    );
+    // A second client gets another SNAT port.
+    let (_, out) = run_xdp(
+        &mut dp,
+        &Frame::tcp("172.18.0.101", 50000, NODE_IP, 30080).build(b""),
+    );
+    assert_ne!(Frame::parse(&out).unwrap().sport, fwd.sport);
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_the_client_address() {
+    use lb_common::service::{SERVICE_F_LOCAL, SERVICE_F_NODE_PORT};
+    let mut dp = datapath_with(&[frontend(
+        NODE_IP,
+        30081,
+        SERVICE_F_NODE_PORT | SERVICE_F_LOCAL,
+        &[("10.244.1.5", 8080)],
+    )]);
+    dp.maps.set_node(Some(NODE_IP.parse().unwrap())).unwrap();
+    let (_, out) = run_xdp(
+        &mut dp,
+        &Frame::tcp(OUTSIDE, 50000, NODE_IP, 30081).build(b""),
+    );
+    assert_eq!(
+        Frame::parse(&out).unwrap(),
+        Frame::tcp(OUTSIDE, 50000, "10.244.1.5", 8080),
+        "no SNAT"
+    );
+    // The local backend's reply leaves through its veth: lb_from_pod restores the frontend.
+    let (_, out) = run(
+        &mut dp,
+        PROG_FROM_POD,
+        &Frame::tcp("10.244.1.5", 8080, OUTSIDE, 50000).build(b"pong"),
+    );
+    assert_eq!(
+        Frame::parse(&out).unwrap(),
+        Frame::tcp(NODE_IP, 30081, OUTSIDE, 50000)
+    );
+}
+
+#[test]
+fn cluster_ips_are_not_translated_for_traffic_from_outside() {
+    use lb_common::service::SERVICE_F_CLUSTER_IP;
+    let mut dp = datapath_with(&[frontend(
+        VIP,
+        80,
+        SERVICE_F_CLUSTER_IP,
+        &[("10.244.1.5", 8080)],
+    )]);
+    let input = Frame::tcp(OUTSIDE, 50000, VIP, 80).build(b"");
+    let (verdict, out) = run_xdp(&mut dp, &input);
+    assert_eq!((verdict, out), (XDP_PASS, input));
 }

@@ -8,7 +8,9 @@ use anyhow::{bail, Context, Result};
 use crate::run;
 
 /// Debian packages the lab and the tests use.
-const PACKAGES: &[&str] = &["bpftool", "iproute2", "iptables", "nftables", "curl"];
+const PACKAGES: &[&str] = &[
+    "bpftool", "iproute2", "iptables", "nftables", "curl", "ethtool",
+];
 
 fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;

@@ -113,3 +113,44 @@ pub fn interfaces_with_prefix(prefix: &str) -> Result<BTreeSet<String>> {
         .filter(|n| n.starts_with(prefix))
         .collect())
 }
+
+/// Attaches the XDP program to the node's uplink with a pinned link
+/// (`uplink/<uplink>_xdp`, apart from the pod links that `prune` manages),
+/// replacing the program in an existing link.
+pub fn attach_uplink(dp: &mut Datapath, links_dir: &Path, ifname: &str) -> Result<()> {
+    use aya::programs::{
+        links::FdLink,
+        xdp::{XdpLink, XdpMode},
+    };
+    std::fs::create_dir_all(links_dir)?;
+    // Translated packets reach the stack with the node's own address as
+    // source: SNATed flows on the uplink (XDP runs before routing), and
+    // replies leaving a local backend after reverse NAT on its veth. Accept
+    // them on every interface instead of dropping them as martians
+    // (accept_local is or-ed with conf/all). /proc/sys/net is this network
+    // namespace's.
+    let sysctl = "/proc/sys/net/ipv4/conf/all/accept_local";
+    std::fs::write(&sysctl, "1").with_context(|| format!("setting {sysctl}"))?;
+    let pin = links_dir.join(format!("{ifname}_xdp"));
+    let prog = dp.xdp()?;
+    if pin.exists() {
+        let old =
+            PinnedLink::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
+        let link = XdpLink::try_from(FdLink::from(old))?;
+        if prog.attach_to_link(link).is_ok() {
+            return Ok(());
+        }
+        std::fs::remove_file(&pin).ok();
+    }
+    // Native XDP where the driver has it (veth does), generic otherwise.
+    let id = match prog.attach(ifname, XdpMode::Default) {
+        Ok(id) => id,
+        Err(_) => prog
+            .attach(ifname, XdpMode::Skb)
+            .with_context(|| format!("attaching XDP to {ifname}"))?,
+    };
+    let link: FdLink = prog.take_link(id)?.try_into()?;
+    link.pin(&pin)
+        .with_context(|| format!("pinning {}", pin.display()))?;
+    Ok(())
+}

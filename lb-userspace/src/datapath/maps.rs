@@ -12,6 +12,7 @@ use lb_common::{
     conntrack::{ConntrackEntry, ConntrackKey},
     map_names,
     metrics::{reason, Counter},
+    node::NodeConfig,
     service::{ServiceKey, ServiceValue},
 };
 
@@ -22,9 +23,16 @@ pub struct Maps {
     pub backends: HashMap<MapData, u32, Backend>,
     pub conntrack: HashMap<MapData, ConntrackKey, ConntrackEntry>,
     pub metrics: PerCpuArray<MapData, Counter>,
+    /// This node's address and SNAT port range (one entry).
+    pub node: Array<MapData, NodeConfig>,
     /// rev-NAT id -> the Service's Maglev table (an inner array map).
     pub maglev: HashOfMaps<MapData, u32, Array<MapData, u32>>,
 }
+
+/// SNAT source ports: above Linux's default ephemeral range (32768-60999),
+/// so SNATed flows never collide with the node's own connections.
+pub const SNAT_PORT_MIN: u16 = 61000;
+pub const SNAT_PORT_COUNT: u16 = 4500;
 
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
     ebpf.take_map(name)
@@ -39,6 +47,7 @@ impl Maps {
             conntrack: take(ebpf, map_names::CONNTRACK)?.try_into()?,
             metrics: take(ebpf, map_names::METRICS)?.try_into()?,
             maglev: take(ebpf, map_names::MAGLEV)?.try_into()?,
+            node: take(ebpf, map_names::NODE)?.try_into()?,
         })
     }
 
@@ -55,6 +64,7 @@ impl Maps {
             conntrack: Map::LruHashMap(open(map_names::CONNTRACK)?).try_into()?,
             metrics: Map::PerCpuArray(open(map_names::METRICS)?).try_into()?,
             maglev: Map::HashOfMaps(open(map_names::MAGLEV)?).try_into()?,
+            node: Map::Array(open(map_names::NODE)?).try_into()?,
         })
     }
 
@@ -88,6 +98,19 @@ impl Maps {
                 MapOp::DeleteMaglev(id) => ignore_missing(self.maglev.remove(&u32::from(*id))),
             }
             .with_context(|| format!("applying {op:?}"))?;
+        }
+        Ok(())
+    }
+
+    /// Tells the data path this node's address (the SNAT source).
+    pub fn set_node(&mut self, addr: Option<std::net::Ipv4Addr>) -> Result<()> {
+        let cfg = NodeConfig {
+            addr: addr.map_or(0, |a| u32::from(a).to_be()),
+            snat_port_min: SNAT_PORT_MIN,
+            snat_port_count: SNAT_PORT_COUNT,
+        };
+        if self.node.get(&0, 0).ok() != Some(cfg) {
+            self.node.set(0, cfg, 0)?;
         }
         Ok(())
     }

@@ -21,6 +21,8 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub const PROG_FROM_POD: &str = "lb_from_pod";
 /// Program that sees what a pod receives (tc egress on its host-side veth).
 pub const PROG_TO_POD: &str = "lb_to_pod";
+/// XDP program on the node's uplink: traffic from outside the node.
+pub const PROG_UPLINK: &str = "lb_uplink";
 
 /// The programs and their maps, loaded into the kernel.
 pub struct Datapath {
@@ -56,6 +58,11 @@ impl Datapath {
             prog.load()
                 .with_context(|| format!("verifier rejected {name}"))?;
         }
+        let xdp: &mut aya::programs::Xdp = ebpf
+            .program_mut(PROG_UPLINK)
+            .context("program lb_uplink missing from the object")?
+            .try_into()?;
+        xdp.load().context("verifier rejected lb_uplink")?;
         let maps = Maps::take(&mut ebpf)?;
         Ok(Self {
             ebpf,
@@ -69,6 +76,14 @@ impl Datapath {
             .ebpf
             .program_mut(name)
             .with_context(|| format!("program {name} missing"))?
+            .try_into()?)
+    }
+
+    pub fn xdp(&mut self) -> Result<&mut aya::programs::Xdp> {
+        Ok(self
+            .ebpf
+            .program_mut(PROG_UPLINK)
+            .context("program lb_uplink missing")?
             .try_into()?)
     }
 

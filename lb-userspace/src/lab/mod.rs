@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod apiserver;
+pub mod cloud;
 pub mod demo;
 pub mod endpoints;
 pub mod kinds;
@@ -274,6 +275,11 @@ impl Lab {
         self.names.node_ns(i)
     }
 
+    /// The outside client's network namespace (on the nodes' network).
+    pub fn ext_netns(&self) -> String {
+        self.names.ext_ns()
+    }
+
     /// Ready pods whose name starts with `prefix`, in namespace `ns`.
     pub fn pods_named(&self, ns: &str, prefix: &str) -> Vec<Value> {
         self.store
@@ -353,5 +359,6 @@ async fn controllers(store: Store, kubelet: Kubelet) {
         workloads::reconcile_replicasets(&store);
         kubelet.reconcile();
         endpoints::reconcile(&store);
+        cloud::reconcile(&store);
     }
 }

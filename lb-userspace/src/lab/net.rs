@@ -88,7 +88,18 @@ pub async fn create_network(n: &Names) -> Result<()> {
     ip(&["-n", &br, "link", "add", "br0", "type", "bridge"]).await?;
     ip(&["-n", &br, "link", "set", "br0", "up"]).await?;
     ip(&["-n", &br, "link", "set", "lo", "up"]).await?;
-    attach_host(n, &n.ext_ns(), &format!("{}x", n.prefix), EXT_IP).await
+    attach_host(n, &n.ext_ns(), &format!("{}x", n.prefix), EXT_IP).await?;
+    let (pool, len) = LB_POOL;
+    ip(&[
+        "-n",
+        &n.ext_ns(),
+        "route",
+        "add",
+        &format!("{pool}/{len}"),
+        "via",
+        &node_ip(1).to_string(),
+    ])
+    .await
 }
 
 /// A namespace with `eth0` on the bridge at `addr/24`.
@@ -122,8 +133,26 @@ async fn attach_host(n: &Names, netns: &str, bridge_port: &str, addr: Ipv4Addr) 
         "eth0",
     ])
     .await?;
-    ip(&["-n", netns, "link", "set", "eth0", "up"]).await
+    ip(&["-n", netns, "link", "set", "eth0", "up"]).await?;
+    // Packets on this network stand for packets on a wire, which carry
+    // complete checksums (XDP on the uplinks updates them incrementally).
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "ethtool", "-K", "eth0", "tx", "off"])
+        .output()
+        .await
+        .context("running ethtool (is it installed?)")?;
+    if !out.status.success() {
+        bail!(
+            "ethtool -K eth0 tx off in {netns}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
+
+/// LoadBalancer addresses the lab hands out, routed from the outside client
+/// through node 1 (as a BGP or L2 announcement would make them reachable).
+pub const LB_POOL: (Ipv4Addr, u8) = (Ipv4Addr::new(172, 18, 255, 0), 24);
 
 /// Creates node `index` of `count`: on the bridge, forwarding, with routes to
 /// the other nodes' pod CIDRs.
@@ -133,6 +162,9 @@ pub async fn create_node(n: &Names, index: usize, count: usize) -> Result<()> {
     sysctl(&ns, "net.ipv4.ip_forward", "1").await?;
     sysctl(&ns, "net.ipv4.conf.all.rp_filter", "0").await?;
     sysctl(&ns, "net.ipv4.conf.default.rp_filter", "0").await?;
+    // NodePort flows SNATed back out of eth0 must not trigger redirects.
+    sysctl(&ns, "net.ipv4.conf.all.send_redirects", "0").await?;
+    sysctl(&ns, "net.ipv4.conf.eth0.send_redirects", "0").await?;
     for other in (1..=count).filter(|o| *o != index) {
         let (net, len) = pod_cidr(other);
         ip(&[

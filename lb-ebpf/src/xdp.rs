@@ -1,0 +1,152 @@
+//! `lb_uplink`: XDP on the node's uplink, for traffic that arrives from
+//! outside the node: NodePort, LoadBalancer and external-IP frontends, and
+//! the replies of flows this node SNATed. ClusterIPs are not reachable from
+//! outside, as with kube-proxy.
+
+use aya_ebpf::{bindings::xdp_action::XDP_PASS, programs::XdpContext};
+use lb_common::{
+    backend::Backend,
+    conntrack::{ConntrackEntry, CT_F_EXTERNAL},
+    metrics::reason,
+    service::{SERVICE_F_CLUSTER_IP, SERVICE_F_LOCAL},
+};
+
+use crate::{
+    conntrack::{self, NewFlow},
+    lb::{backend_still_there, flow_hash, lookup_service, select_backend},
+    maps::NODE,
+    metrics::count,
+    nat::{rewrite_direct, Side},
+    packet::{self, Flow, Parsed},
+};
+
+const PASS: u32 = XDP_PASS;
+const DROP: u32 = aya_ebpf::bindings::xdp_action::XDP_DROP;
+/// How many SNAT ports are tried before a new flow is given up.
+const SNAT_TRIES: u32 = 8;
+
+#[inline(always)]
+pub fn uplink(ctx: &XdpContext) -> Result<u32, u32> {
+    let flow = match packet::parse(ctx) {
+        Parsed::Flow(flow) => flow,
+        Parsed::Other => return Ok(PASS),
+        Parsed::Malformed => {
+            count(ctx, reason::MALFORMED);
+            return Ok(PASS);
+        }
+    };
+
+    if let Some(entry) = conntrack::lookup(&conntrack::reply_key(&flow)) {
+        rewrite_both(ctx, &flow, Side::Source, &entry)?;
+        count(ctx, reason::REVERSE_NAT);
+        return Ok(PASS);
+    }
+    if let Some(entry) = conntrack::lookup(&conntrack::forward_key(&flow)) {
+        if backend_still_there(&entry) {
+            rewrite_both(ctx, &flow, Side::Destination, &entry)?;
+            count(ctx, reason::FORWARDED);
+            return Ok(PASS);
+        }
+    }
+
+    let Some(service) = lookup_service(&flow, 0) else {
+        return Ok(PASS);
+    };
+    if service.flags & SERVICE_F_CLUSTER_IP != 0 {
+        return Ok(PASS);
+    }
+    let Some((backend_id, backend)) = select_backend(&flow, &service) else {
+        // Left to the node's stack, which refuses it: a TCP RST or an ICMP
+        // port unreachable, since nothing listens on the node port.
+        count(ctx, reason::REJECT_NO_BACKEND);
+        return Ok(PASS);
+    };
+    // externalTrafficPolicy: Cluster -> SNAT to the node, so the replies come
+    // back here whichever node the backend is on; Local keeps the client.
+    let snat = if service.flags & SERVICE_F_LOCAL != 0 {
+        (0, 0)
+    } else {
+        snat_source(&flow, &backend).ok_or_else(|| {
+            count(ctx, reason::DROP_REWRITE_FAILED);
+            DROP
+        })?
+    };
+    let new = NewFlow {
+        backend_id,
+        backend: &backend,
+        rev_nat_id: service.rev_nat_id,
+        snat,
+        flags: CT_F_EXTERNAL,
+    };
+    if conntrack::create(&flow, &new).is_err() {
+        count(ctx, reason::CT_INSERT_FAILED);
+        return Err(DROP);
+    }
+    let entry = ConntrackEntry {
+        nat_addr: backend.addr,
+        nat_port: backend.port,
+        snat_addr: snat.0,
+        snat_port: snat.1,
+        ..Default::default()
+    };
+    rewrite_both(ctx, &flow, Side::Destination, &entry)?;
+    count(ctx, reason::NEW_FLOW);
+    Ok(PASS)
+}
+
+/// Rewrites `first` to the entry's NAT address, then, with SNAT, the other
+/// side to the entry's SNAT address.
+#[inline(always)]
+fn rewrite_both(
+    ctx: &XdpContext,
+    flow: &Flow,
+    first: Side,
+    entry: &ConntrackEntry,
+) -> Result<(), u32> {
+    let fail = |()| {
+        count(ctx, reason::DROP_REWRITE_FAILED);
+        DROP
+    };
+    rewrite_direct(ctx, flow, first, entry.nat_addr, entry.nat_port).map_err(fail)?;
+    if entry.snat_addr == 0 {
+        return Ok(());
+    }
+    let (second, after) = match first {
+        Side::Destination => (
+            Side::Source,
+            Flow {
+                daddr: entry.nat_addr,
+                dport: entry.nat_port,
+                ..*flow
+            },
+        ),
+        Side::Source => (
+            Side::Destination,
+            Flow {
+                saddr: entry.nat_addr,
+                sport: entry.nat_port,
+                ..*flow
+            },
+        ),
+    };
+    rewrite_direct(ctx, &after, second, entry.snat_addr, entry.snat_port).map_err(fail)
+}
+
+/// The node's address and a free port for the flow's new source.
+#[inline(always)]
+fn snat_source(flow: &Flow, backend: &Backend) -> Option<(u32, u16)> {
+    let node = NODE.get(0)?;
+    if node.addr == 0 || node.snat_port_count == 0 {
+        return None;
+    }
+    let hash = flow_hash(flow);
+    for i in 0..SNAT_TRIES {
+        let offset =
+            (hash.wrapping_add(i.wrapping_mul(0x9e37_79b1))) % u32::from(node.snat_port_count);
+        let port = (node.snat_port_min.wrapping_add(offset as u16)).to_be();
+        if !conntrack::snat_port_taken(backend, node.addr, port, flow.proto) {
+            return Some((node.addr, port));
+        }
+    }
+    None
+}

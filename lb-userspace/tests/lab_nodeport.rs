@@ -1,0 +1,132 @@
+//! NodePort, LoadBalancer and external IPs with real traffic from a client
+//! outside the nodes (XDP on the nodes' uplinks) and from pods.
+
+mod common;
+
+use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
+
+use lb::{
+    echo::{http_get_answer_in, Answer},
+    lab::{kinds::Kind, net, Lab},
+};
+
+async fn ask(netns: &str, addr: SocketAddr) -> anyhow::Result<Answer> {
+    let netns = netns.to_string();
+    tokio::task::spawn_blocking(move || http_get_answer_in(&netns, addr, Duration::from_secs(3)))
+        .await?
+}
+
+/// `n` requests from the outside client; panics on any failure.
+async fn from_outside(lab: &Lab, addr: SocketAddr, n: usize) -> Vec<Answer> {
+    let ext = lab.ext_netns();
+    // The agents program the frontends shortly after the pods are up.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while let Err(e) = ask(&ext, addr).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{addr} not reachable from outside: {e:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut out = Vec::new();
+    for i in 0..n {
+        out.push(
+            ask(&ext, addr)
+                .await
+                .unwrap_or_else(|e| panic!("request {i} to {addr}: {e:#}")),
+        );
+    }
+    out
+}
+
+fn node_addr(i: usize, port: u16) -> SocketAddr {
+    SocketAddr::new(net::node_ip(i).into(), port)
+}
+
+async fn nodeport_lab(letter: char) -> Lab {
+    common::lab_with(letter, common::test_manifests("nodeport"), 2).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodeport_from_outside_reaches_pods_on_both_nodes_through_either_node() {
+    let lab = nodeport_lab('n').await;
+    for entry in [1, 2] {
+        let answers = from_outside(&lab, node_addr(entry, 30080), 30).await;
+        let nodes: BTreeSet<String> = answers
+            .iter()
+            .map(|a| common::node_of(&lab, &a.pod))
+            .collect();
+        assert_eq!(
+            nodes.len(),
+            2,
+            "through node {entry}: pods on both nodes answer (remote ones via SNAT): {answers:?}"
+        );
+        // externalTrafficPolicy: Cluster: the pods see the entry node's address.
+        assert!(
+            answers
+                .iter()
+                .all(|a| a.client.starts_with(&format!("{}:", net::node_ip(entry)))),
+            "SNAT to node {entry}: {answers:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_traffic_policy_local_keeps_the_client_address_and_uses_local_pods() {
+    let lab = nodeport_lab('e').await;
+    for entry in [1, 2] {
+        let answers = from_outside(&lab, node_addr(entry, 30081), 20).await;
+        for a in &answers {
+            assert_eq!(
+                common::node_of(&lab, &a.pod),
+                lb::lab::node_name(entry),
+                "only pods local to node {entry}: {a:?}"
+            );
+            assert!(
+                a.client.starts_with(&format!("{}:", net::EXT_IP)),
+                "client address kept: {a:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_balancer_ingress_and_external_ips_from_outside() {
+    let lab = nodeport_lab('b').await;
+    let mut lb_ip = None;
+    for _ in 0..100 {
+        let svc = lab.store.get(Kind::Service, "default", "web-lb").unwrap();
+        lb_ip = svc["status"]["loadBalancer"]["ingress"][0]["ip"]
+            .as_str()
+            .map(str::to_string);
+        if lb_ip.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let lb_ip = lb_ip.expect("the lab's cloud controller assigns an ingress IP");
+    let answers = from_outside(&lab, format!("{lb_ip}:80").parse().unwrap(), 20).await;
+    assert!(
+        answers
+            .iter()
+            .map(|a| &a.pod)
+            .collect::<BTreeSet<_>>()
+            .len()
+            >= 2,
+        "{answers:?}"
+    );
+    let answers = from_outside(&lab, "172.18.255.5:8000".parse().unwrap(), 10).await;
+    assert_eq!(answers.len(), 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodeport_from_a_pod_to_its_own_node() {
+    let lab = nodeport_lab('p').await;
+    let node = common::node_of(&lab, "client");
+    let index: usize = node.trim_start_matches("node-").parse().unwrap();
+    let addr = node_addr(index, 30080);
+    common::wait_reachable(&lab, ("default", "client"), addr, Duration::from_secs(30)).await;
+    let (answers, failures) = common::burst(&lab, ("default", "client"), addr, 20).await;
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert!(answers.len() >= 2, "{answers:?}");
+}
