@@ -24,7 +24,10 @@ pub mod map_names {
     pub const METRICS: &str = "METRICS";
     pub const MAGLEV: &str = "MAGLEV";
     pub const NODE: &str = "NODE";
-    pub const ALL: [&str; 6] = [SERVICES, BACKENDS, CONNTRACK, METRICS, MAGLEV, NODE];
+    pub const AFFINITY: &str = "AFFINITY";
+    pub const ALL: [&str; 7] = [
+        SERVICES, BACKENDS, CONNTRACK, METRICS, MAGLEV, NODE, AFFINITY,
+    ];
 }
 
 /// Implements the user-side marker traits for a shared type.

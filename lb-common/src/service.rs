@@ -51,6 +51,9 @@ pub struct ServiceValue {
     pub rev_nat_id: u16,
     /// Entries of the Service's Maglev table (slot 0); 0 while it has none.
     pub maglev_size: u16,
+    /// `sessionAffinity: ClientIP` timeout in seconds (slot 0, with
+    /// `SERVICE_F_AFFINITY`).
+    pub affinity_timeout: u32,
 }
 
 /// What a frontend is, in `ServiceValue::flags`.
@@ -63,8 +66,33 @@ pub const SERVICE_F_EXTERNAL: u16 = 1 << 2;
 /// `externalTrafficPolicy: Local`: local backends only, client address kept
 /// (no SNAT).
 pub const SERVICE_F_LOCAL: u16 = 1 << 3;
+/// `sessionAffinity: ClientIP`.
+pub const SERVICE_F_AFFINITY: u16 = 1 << 4;
 
-crate::user_pod!(ServiceKey, ServiceValue);
+/// Key of the affinity map: a client of a Service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct AffinityKey {
+    /// Client address, network byte order.
+    pub client: u32,
+    pub rev_nat_id: u16,
+    pub pad0: u16,
+}
+
+/// The backend a client was last sent to, and when.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct AffinityValue {
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    /// The backend's slot, to check cheaply that it still serves the Service.
+    pub slot: u16,
+    pub pad0: u16,
+}
+
+crate::user_pod!(ServiceKey, ServiceValue, AffinityKey, AffinityValue);
 
 /// Maglev table sizes: primes, far larger than the number of backends so
 /// that shares are near-equal and a backend change moves few entries. Small

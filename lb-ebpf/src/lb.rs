@@ -1,17 +1,17 @@
 //! Service translation: the decisions of the two tc programs.
 
 use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT};
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
 use lb_common::{
     backend::Backend,
     conntrack::ConntrackEntry,
     metrics::reason,
-    service::{ServiceKey, ServiceValue},
+    service::{AffinityKey, AffinityValue, ServiceKey, ServiceValue, SERVICE_F_AFFINITY},
 };
 
 use crate::{
     conntrack::{self, NewFlow},
-    maps::{BACKENDS, MAGLEV, SERVICES},
+    maps::{AFFINITY, BACKENDS, MAGLEV, SERVICES},
     metrics::count,
     nat::{self, Side},
     packet::{self, Flow, Parsed},
@@ -155,6 +155,55 @@ pub fn select_backend(flow: &Flow, service: &ServiceValue) -> Option<(u32, Backe
     if service.count == 0 {
         return None;
     }
+    if service.flags & SERVICE_F_AFFINITY == 0 {
+        return select_by_hash(flow, service).map(|(id, b, _)| (id, b));
+    }
+    // sessionAffinity: ClientIP. The remembered backend is used while it
+    // still holds its slot in the Service and the client came back within
+    // the timeout; otherwise the hash picks one, which is remembered.
+    let key = AffinityKey {
+        client: flow.saddr,
+        rev_nat_id: service.rev_nat_id,
+        pad0: 0,
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let timeout_ns = u64::from(service.affinity_timeout) * 1_000_000_000;
+    if let Some(prev) = AFFINITY.get_ptr(&key).map(|p| unsafe { *p }) {
+        let fresh = now.saturating_sub(prev.last_used_ns) < timeout_ns;
+        let in_service = prev.slot >= 1
+            && prev.slot <= service.count
+            && lookup_service(flow, prev.slot).is_some_and(|s| s.backend_id == prev.backend_id);
+        if fresh && in_service {
+            if let Some(backend) = lookup_backend(prev.backend_id) {
+                let _ = AFFINITY.insert(
+                    key,
+                    AffinityValue {
+                        last_used_ns: now,
+                        ..prev
+                    },
+                    0,
+                );
+                return Some((prev.backend_id, backend));
+            }
+        }
+    }
+    let (id, backend, slot) = select_by_hash(flow, service)?;
+    let _ = AFFINITY.insert(
+        key,
+        AffinityValue {
+            last_used_ns: now,
+            backend_id: id,
+            slot,
+            pad0: 0,
+        },
+        0,
+    );
+    Some((id, backend))
+}
+
+/// Backend id, backend and slot chosen by the flow's hash.
+#[inline(always)]
+fn select_by_hash(flow: &Flow, service: &ServiceValue) -> Option<(u32, Backend, u16)> {
     let hash = flow_hash(flow);
     let from_table = if service.maglev_size == 0 {
         None
@@ -163,11 +212,13 @@ pub fn select_backend(flow: &Flow, service: &ServiceValue) -> Option<(u32, Backe
         // SAFETY: the value is copied out at once; tables are swapped whole.
         unsafe { MAGLEV.get_value(&u32::from(service.rev_nat_id), &entry) }.copied()
     };
-    let backend_id = match from_table {
-        Some(id) => id,
-        None => lookup_service(flow, (hash % u32::from(service.count)) as u16 + 1)?.backend_id,
+    // The table names a slot (1..=count); without a table, the hash does.
+    let slot = match from_table {
+        Some(slot) => slot as u16,
+        None => (hash % u32::from(service.count)) as u16 + 1,
     };
-    Some((backend_id, lookup_backend(backend_id)?))
+    let backend_id = lookup_service(flow, slot)?.backend_id;
+    Some((backend_id, lookup_backend(backend_id)?, slot))
 }
 
 /// Murmur3's finaliser, applied field by field over the 5-tuple so that

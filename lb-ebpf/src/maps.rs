@@ -11,7 +11,7 @@ use lb_common::{
     conntrack::{ConntrackEntry, ConntrackKey},
     metrics::{reason, Counter},
     node::NodeConfig,
-    service::{ServiceKey, ServiceValue, MAGLEV_TABLE_SIZE_LARGE},
+    service::{AffinityKey, AffinityValue, ServiceKey, ServiceValue, MAGLEV_TABLE_SIZE_LARGE},
 };
 
 /// (vip, port, proto, slot) -> master entry (slot 0) or backend id (slot >= 1).
@@ -31,7 +31,7 @@ pub static CONNTRACK: LruHashMap<ConntrackKey, ConntrackEntry, 65536> = LruHashM
 #[btf_map]
 pub static METRICS: PerCpuArray<Counter, { reason::COUNT as usize }> = PerCpuArray::new();
 
-/// rev-NAT id -> the Service's Maglev table: entry -> backend id. Written
+/// rev-NAT id -> the Service's Maglev table: entry -> backend slot (1..=count). Written
 /// whole by the agent (a new inner map swapped in), never entry by entry.
 /// BPF_F_INNER_MAP lets each inner table have its own size (the Service
 /// entry's `maglev_size`); the template declares the largest.
@@ -41,6 +41,11 @@ pub static MAGLEV: HashOfMaps<
     Array<u32, { MAGLEV_TABLE_SIZE_LARGE as usize }, { BPF_F_INNER_MAP as usize }>,
     65536,
 > = HashOfMaps::new();
+
+/// `sessionAffinity: ClientIP`: (client, Service) -> backend. LRU, so old
+/// clients are forgotten when it fills; entries also expire by timeout.
+#[btf_map]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, 65536> = LruHashMap::new();
 
 /// This node's address and SNAT port range, written by the agent.
 #[btf_map]

@@ -13,7 +13,7 @@ use std::{
 
 use lb_common::{
     backend::{Backend, BACKEND_F_LOCAL},
-    service::{maglev_table_size, ServiceKey, ServiceValue},
+    service::{maglev_table_size, ServiceKey, ServiceValue, SERVICE_F_AFFINITY},
 };
 
 use crate::{
@@ -26,7 +26,7 @@ use crate::{
 pub struct MapState {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, Backend>,
-    /// Maglev tables by rev-NAT id: one backend id per table entry.
+    /// Maglev tables by rev-NAT id: one backend slot (1..=count) per entry.
     /// Read back from the kernel, only the keys are known (tables are empty
     /// here): a table is rewritten when its Service's slots change.
     pub maglev: BTreeMap<u16, Vec<u32>>,
@@ -97,7 +97,6 @@ pub fn desired_state(current: &MapState, desired: &[DesiredService]) -> MapState
                 id
             });
         let count = u16::try_from(svc.backends.len()).unwrap_or(u16::MAX);
-        let mut slot_ids = Vec::with_capacity(usize::from(count));
         for (i, b) in svc.backends.iter().take(usize::from(count)).enumerate() {
             let id = *ids.entry(*b).or_insert_with(|| {
                 let id = next_id;
@@ -105,7 +104,6 @@ pub fn desired_state(current: &MapState, desired: &[DesiredService]) -> MapState
                 id
             });
             out.backends.insert(id, backend_value(b));
-            slot_ids.push(id);
             let slot = service_key(svc.vip, svc.port, svc.proto, i as u16 + 1);
             out.services.insert(
                 slot,
@@ -116,17 +114,16 @@ pub fn desired_state(current: &MapState, desired: &[DesiredService]) -> MapState
                 },
             );
         }
-        if !slot_ids.is_empty() {
+        if count > 0 {
             let names: Vec<String> = svc
                 .backends
                 .iter()
                 .map(|b| format!("{}:{}", b.ip, b.port))
                 .collect();
             let table = maglev::table(&names, maglev_table_size(names.len()));
-            out.maglev.insert(
-                rev_nat_id,
-                table.iter().map(|i| slot_ids[*i as usize]).collect(),
-            );
+            // Entries name slots (1..=count); the slot names the backend.
+            out.maglev
+                .insert(rev_nat_id, table.iter().map(|i| i + 1).collect());
         }
         // Not-ready endpoints keep the id they have (flows may point at it)
         // but get none if they never had one: no flow can be on them.
@@ -140,9 +137,15 @@ pub fn desired_state(current: &MapState, desired: &[DesiredService]) -> MapState
             ServiceValue {
                 backend_id: 0,
                 count,
-                flags: svc.flags,
+                flags: svc.flags
+                    | if svc.affinity_timeout.is_some() {
+                        SERVICE_F_AFFINITY
+                    } else {
+                        0
+                    },
                 rev_nat_id,
                 maglev_size: out.maglev.get(&rev_nat_id).map_or(0, |t| t.len() as u16),
+                affinity_timeout: svc.affinity_timeout.unwrap_or(0),
             },
         );
     }

@@ -19,6 +19,7 @@ fn svc(vip: &str, port: u16, backends: &[&str]) -> DesiredService {
             })
             .collect(),
         retained: vec![],
+        affinity_timeout: None,
     }
 }
 
@@ -46,11 +47,17 @@ fn apply_checked(mut state: MapState, ops: &[MapOp]) -> MapState {
                 state.maglev.remove(id);
             }
         }
-        for table in state.maglev.values() {
-            for id in table {
+        // Every slot a Maglev table names holds a backend that exists.
+        for (k, v) in state.services.iter().filter(|(k, _)| k.slot == 0) {
+            for slot in state.maglev.get(&v.rev_nat_id).into_iter().flatten() {
+                let sk = ServiceKey {
+                    slot: *slot as u16,
+                    ..*k
+                };
+                let id = state.services.get(&sk).map(|e| e.backend_id);
                 assert!(
-                    state.backends.contains_key(id),
-                    "after {op:?}: a Maglev table names missing backend {id}"
+                    id.is_some_and(|id| state.backends.contains_key(&id)),
+                    "after {op:?}: {k:?}'s Maglev table names slot {slot} without a backend"
                 );
             }
         }

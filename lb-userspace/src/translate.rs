@@ -46,6 +46,8 @@ pub struct DesiredService {
     /// readiness). They get no new flows, but flows already on them keep
     /// them, as with kube-proxy's conntrack, until they leave the slice.
     pub retained: Vec<BackendAddr>,
+    /// `sessionAffinity: ClientIP`: its timeout in seconds.
+    pub affinity_timeout: Option<u32>,
 }
 
 /// An object, or part of one, that could not be translated.
@@ -271,6 +273,17 @@ pub fn translate(
         let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
         let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
         let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+        // Default timeout as in the API: 3 hours.
+        let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+            let t = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            t.and_then(|t| u32::try_from(t).ok())
+                .filter(|t| *t > 0)
+                .unwrap_or(10_800)
+        });
         let mut errors = Vec::new();
         let mut external_ips = parse_ipv4_list(
             spec.external_ips.iter().flatten().map(String::as_str),
@@ -338,6 +351,7 @@ pub fn translate(
                     flags,
                     backends,
                     retained,
+                    affinity_timeout,
                 });
             };
             let local_flag = if external_local { SERVICE_F_LOCAL } else { 0 };

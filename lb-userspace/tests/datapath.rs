@@ -46,6 +46,7 @@ fn service(port: u16, proto: u8, backends: &[(&str, u16)]) -> DesiredService {
             })
             .collect(),
         retained: vec![],
+        affinity_timeout: None,
     }
 }
 
@@ -494,4 +495,57 @@ fn cluster_ips_are_not_translated_for_traffic_from_outside() {
     let input = Frame::tcp(OUTSIDE, 50000, VIP, 80).build(b"");
     let (verdict, out) = run_xdp(&mut dp, &input);
     assert_eq!((verdict, out), (XDP_PASS, input));
+}
+
+#[test]
+fn session_affinity_sends_a_client_to_one_backend_while_it_serves() {
+    let backends = [
+        ("10.244.1.2", 80),
+        ("10.244.1.3", 80),
+        ("10.244.1.4", 80),
+        ("10.244.1.5", 80),
+    ];
+    let mut sticky = service(80, PROTO_TCP, &backends);
+    sticky.affinity_timeout = Some(60);
+    let mut dp = datapath_with(&[sticky.clone()]);
+    let dst_of = |dp: &mut Datapath, client: &str, sport: u16| {
+        let (_, out) = run(
+            dp,
+            PROG_FROM_POD,
+            &Frame::tcp(client, sport, VIP, 80).build(b""),
+        );
+        Frame::parse(&out).unwrap().dst
+    };
+    let first = dst_of(&mut dp, CLIENT, 30000);
+    for sport in 30001..30030 {
+        assert_eq!(
+            dst_of(&mut dp, CLIENT, sport),
+            first,
+            "every new flow of the client goes to {first}"
+        );
+    }
+    let others: std::collections::BTreeSet<_> = (0..30)
+        .map(|i| dst_of(&mut dp, &format!("10.244.3.{}", i + 2), 30000))
+        .collect();
+    assert!(others.len() >= 2, "other clients spread: {others:?}");
+
+    // The remembered backend leaves the Service: the client moves on.
+    let remaining: Vec<(&str, u16)> = backends
+        .iter()
+        .copied()
+        .filter(|(ip, _)| *ip != first.to_string())
+        .collect();
+    let mut shrunk = service(80, PROTO_TCP, &remaining);
+    shrunk.affinity_timeout = Some(60);
+    let current = dp.maps.state().unwrap();
+    dp.maps
+        .apply(&plan(&current, &desired_state(&current, &[shrunk])))
+        .unwrap();
+    let next = dst_of(&mut dp, CLIENT, 31000);
+    assert_ne!(next, first);
+    assert_eq!(
+        dst_of(&mut dp, CLIENT, 31001),
+        next,
+        "and sticks to its new backend"
+    );
 }

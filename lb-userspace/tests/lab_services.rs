@@ -113,6 +113,8 @@ async fn headless_and_external_name_services_get_no_frontend() {
         (common::vip(&lab, "empty", 80), PROTO_TCP),
         (common::vip(&lab, "empty", 53), PROTO_UDP),
         (common::vip(&lab, "solo", 80), PROTO_TCP),
+        (common::vip(&lab, "sticky", 80), PROTO_TCP),
+        (common::vip(&lab, "node-local", 80), PROTO_TCP),
     ];
     want.sort();
     assert_eq!(
@@ -239,4 +241,31 @@ async fn the_last_terminating_pod_serves_until_it_is_gone_then_connections_are_r
         .find_map(|e| e.downcast_ref::<std::io::Error>())
         .map(|e| e.kind());
     assert_eq!(io, Some(std::io::ErrorKind::ConnectionRefused), "{err:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_affinity_and_internal_traffic_policy_local() {
+    let lab = services_lab('a').await;
+    let sticky = common::vip(&lab, "sticky", 80);
+    common::wait_reachable(&lab, CLIENT, sticky, Duration::from_secs(30)).await;
+    let (answers, failures) = common::burst(&lab, CLIENT, sticky, 20).await;
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert_eq!(
+        answers.len(),
+        1,
+        "sessionAffinity ClientIP: one pod answers every connection: {answers:?}"
+    );
+
+    let local = common::vip(&lab, "node-local", 80);
+    common::wait_reachable(&lab, CLIENT, local, Duration::from_secs(30)).await;
+    let (answers, failures) = common::burst(&lab, CLIENT, local, 20).await;
+    assert!(failures.is_empty(), "{failures:#?}");
+    let client_node = common::node_of(&lab, "client");
+    for pod in answers.keys() {
+        assert_eq!(
+            common::node_of(&lab, pod),
+            client_node,
+            "internalTrafficPolicy Local: {answers:?}"
+        );
+    }
 }
