@@ -269,3 +269,40 @@ async fn session_affinity_and_internal_traffic_policy_local() {
         );
     }
 }
+
+/// The stale-UDP-conntrack failure kube-proxy users report: a UDP "flow"
+/// (one client socket) whose backend pod is gone must move to a live backend
+/// at once instead of being black-holed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_flow_moves_to_a_live_backend_as_soon_as_its_pod_is_gone() {
+    let lab = services_lab('u').await;
+    let dns = common::vip(&lab, "web", 53);
+    common::wait_reachable(
+        &lab,
+        CLIENT,
+        common::vip(&lab, "web", 80),
+        Duration::from_secs(30),
+    )
+    .await;
+    let netns = lab.pod_netns("default", "client").unwrap();
+    // One socket, so every datagram belongs to the same conntrack entry.
+    let sock = lb::netns::run_in(&netns, || std::net::UdpSocket::bind("0.0.0.0:0"))
+        .unwrap()
+        .unwrap();
+    sock.connect(dns).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let ask = |sock: &std::net::UdpSocket| -> std::io::Result<String> {
+        sock.send(b"ping\n")?;
+        let mut buf = [0u8; 256];
+        let n = sock.recv(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+    };
+    let first = ask(&sock).unwrap();
+    assert_eq!(ask(&sock).unwrap(), first, "the flow keeps its backend");
+    delete_pod(&lab, &first).await;
+    wait_pod_gone(&lab, &first).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let next =
+        ask(&sock).unwrap_or_else(|e| panic!("the flow to gone {first} was black-holed: {e}"));
+    assert_ne!(next, first);
+}
