@@ -120,13 +120,6 @@ pub fn create(flow: &Flow, new: &NewFlow) -> Result<(), i32> {
 #[inline(always)]
 pub fn snat_port_taken(backend: &Backend, node: u32, port: u16, proto: u8) -> bool {
     CONNTRACK
-        .get_ptr(&key(
-            backend.addr,
-            node,
-            backend.port,
-            port,
-            proto,
-            CT_REPLY,
-        ))
+        .get_ptr(key(backend.addr, node, backend.port, port, proto, CT_REPLY))
         .is_some()
 }

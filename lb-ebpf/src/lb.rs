@@ -168,7 +168,7 @@ pub fn select_backend(flow: &Flow, service: &ServiceValue) -> Option<(u32, Backe
     };
     let now = unsafe { bpf_ktime_get_ns() };
     let timeout_ns = u64::from(service.affinity_timeout) * 1_000_000_000;
-    if let Some(prev) = AFFINITY.get_ptr(&key).map(|p| unsafe { *p }) {
+    if let Some(prev) = AFFINITY.get_ptr(key).map(|p| unsafe { *p }) {
         let fresh = now.saturating_sub(prev.last_used_ns) < timeout_ns;
         let in_service = prev.slot >= 1
             && prev.slot <= service.count

@@ -135,5 +135,5 @@ fn rewrite<const Q: usize, const W: usize>(ctx: &TcContext, flow: &Flow) -> Resu
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: plain helper call.
     unsafe { bpf_redirect(ifindex, 0) };
-    Ok(TC_ACT_REDIRECT as i32)
+    Ok(TC_ACT_REDIRECT)
 }

@@ -130,7 +130,7 @@ pub fn attach_uplink(dp: &mut Datapath, links_dir: &Path, ifname: &str) -> Resul
     // (accept_local is or-ed with conf/all). /proc/sys/net is this network
     // namespace's.
     let sysctl = "/proc/sys/net/ipv4/conf/all/accept_local";
-    std::fs::write(&sysctl, "1").with_context(|| format!("setting {sysctl}"))?;
+    std::fs::write(sysctl, "1").with_context(|| format!("setting {sysctl}"))?;
     let pin = links_dir.join(format!("{ifname}_xdp"));
     let prog = dp.xdp()?;
     if pin.exists() {
