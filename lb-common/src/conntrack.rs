@@ -60,5 +60,8 @@ pub struct ConntrackEntry {
 
 /// The flow came through a frontend from outside the node (XDP).
 pub const CT_F_EXTERNAL: u16 = 1 << 0;
+/// A TCP FIN or RST was seen in this entry's direction: the connection is
+/// closing and the entry expires after the short closing timeout.
+pub const CT_F_CLOSING: u16 = 1 << 1;
 
 crate::user_pod!(ConntrackKey, ConntrackEntry);

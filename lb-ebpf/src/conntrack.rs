@@ -3,10 +3,13 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     backend::Backend,
-    conntrack::{ConntrackEntry, ConntrackKey, CT_FORWARD, CT_REPLY},
+    conntrack::{ConntrackEntry, ConntrackKey, CT_FORWARD, CT_F_CLOSING, CT_REPLY},
 };
 
-use crate::{maps::CONNTRACK, packet::Flow};
+use crate::{
+    maps::CONNTRACK,
+    packet::{Flow, TCP_FIN, TCP_RST},
+};
 
 #[inline(always)]
 fn key(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8, direction: u8) -> ConntrackKey {
@@ -50,14 +53,18 @@ pub fn reply_key(flow: &Flow) -> ConntrackKey {
     )
 }
 
-/// Looks an entry up and marks it as seen now.
+/// Looks up the entry of `flow`'s packet under `key`, marks it as seen now,
+/// and as closing when the packet carries a TCP FIN or RST.
 #[inline(always)]
-pub fn lookup(key: &ConntrackKey) -> Option<ConntrackEntry> {
+pub fn lookup(key: &ConntrackKey, flow: &Flow) -> Option<ConntrackEntry> {
     let entry = CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: the pointer comes from a successful lookup; the copy is taken at
     // once, and a concurrent writer can at worst make last_seen slightly stale.
     unsafe {
         (*entry).last_seen_ns = bpf_ktime_get_ns();
+        if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            (*entry).flags |= CT_F_CLOSING;
+        }
         Some(*entry)
     }
 }

@@ -36,13 +36,13 @@ pub fn from_pod(ctx: &TcContext) -> Result<i32, i32> {
 
     // A backend answering a flow that this node translated: restore the
     // frontend as source (and the client as destination if it was SNATed).
-    if let Some(entry) = conntrack::lookup(&conntrack::reply_key(&flow)) {
+    if let Some(entry) = conntrack::lookup(&conntrack::reply_key(&flow), &flow) {
         reverse_nat(ctx, &flow, &entry)?;
         count(ctx, reason::REVERSE_NAT);
         return Ok(PASS);
     }
 
-    if let Some(entry) = conntrack::lookup(&conntrack::forward_key(&flow)) {
+    if let Some(entry) = conntrack::lookup(&conntrack::forward_key(&flow), &flow) {
         if backend_still_there(&entry) {
             dnat(ctx, &flow, entry.nat_addr, entry.nat_port)?;
             count(ctx, reason::FORWARDED);
@@ -108,7 +108,7 @@ pub fn to_pod(ctx: &TcContext) -> Result<i32, i32> {
     let Parsed::Flow(flow) = packet::parse(ctx) else {
         return Ok(PASS);
     };
-    let Some(entry) = conntrack::lookup(&conntrack::reply_key(&flow)) else {
+    let Some(entry) = conntrack::lookup(&conntrack::reply_key(&flow), &flow) else {
         return Ok(PASS);
     };
     reverse_nat(ctx, &flow, &entry)?;

@@ -58,9 +58,14 @@ pub struct Flow {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
+    /// TCP flags (0 for UDP).
+    pub tcp_flags: u8,
     /// Offset of the L4 header from the start of the frame.
     pub l4_off: usize,
 }
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_RST: u8 = 0x04;
 
 impl Flow {
     /// Offset of the L4 checksum field.
@@ -153,12 +158,21 @@ pub fn parse<P: Packet>(ctx: &P) -> Parsed {
     let Some(dport) = read::<u16, P>(ctx, l4_off + 2) else {
         return Parsed::Malformed;
     };
+    let tcp_flags = if proto == PROTO_TCP {
+        let Some(f) = read::<u8, P>(ctx, l4_off + 13) else {
+            return Parsed::Malformed;
+        };
+        f
+    } else {
+        0
+    };
     Parsed::Flow(Flow {
         saddr,
         daddr,
         sport,
         dport,
         proto,
+        tcp_flags,
         l4_off,
     })
 }

@@ -36,12 +36,12 @@ pub fn uplink(ctx: &XdpContext) -> Result<u32, u32> {
         }
     };
 
-    if let Some(entry) = conntrack::lookup(&conntrack::reply_key(&flow)) {
+    if let Some(entry) = conntrack::lookup(&conntrack::reply_key(&flow), &flow) {
         rewrite_both(ctx, &flow, Side::Source, &entry)?;
         count(ctx, reason::REVERSE_NAT);
         return Ok(PASS);
     }
-    if let Some(entry) = conntrack::lookup(&conntrack::forward_key(&flow)) {
+    if let Some(entry) = conntrack::lookup(&conntrack::forward_key(&flow), &flow) {
         if backend_still_there(&entry) {
             rewrite_both(ctx, &flow, Side::Destination, &entry)?;
             count(ctx, reason::FORWARDED);

@@ -60,6 +60,9 @@ pub struct AgentConfig {
     /// How often the maps are compared with the desired state even when
     /// nothing changed (repairs drift).
     pub resync: Duration,
+    /// Idle timeouts of conntrack entries, and how often they are swept.
+    pub ct_timeouts: crate::conntrack::Timeouts,
+    pub ct_sweep: Duration,
 }
 
 pub async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
@@ -143,6 +146,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let mut logged_errors = BTreeSet::new();
     let mut resync = tokio::time::interval(cfg.resync);
     let mut links = tokio::time::interval(Duration::from_secs(1));
+    let mut ct_sweep = tokio::time::interval(cfg.ct_sweep);
     loop {
         tokio::select! {
             _ = changed.notified() => {
@@ -152,6 +156,14 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             _ = resync.tick() => {}
             _ = links.tick() => {
                 sync_links(&mut dp, &mut attacher, &cfg.interface_prefix);
+                continue;
+            }
+            _ = ct_sweep.tick() => {
+                match crate::conntrack::sweep(&mut dp.maps, &cfg.ct_timeouts) {
+                    Ok((live, 0)) => tracing::trace!(live, "conntrack sweep"),
+                    Ok((live, removed)) => tracing::debug!(live, removed, "conntrack sweep removed idle entries"),
+                    Err(e) => tracing::warn!("conntrack sweep: {e:#}"),
+                }
                 continue;
             }
         }

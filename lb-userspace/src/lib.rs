@@ -1,6 +1,7 @@
 //! The lb agent, its CLI and the lab. See README.md for the big picture.
 
 pub mod agent;
+pub mod conntrack;
 pub mod datapath;
 pub mod echo;
 pub mod lab;

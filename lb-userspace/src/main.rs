@@ -40,6 +40,18 @@ enum Command {
         /// The node's uplink, for NodePort/LoadBalancer traffic from outside (XDP); "" for none.
         #[arg(long, env = "LB_UPLINK", default_value = "eth0")]
         uplink: String,
+        /// Idle timeout of established TCP conntrack entries, seconds.
+        #[arg(long, env = "LB_CT_TCP_TIMEOUT", default_value_t = 21600)]
+        ct_tcp_timeout: u64,
+        /// Idle timeout of TCP entries after a FIN or RST, seconds.
+        #[arg(long, env = "LB_CT_TCP_CLOSING_TIMEOUT", default_value_t = 10)]
+        ct_tcp_closing_timeout: u64,
+        /// Idle timeout of UDP conntrack entries, seconds.
+        #[arg(long, env = "LB_CT_UDP_TIMEOUT", default_value_t = 60)]
+        ct_udp_timeout: u64,
+        /// Seconds between sweeps of idle conntrack entries.
+        #[arg(long, env = "LB_CT_SWEEP_SECONDS", default_value_t = 10)]
+        ct_sweep_seconds: u64,
         /// Seconds between full comparisons of the maps with the desired state.
         #[arg(long, env = "LB_RESYNC_SECONDS", default_value_t = 30)]
         resync_seconds: u64,
@@ -112,7 +124,17 @@ fn main() -> Result<()> {
             interface_prefix,
             uplink,
             resync_seconds,
+            ct_tcp_timeout,
+            ct_tcp_closing_timeout,
+            ct_udp_timeout,
+            ct_sweep_seconds,
         } => rt.block_on(agent::run(AgentConfig {
+            ct_timeouts: lb::conntrack::Timeouts {
+                tcp_established: Duration::from_secs(ct_tcp_timeout),
+                tcp_closing: Duration::from_secs(ct_tcp_closing_timeout),
+                udp: Duration::from_secs(ct_udp_timeout),
+            },
+            ct_sweep: Duration::from_secs(ct_sweep_seconds.max(1)),
             kubeconfig,
             node_name,
             pin_dir,

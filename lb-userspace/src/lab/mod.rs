@@ -40,6 +40,8 @@ pub struct LabConfig {
     pub lb_binary: PathBuf,
     /// Start an agent on every node.
     pub agents: bool,
+    /// Extra arguments for every agent.
+    pub agent_args: Vec<String>,
 }
 
 impl LabConfig {
@@ -50,6 +52,7 @@ impl LabConfig {
             manifests: None,
             lb_binary: lb_binary.into(),
             agents: true,
+            agent_args: vec![],
         }
     }
 }
@@ -73,6 +76,7 @@ pub struct Lab {
     pub port: u16,
     pub nodes: usize,
     lb_binary: PathBuf,
+    agent_args: Vec<String>,
     kubelet: Kubelet,
     agents: Vec<(usize, Child)>,
     tasks: Vec<JoinHandle<()>>,
@@ -128,6 +132,7 @@ impl Lab {
             port: 0,
             nodes: cfg.nodes,
             lb_binary: cfg.lb_binary.clone(),
+            agent_args: cfg.agent_args.clone(),
             kubelet: kubelet.clone(),
             agents: vec![],
             tasks: vec![],
@@ -214,6 +219,7 @@ impl Lab {
             .arg(self.pin_dir(i))
             .arg("--interface-prefix")
             .arg(self.names.host_veth_prefix())
+            .args(&self.agent_args)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
