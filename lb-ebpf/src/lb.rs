@@ -44,7 +44,7 @@ pub fn from_pod(ctx: &TcContext) -> Result<i32, i32> {
 
     if let Some(entry) = conntrack::lookup(&conntrack::forward_key(&flow), &flow) {
         if backend_still_there(&entry) {
-            dnat(ctx, &flow, entry.nat_addr, entry.nat_port)?;
+            dnat_snat(ctx, &flow, &entry)?;
             count(ctx, reason::FORWARDED);
             return Ok(PASS);
         }
@@ -61,20 +61,60 @@ pub fn from_pod(ctx: &TcContext) -> Result<i32, i32> {
             DROP
         });
     };
+    // Hairpin: a pod sent to its own Service and landed on itself. Seen
+    // from the pod, a packet from its own address would be a martian, so its
+    // source becomes the Service address (replies come back through here).
+    let snat = if backend.addr == flow.saddr {
+        (flow.daddr, flow.sport)
+    } else {
+        (0, 0)
+    };
     let new = NewFlow {
         backend_id,
         backend: &backend,
         rev_nat_id: service.rev_nat_id,
-        snat: (0, 0),
+        snat,
         flags: 0,
     };
     if conntrack::create(&flow, &new).is_err() {
         // Still forward: the flow works while it keeps this backend by hash.
         count(ctx, reason::CT_INSERT_FAILED);
     }
-    dnat(ctx, &flow, backend.addr, backend.port)?;
+    let entry = ConntrackEntry {
+        nat_addr: backend.addr,
+        nat_port: backend.port,
+        snat_addr: snat.0,
+        snat_port: snat.1,
+        ..Default::default()
+    };
+    dnat_snat(ctx, &flow, &entry)?;
     count(ctx, reason::NEW_FLOW);
     Ok(PASS)
+}
+
+/// DNAT to the entry's backend, and SNAT when the entry says so (hairpin).
+#[inline(always)]
+fn dnat_snat(ctx: &TcContext, flow: &Flow, entry: &ConntrackEntry) -> Result<(), i32> {
+    dnat(ctx, flow, entry.nat_addr, entry.nat_port)?;
+    if entry.snat_addr == 0 {
+        return Ok(());
+    }
+    let rewritten = Flow {
+        daddr: entry.nat_addr,
+        dport: entry.nat_port,
+        ..*flow
+    };
+    nat::rewrite(
+        ctx,
+        &rewritten,
+        Side::Source,
+        entry.snat_addr,
+        entry.snat_port,
+    )
+    .map_err(|_| {
+        count(ctx, reason::DROP_REWRITE_FAILED);
+        DROP
+    })
 }
 
 #[inline(always)]

@@ -549,3 +549,37 @@ fn session_affinity_sends_a_client_to_one_backend_while_it_serves() {
         "and sticks to its new backend"
     );
 }
+
+#[test]
+fn hairpin_a_pod_reaching_itself_through_its_service() {
+    let mut dp = datapath_with(&[service(80, PROTO_TCP, &[(CLIENT, 8080)])]);
+    let (_, out) = run(
+        &mut dp,
+        PROG_FROM_POD,
+        &Frame::tcp(CLIENT, 40000, VIP, 80).build(b""),
+    );
+    let fwd = Frame::parse(&out).unwrap();
+    assert_eq!(
+        fwd,
+        Frame::tcp(VIP, 40000, CLIENT, 8080),
+        "to itself, from the Service address"
+    );
+    // Its answer (to the Service address) leaves through the same veth.
+    let (_, out) = run(
+        &mut dp,
+        PROG_FROM_POD,
+        &Frame::tcp(CLIENT, 8080, VIP, 40000).build(b"pong"),
+    );
+    assert_eq!(
+        Frame::parse(&out).unwrap(),
+        Frame::tcp(VIP, 80, CLIENT, 40000),
+        "back as the Service's answer"
+    );
+    // The next packet of the flow is translated the same way.
+    let (_, out) = run(
+        &mut dp,
+        PROG_FROM_POD,
+        &Frame::tcp(CLIENT, 40000, VIP, 80).build(b"more"),
+    );
+    assert_eq!(Frame::parse(&out).unwrap(), fwd);
+}

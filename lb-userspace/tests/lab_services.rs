@@ -306,3 +306,13 @@ async fn a_udp_flow_moves_to_a_live_backend_as_soon_as_its_pod_is_gone() {
         ask(&sock).unwrap_or_else(|e| panic!("the flow to gone {first} was black-holed: {e}"));
     assert_ne!(next, first);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hairpin_a_pod_reaching_itself_through_its_own_service() {
+    let lab = services_lab('z').await;
+    let vip = common::vip(&lab, "solo", 80);
+    common::wait_reachable(&lab, ("default", "solo"), vip, Duration::from_secs(30)).await;
+    let (answers, failures) = common::burst(&lab, ("default", "solo"), vip, 10).await;
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert_eq!(answers.keys().collect::<Vec<_>>(), ["solo"]);
+}
