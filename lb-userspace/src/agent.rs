@@ -147,6 +147,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let mut resync = tokio::time::interval(cfg.resync);
     let mut links = tokio::time::interval(Duration::from_secs(1));
     let mut ct_sweep = tokio::time::interval(cfg.ct_sweep);
+    let mut health = crate::health::HealthServers::default();
     loop {
         tokio::select! {
             _ = changed.notified() => {
@@ -175,6 +176,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             tracing::error!("writing the node map: {e:#}");
         }
         let t = translate(&svcs, &eps, &node);
+        health
+            .sync(&crate::health::health_checks(&svcs, &eps, &node))
+            .await;
         let errors: BTreeSet<String> = t
             .errors
             .iter()

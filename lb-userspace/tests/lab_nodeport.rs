@@ -130,3 +130,64 @@ async fn nodeport_from_a_pod_to_its_own_node() {
     assert!(failures.is_empty(), "{failures:#?}");
     assert!(answers.len() >= 2, "{answers:?}");
 }
+
+/// A raw HTTP GET from the outside client: (status code, body).
+async fn get_status(lab: &Lab, addr: SocketAddr) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let ext = lab.ext_netns();
+    tokio::task::spawn_blocking(move || {
+        lb::netns::run_in(&ext, move || -> anyhow::Result<(u16, String)> {
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+            let mut resp = String::new();
+            s.read_to_string(&mut resp)?;
+            let code = resp.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+            let body = resp
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default();
+            Ok((code, body))
+        })?
+    })
+    .await?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_check_node_port_reports_local_endpoints() {
+    let lab = nodeport_lab('c').await;
+    let svc = lab.store.get(Kind::Service, "default", "one-lb").unwrap();
+    let port = svc["spec"]["healthCheckNodePort"]
+        .as_u64()
+        .expect("healthCheckNodePort allocated") as u16;
+    let pod = lab
+        .pods_named("default", "one-")
+        .into_iter()
+        .next()
+        .unwrap();
+    let pod_node: usize = pod["spec"]["nodeName"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("node-")
+        .parse()
+        .unwrap();
+    let other = 3 - pod_node;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let here = get_status(&lab, node_addr(pod_node, port)).await;
+        let there = get_status(&lab, node_addr(other, port)).await;
+        if let (Ok((200, body)), Ok((503, other_body))) = (&here, &there) {
+            let v: serde_json::Value = serde_json::from_str(body).unwrap();
+            assert_eq!(v["localEndpoints"], 1, "{body}");
+            assert_eq!(v["service"]["name"], "one-lb");
+            let v: serde_json::Value = serde_json::from_str(other_body).unwrap();
+            assert_eq!(v["localEndpoints"], 0, "{other_body}");
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node {pod_node}: {here:?}, node {other}: {there:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -127,7 +127,36 @@ fn admit_service(obj: &mut Value, old: Option<&Value>, inner: &Inner) -> Result<
         .iter()
         .flat_map(|s| s["spec"]["ports"].as_array().cloned().unwrap_or_default())
         .filter_map(|p| p["nodePort"].as_i64())
+        .chain(
+            others
+                .iter()
+                .filter_map(|s| s["spec"]["healthCheckNodePort"].as_i64()),
+        )
         .collect();
+    // LoadBalancer with externalTrafficPolicy Local: a health check port
+    // that answers how many endpoints the node has (for the cloud's LB).
+    let wants_health_check =
+        svc_type == "LoadBalancer" && obj["spec"]["externalTrafficPolicy"] == "Local";
+    if wants_health_check {
+        let requested = obj["spec"]["healthCheckNodePort"]
+            .as_i64()
+            .or_else(|| old.and_then(|o| o["spec"]["healthCheckNodePort"].as_i64()));
+        let hc = match requested {
+            Some(n) if !NODE_PORT_RANGE.contains(&n) || used_ports.contains(&n) => {
+                return Err(StoreError::Invalid(format!("spec.healthCheckNodePort: Invalid value: {n}: not in range or already allocated")));
+            }
+            Some(n) => n,
+            None => NODE_PORT_RANGE
+                .clone()
+                .rev()
+                .find(|n| !used_ports.contains(n))
+                .ok_or_else(|| StoreError::Invalid("no NodePort left".into()))?,
+        };
+        used_ports.insert(hc);
+        obj["spec"]["healthCheckNodePort"] = json!(hc);
+    } else if let Some(m) = obj["spec"].as_object_mut() {
+        m.remove("healthCheckNodePort");
+    }
     let old_ports = old
         .and_then(|o| o["spec"]["ports"].as_array().cloned())
         .unwrap_or_default();

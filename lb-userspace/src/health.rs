@@ -1,0 +1,179 @@
+//! Health check node ports: for a LoadBalancer Service with
+//! `externalTrafficPolicy: Local`, each node answers on the Service's
+//! `healthCheckNodePort` with 200 and its number of local endpoints, or 503
+//! when it has none, so that a cloud load balancer sends traffic only to
+//! nodes that can serve it locally (as kube-proxy does).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, RwLock},
+};
+
+use axum::{extract::State, http::StatusCode, response::IntoResponse, Router};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use serde_json::json;
+use tokio::task::JoinHandle;
+
+use crate::translate::{NodeContext, SERVICE_NAME_LABEL};
+
+/// What one health check port reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    /// Ready endpoints of the Service on this node.
+    pub local_endpoints: usize,
+}
+
+/// The health check ports this node must serve, and what each reports.
+pub fn health_checks(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    node: &NodeContext,
+) -> BTreeMap<u16, HealthCheck> {
+    let mut out = BTreeMap::new();
+    for svc in services {
+        let Some(spec) = svc.spec.as_ref() else {
+            continue;
+        };
+        let local = spec.external_traffic_policy.as_deref() == Some("Local");
+        let Some(port) = spec
+            .health_check_node_port
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p > 0)
+        else {
+            continue;
+        };
+        if spec.type_.as_deref() != Some("LoadBalancer") || !local {
+            continue;
+        }
+        let ns = svc.metadata.namespace.clone().unwrap_or_default();
+        let name = svc.metadata.name.clone().unwrap_or_default();
+        let addrs: BTreeSet<&String> = slices
+            .iter()
+            .filter(|s| s.metadata.namespace.as_deref() == Some(&ns))
+            .filter(|s| {
+                s.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                    == Some(&name)
+            })
+            .flat_map(|s| s.endpoints.iter().flatten())
+            .filter(|e| node.name.is_some() && e.node_name == node.name)
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+            .flat_map(|e| e.addresses.iter())
+            .collect();
+        out.insert(
+            port,
+            HealthCheck {
+                namespace: ns,
+                name,
+                local_endpoints: addrs.len(),
+            },
+        );
+    }
+    out
+}
+
+type Shared = Arc<RwLock<HealthCheck>>;
+
+async fn answer(State(hc): State<Shared>) -> impl IntoResponse {
+    let hc = hc.read().map(|h| h.clone()).unwrap_or_default();
+    let code = if hc.local_endpoints > 0 {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({"service": {"namespace": hc.namespace, "name": hc.name},
+                      "localEndpoints": hc.local_endpoints, "serviceProxyHealthy": true});
+    (
+        code,
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+}
+
+/// The listeners, one per health check port.
+#[derive(Default)]
+pub struct HealthServers {
+    running: BTreeMap<u16, (Shared, JoinHandle<()>)>,
+}
+
+impl HealthServers {
+    /// Starts, updates and stops listeners to match `want`.
+    pub async fn sync(&mut self, want: &BTreeMap<u16, HealthCheck>) {
+        self.running.retain(|port, (_, task)| {
+            let keep = want.contains_key(port);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for (port, hc) in want {
+            if let Some((shared, _)) = self.running.get(port) {
+                if let Ok(mut cur) = shared.write() {
+                    *cur = hc.clone();
+                }
+                continue;
+            }
+            match tokio::net::TcpListener::bind(("0.0.0.0", *port)).await {
+                Ok(listener) => {
+                    let shared: Shared = Arc::new(RwLock::new(hc.clone()));
+                    let app = Router::new().fallback(answer).with_state(shared.clone());
+                    let task = tokio::spawn(async move {
+                        let _ = axum::serve(listener, app).await;
+                    });
+                    tracing::info!(port, service = %format!("{}/{}", hc.namespace, hc.name), "serving health check");
+                    self.running.insert(*port, (shared, task));
+                }
+                Err(e) => tracing::warn!(port, "health check port: {e}"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_load_balancers_with_local_policy_get_a_health_check_counting_local_ready_endpoints() {
+        let svc = |name: &str, ty: &str, policy: &str, port: i32| -> Service {
+            serde_json::from_value(json!({"metadata": {"name": name, "namespace": "d"},
+                "spec": {"type": ty, "externalTrafficPolicy": policy, "healthCheckNodePort": port}}))
+            .unwrap()
+        };
+        let slice = |svc: &str, eps: serde_json::Value| -> EndpointSlice {
+            serde_json::from_value(
+                json!({"metadata": {"name": format!("{svc}-x"), "namespace": "d",
+                "labels": {SERVICE_NAME_LABEL: svc}}, "addressType": "IPv4", "endpoints": eps}),
+            )
+            .unwrap()
+        };
+        let services = [
+            svc("a", "LoadBalancer", "Local", 32000),
+            svc("b", "LoadBalancer", "Cluster", 32001),
+            svc("c", "NodePort", "Local", 32002),
+        ];
+        let slices = [slice(
+            "a",
+            json!([
+                {"addresses": ["10.244.1.2"], "nodeName": "n1", "conditions": {"ready": true}},
+                {"addresses": ["10.244.1.3"], "nodeName": "n1", "conditions": {"ready": false}},
+                {"addresses": ["10.244.2.2"], "nodeName": "n2", "conditions": {"ready": true}},
+            ]),
+        )];
+        let node = |n: &str| NodeContext {
+            name: Some(n.into()),
+            addrs: vec![],
+        };
+        let n1 = health_checks(&services, &slices, &node("n1"));
+        assert_eq!(n1.keys().copied().collect::<Vec<_>>(), [32000]);
+        assert_eq!(n1[&32000].local_endpoints, 1);
+        assert_eq!(
+            health_checks(&services, &slices, &node("n3"))[&32000].local_endpoints,
+            0
+        );
+    }
+}
