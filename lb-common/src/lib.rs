@@ -25,8 +25,16 @@ pub mod map_names {
     pub const MAGLEV: &str = "MAGLEV";
     pub const NODE: &str = "NODE";
     pub const AFFINITY: &str = "AFFINITY";
-    pub const ALL: [&str; 7] = [
-        SERVICES, BACKENDS, CONNTRACK, METRICS, MAGLEV, NODE, AFFINITY,
+    pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
+    pub const ALL: [&str; 8] = [
+        SERVICES,
+        BACKENDS,
+        CONNTRACK,
+        METRICS,
+        MAGLEV,
+        NODE,
+        AFFINITY,
+        SOURCE_RANGES,
     ];
 }
 

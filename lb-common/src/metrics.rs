@@ -17,6 +17,8 @@ pub mod reason {
     pub const DROP_REWRITE_FAILED: u32 = 5;
     /// Conntrack table insert failed (the flow is still forwarded).
     pub const CT_INSERT_FAILED: u32 = 6;
+    /// A new flow to a LoadBalancer address from outside its source ranges.
+    pub const DROP_SOURCE_RANGE: u32 = 7;
     pub const COUNT: u32 = 8;
 
     pub const NAMES: [&str; COUNT as usize] = [
@@ -27,7 +29,7 @@ pub mod reason {
         "malformed",
         "drop_rewrite_failed",
         "ct_insert_failed",
-        "unused",
+        "drop_source_range",
     ];
 }
 

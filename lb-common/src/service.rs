@@ -68,6 +68,20 @@ pub const SERVICE_F_EXTERNAL: u16 = 1 << 2;
 pub const SERVICE_F_LOCAL: u16 = 1 << 3;
 /// `sessionAffinity: ClientIP`.
 pub const SERVICE_F_AFFINITY: u16 = 1 << 4;
+/// `loadBalancerSourceRanges`: new flows only from the listed prefixes.
+pub const SERVICE_F_SOURCE_RANGES: u16 = 1 << 5;
+
+/// Data of the source-ranges LPM trie key: the Service, then the client
+/// prefix. A key's prefix length is 32 (the Service) + the CIDR's length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct SourceRange {
+    pub rev_nat_id: u16,
+    pub pad0: u16,
+    /// Client address or prefix, network byte order.
+    pub addr: u32,
+}
 
 /// Key of the affinity map: a client of a Service.
 #[repr(C)]
@@ -92,7 +106,13 @@ pub struct AffinityValue {
     pub pad0: u16,
 }
 
-crate::user_pod!(ServiceKey, ServiceValue, AffinityKey, AffinityValue);
+crate::user_pod!(
+    ServiceKey,
+    ServiceValue,
+    AffinityKey,
+    AffinityValue,
+    SourceRange
+);
 
 /// Maglev table sizes: primes, far larger than the number of backends so
 /// that shares are near-equal and a backend change moves few entries. Small

@@ -1,17 +1,20 @@
 //! Service translation: the decisions of the two tc programs.
 
 use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT};
-use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
+use aya_ebpf::{btf_maps::lpm_trie::Key, helpers::bpf_ktime_get_ns, programs::TcContext};
 use lb_common::{
     backend::Backend,
     conntrack::ConntrackEntry,
     metrics::reason,
-    service::{AffinityKey, AffinityValue, ServiceKey, ServiceValue, SERVICE_F_AFFINITY},
+    service::{
+        AffinityKey, AffinityValue, ServiceKey, ServiceValue, SourceRange, SERVICE_F_AFFINITY,
+        SERVICE_F_SOURCE_RANGES,
+    },
 };
 
 use crate::{
     conntrack::{self, NewFlow},
-    maps::{AFFINITY, BACKENDS, MAGLEV, SERVICES},
+    maps::{AFFINITY, BACKENDS, MAGLEV, SERVICES, SOURCE_RANGES},
     metrics::count,
     nat::{self, Side},
     packet::{self, Flow, Parsed},
@@ -54,6 +57,10 @@ pub fn from_pod(ctx: &TcContext) -> Result<i32, i32> {
     let Some(service) = lookup_service(&flow, 0) else {
         return Ok(PASS);
     };
+    if !source_allowed(&flow, &service) {
+        count(ctx, reason::DROP_SOURCE_RANGE);
+        return Err(DROP);
+    }
     let Some((backend_id, backend)) = select_backend(&flow, &service) else {
         count(ctx, reason::REJECT_NO_BACKEND);
         return reject::port_unreachable(ctx, &flow).map_err(|()| {
@@ -162,6 +169,23 @@ fn dnat(ctx: &TcContext, flow: &Flow, addr: u32, port: u16) -> Result<(), i32> {
         count(ctx, reason::DROP_REWRITE_FAILED);
         DROP
     })
+}
+
+/// `loadBalancerSourceRanges`: whether the client may open a new flow.
+#[inline(always)]
+pub fn source_allowed(flow: &Flow, service: &ServiceValue) -> bool {
+    if service.flags & SERVICE_F_SOURCE_RANGES == 0 {
+        return true;
+    }
+    let key = Key::new(
+        64,
+        SourceRange {
+            rev_nat_id: service.rev_nat_id,
+            pad0: 0,
+            addr: flow.saddr,
+        },
+    );
+    SOURCE_RANGES.get(&key).is_some()
 }
 
 #[inline(always)]

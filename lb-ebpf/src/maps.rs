@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     bindings::BPF_F_INNER_MAP,
-    btf_maps::{Array, HashMap, HashOfMaps, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
@@ -11,7 +11,9 @@ use lb_common::{
     conntrack::{ConntrackEntry, ConntrackKey},
     metrics::{reason, Counter},
     node::NodeConfig,
-    service::{AffinityKey, AffinityValue, ServiceKey, ServiceValue, MAGLEV_TABLE_SIZE_LARGE},
+    service::{
+        AffinityKey, AffinityValue, ServiceKey, ServiceValue, SourceRange, MAGLEV_TABLE_SIZE_LARGE,
+    },
 };
 
 /// (vip, port, proto, slot) -> master entry (slot 0) or backend id (slot >= 1).
@@ -46,6 +48,10 @@ pub static MAGLEV: HashOfMaps<
 /// clients are forgotten when it fills; entries also expire by timeout.
 #[btf_map]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, 65536> = LruHashMap::new();
+
+/// `loadBalancerSourceRanges`: (Service, client prefix) -> 1.
+#[btf_map]
+pub static SOURCE_RANGES: LpmTrie<SourceRange, u8, 65536> = LpmTrie::new();
 
 /// This node's address and SNAT port range, written by the agent.
 #[btf_map]

@@ -13,7 +13,7 @@ use lb_common::{
 
 use crate::{
     conntrack::{self, NewFlow},
-    lb::{backend_still_there, flow_hash, lookup_service, select_backend},
+    lb::{backend_still_there, flow_hash, lookup_service, select_backend, source_allowed},
     maps::NODE,
     metrics::count,
     nat::{rewrite_direct, Side},
@@ -54,6 +54,10 @@ pub fn uplink(ctx: &XdpContext) -> Result<u32, u32> {
     };
     if service.flags & SERVICE_F_CLUSTER_IP != 0 {
         return Ok(PASS);
+    }
+    if !source_allowed(&flow, &service) {
+        count(ctx, reason::DROP_SOURCE_RANGE);
+        return Err(DROP);
     }
     let Some((backend_id, backend)) = select_backend(&flow, &service) else {
         // Left to the node's stack, which refuses it: a TCP RST or an ICMP

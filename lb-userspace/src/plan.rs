@@ -30,6 +30,8 @@ pub struct MapState {
     /// Read back from the kernel, only the keys are known (tables are empty
     /// here): a table is rewritten when its Service's slots change.
     pub maglev: BTreeMap<u16, Vec<u32>>,
+    /// loadBalancerSourceRanges: (rev-NAT id, prefix (network byte order), length).
+    pub source_ranges: BTreeSet<(u16, u32, u8)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,6 +41,8 @@ pub enum MapOp {
     /// Replace a Service's whole Maglev table at once (create, fill, swap).
     PutMaglev(u16, Vec<u32>),
     DeleteMaglev(u16),
+    PutSourceRange(u16, u32, u8),
+    DeleteSourceRange(u16, u32, u8),
     DeleteService(ServiceKey),
     DeleteBackend(u32),
 }
@@ -125,6 +129,10 @@ pub fn desired_state(current: &MapState, desired: &[DesiredService]) -> MapState
             out.maglev
                 .insert(rev_nat_id, table.iter().map(|i| i + 1).collect());
         }
+        for (addr, len) in &svc.source_ranges {
+            out.source_ranges
+                .insert((rev_nat_id, u32::from(*addr).to_be(), *len));
+        }
         // Not-ready endpoints keep the id they have (flows may point at it)
         // but get none if they never had one: no flow can be on them.
         for b in &svc.retained {
@@ -159,6 +167,10 @@ pub fn plan(current: &MapState, desired: &MapState) -> Vec<MapOp> {
         if current.backends.get(id) != Some(b) {
             ops.push(MapOp::PutBackend(*id, *b));
         }
+    }
+    // Source ranges before the master entry that enables them.
+    for r in desired.source_ranges.difference(&current.source_ranges) {
+        ops.push(MapOp::PutSourceRange(r.0, r.1, r.2));
     }
     let changed = |k: &ServiceKey, v: &ServiceValue| current.services.get(k) != Some(v);
     for (k, v) in desired.services.iter().filter(|(k, _)| k.slot != 0) {
@@ -215,6 +227,9 @@ pub fn plan(current: &MapState, desired: &MapState) -> Vec<MapOp> {
         if !desired.backends.contains_key(id) {
             ops.push(MapOp::DeleteBackend(*id));
         }
+    }
+    for r in current.source_ranges.difference(&desired.source_ranges) {
+        ops.push(MapOp::DeleteSourceRange(r.0, r.1, r.2));
     }
     ops
 }

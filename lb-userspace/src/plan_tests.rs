@@ -20,6 +20,7 @@ fn svc(vip: &str, port: u16, backends: &[&str]) -> DesiredService {
             .collect(),
         retained: vec![],
         affinity_timeout: None,
+        source_ranges: vec![],
     }
 }
 
@@ -45,6 +46,12 @@ fn apply_checked(mut state: MapState, ops: &[MapOp]) -> MapState {
             }
             MapOp::DeleteMaglev(id) => {
                 state.maglev.remove(id);
+            }
+            MapOp::PutSourceRange(id, addr, len) => {
+                state.source_ranges.insert((*id, *addr, *len));
+            }
+            MapOp::DeleteSourceRange(id, addr, len) => {
+                state.source_ranges.remove(&(*id, *addr, *len));
             }
         }
         // Every slot a Maglev table names holds a backend that exists.
@@ -214,6 +221,8 @@ fn plan_orders_backends_then_slots_then_master_then_removals() {
             MapOp::DeleteBackend(..) => "del-backend",
             MapOp::PutMaglev(..) => "put-maglev",
             MapOp::DeleteMaglev(..) => "del-maglev",
+            MapOp::PutSourceRange(..) => "put-range",
+            MapOp::DeleteSourceRange(..) => "del-range",
         })
         .collect();
     assert_eq!(

@@ -6,7 +6,10 @@ use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use lb_common::{
-    service::{SERVICE_F_CLUSTER_IP, SERVICE_F_EXTERNAL, SERVICE_F_LOCAL, SERVICE_F_NODE_PORT},
+    service::{
+        SERVICE_F_CLUSTER_IP, SERVICE_F_EXTERNAL, SERVICE_F_LOCAL, SERVICE_F_NODE_PORT,
+        SERVICE_F_SOURCE_RANGES,
+    },
     PROTO_TCP, PROTO_UDP,
 };
 
@@ -48,6 +51,19 @@ pub struct DesiredService {
     pub retained: Vec<BackendAddr>,
     /// `sessionAffinity: ClientIP`: its timeout in seconds.
     pub affinity_timeout: Option<u32>,
+    /// `loadBalancerSourceRanges` (LoadBalancer frontends only): new flows
+    /// only from these prefixes. Empty: from anywhere.
+    pub source_ranges: Vec<(Ipv4Addr, u8)>,
+}
+
+/// Parses `a.b.c.d/n`, masking host bits.
+pub fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
+    let bad = || format!("{s:?} is not an IPv4 CIDR");
+    let (ip, len) = s.trim().split_once('/').ok_or_else(bad)?;
+    let ip: Ipv4Addr = ip.parse().map_err(|_| bad())?;
+    let len: u8 = len.parse().ok().filter(|l| *l <= 32).ok_or_else(bad)?;
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    Ok((Ipv4Addr::from(u32::from(ip) & mask), len))
 }
 
 /// An object, or part of one, that could not be translated.
@@ -285,6 +301,20 @@ pub fn translate(
                 .unwrap_or(10_800)
         });
         let mut errors = Vec::new();
+        // A bad source range must not open the Service to everyone: its
+        // LoadBalancer addresses are left out (fail closed).
+        let mut ranges_ok = true;
+        let mut source_ranges = Vec::new();
+        for r in spec.load_balancer_source_ranges.iter().flatten() {
+            match parse_cidr(r) {
+                Ok(c) => source_ranges.push(c),
+                Err(e) => {
+                    ranges_ok = false;
+                    errors.push(format!("loadBalancerSourceRanges: {e}; its LoadBalancer addresses are not programmed"));
+                }
+            }
+        }
+        let mut lb_ips = Vec::new();
         let mut external_ips = parse_ipv4_list(
             spec.external_ips.iter().flatten().map(String::as_str),
             "externalIP",
@@ -296,7 +326,7 @@ pub fn translate(
                 .as_ref()
                 .and_then(|s| s.load_balancer.as_ref())
                 .and_then(|lb| lb.ingress.as_ref());
-            external_ips.extend(parse_ipv4_list(
+            lb_ips.extend(parse_ipv4_list(
                 ingress
                     .into_iter()
                     .flatten()
@@ -341,7 +371,12 @@ pub fn translate(
                 }
             };
             let candidates = candidates_for(&own_slices, &port_name, proto, node, &mut t.errors);
-            let mut push = |vip: Ipv4Addr, port: u16, flags: u16, local_only: bool, kind: &str| {
+            let mut push = |vip: Ipv4Addr,
+                            port: u16,
+                            flags: u16,
+                            local_only: bool,
+                            kind: &str,
+                            ranges: &[(Ipv4Addr, u8)]| {
                 let (backends, retained) = choose(&candidates, local_only);
                 t.services.push(DesiredService {
                     name: format!("{ns}/{name}:{port_name} ({kind})"),
@@ -352,6 +387,7 @@ pub fn translate(
                     backends,
                     retained,
                     affinity_timeout,
+                    source_ranges: ranges.to_vec(),
                 });
             };
             let local_flag = if external_local { SERVICE_F_LOCAL } else { 0 };
@@ -362,6 +398,7 @@ pub fn translate(
                     SERVICE_F_CLUSTER_IP,
                     internal_local,
                     "ClusterIP",
+                    &[],
                 );
             }
             if matches!(svc_type, "NodePort" | "LoadBalancer") {
@@ -374,6 +411,7 @@ pub fn translate(
                                 SERVICE_F_NODE_PORT | local_flag,
                                 external_local,
                                 "NodePort",
+                                &[],
                             );
                         }
                     }
@@ -391,7 +429,26 @@ pub fn translate(
                     SERVICE_F_EXTERNAL | local_flag,
                     external_local,
                     "external",
+                    &[],
                 );
+            }
+            if ranges_ok {
+                let ranges_flag = if source_ranges.is_empty() {
+                    0
+                } else {
+                    SERVICE_F_SOURCE_RANGES
+                };
+                for ip in &lb_ips {
+                    let flags = SERVICE_F_EXTERNAL | local_flag | ranges_flag;
+                    push(
+                        *ip,
+                        port,
+                        flags,
+                        external_local,
+                        "LoadBalancer",
+                        &source_ranges,
+                    );
+                }
             }
         }
     }

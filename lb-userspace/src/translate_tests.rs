@@ -371,3 +371,70 @@ fn translation_table() {
         );
     }
 }
+
+#[test]
+fn cidrs_parse_with_host_bits_masked_or_fail() {
+    for (s, want) in [
+        ("10.1.2.3/8", Ok(("10.0.0.0", 8))),
+        ("172.18.0.100/32", Ok(("172.18.0.100", 32))),
+        ("0.0.0.0/0", Ok(("0.0.0.0", 0))),
+        ("10.0.0.0/33", Err(())),
+        ("10.0.0.0", Err(())),
+        ("300.0.0.0/8", Err(())),
+        ("fd00::/8", Err(())),
+    ] {
+        let got = parse_cidr(s)
+            .map(|(ip, len)| (ip.to_string(), len))
+            .map_err(|_| ());
+        assert_eq!(got, want.map(|(ip, len)| (ip.to_string(), len)), "{s}");
+    }
+}
+
+#[test]
+fn a_bad_source_range_leaves_out_the_load_balancer_addresses_only() {
+    let lb = |ranges: &[&str]| -> Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "lb", "namespace": "default"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20"],
+                     "ports": [{"port": 80, "nodePort": 30000}], "loadBalancerSourceRanges": ranges},
+            "status": {"loadBalancer": {"ingress": [{"ip": "172.18.255.10"}]}}}))
+        .unwrap()
+    };
+    let node = NodeContext {
+        name: Some("n1".into()),
+        addrs: vec!["172.18.0.11".parse().unwrap()],
+    };
+    let good = translate(&[lb(&["172.18.0.0/24"])], &[], &node);
+    let kinds: Vec<(String, u16)> = good
+        .services
+        .iter()
+        .map(|s| (s.vip.to_string(), s.flags))
+        .collect();
+    assert_eq!(
+        kinds.len(),
+        3,
+        "ClusterIP, NodePort and LoadBalancer: {kinds:?}"
+    );
+    let lb_frontend = good
+        .services
+        .iter()
+        .find(|s| s.vip.to_string() == "172.18.255.10")
+        .unwrap();
+    assert_eq!(
+        lb_frontend.source_ranges,
+        vec![("172.18.0.0".parse().unwrap(), 24)]
+    );
+    assert!(lb_frontend.flags & lb_common::service::SERVICE_F_SOURCE_RANGES != 0);
+
+    let bad = translate(&[lb(&["172.18.0.0/24", "not-a-cidr"])], &[], &node);
+    assert_eq!(
+        bad.services.len(),
+        2,
+        "the LoadBalancer address is left out"
+    );
+    assert!(bad
+        .services
+        .iter()
+        .all(|s| s.vip.to_string() != "172.18.255.10"));
+    assert_eq!(bad.errors.len(), 1, "{:?}", bad.errors);
+}

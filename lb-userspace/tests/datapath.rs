@@ -47,6 +47,7 @@ fn service(port: u16, proto: u8, backends: &[(&str, u16)]) -> DesiredService {
             .collect(),
         retained: vec![],
         affinity_timeout: None,
+        source_ranges: vec![],
     }
 }
 
@@ -582,4 +583,34 @@ fn hairpin_a_pod_reaching_itself_through_its_service() {
         &Frame::tcp(CLIENT, 40000, VIP, 80).build(b"more"),
     );
     assert_eq!(Frame::parse(&out).unwrap(), fwd);
+}
+
+#[test]
+fn load_balancer_source_ranges_admit_listed_clients_only() {
+    use lb_common::service::{SERVICE_F_EXTERNAL, SERVICE_F_SOURCE_RANGES};
+    let mut svc = frontend(
+        "172.18.255.10",
+        80,
+        SERVICE_F_EXTERNAL | SERVICE_F_SOURCE_RANGES,
+        &[("10.244.1.5", 8080)],
+    );
+    svc.source_ranges = vec![("172.18.0.96".parse().unwrap(), 28)];
+    let mut dp = datapath_with(&[svc]);
+    dp.maps.set_node(Some(NODE_IP.parse().unwrap())).unwrap();
+    let (verdict, out) = run_xdp(
+        &mut dp,
+        &Frame::tcp(OUTSIDE, 50000, "172.18.255.10", 80).build(b""),
+    );
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(
+        Frame::parse(&out).unwrap().dst.to_string(),
+        "10.244.1.5",
+        "172.18.0.100 is in 172.18.0.96/28"
+    );
+    let (verdict, _) = run_xdp(
+        &mut dp,
+        &Frame::tcp("172.18.0.200", 50000, "172.18.255.10", 80).build(b""),
+    );
+    assert_eq!(verdict, 1, "XDP_DROP for a client outside the ranges");
+    assert_eq!(counter(&dp, "drop_source_range"), 1);
 }

@@ -191,3 +191,34 @@ async fn health_check_node_port_reports_local_endpoints() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+fn lb_ip(lab: &Lab, name: &str) -> Option<String> {
+    let svc = lab.store.get(Kind::Service, "default", name).ok()?;
+    svc["status"]["loadBalancer"]["ingress"][0]["ip"]
+        .as_str()
+        .map(str::to_string)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_balancer_source_ranges_from_outside() {
+    let lab = nodeport_lab('g').await;
+    for _ in 0..100 {
+        if lb_ip(&lab, "web-lb-admits").is_some() && lb_ip(&lab, "web-lb-refuses").is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let admits: SocketAddr = format!("{}:80", lb_ip(&lab, "web-lb-admits").unwrap())
+        .parse()
+        .unwrap();
+    let refuses: SocketAddr = format!("{}:80", lb_ip(&lab, "web-lb-refuses").unwrap())
+        .parse()
+        .unwrap();
+    assert_eq!(from_outside(&lab, admits, 10).await.len(), 10);
+    // The same client, the same pods, another Service: dropped.
+    let err = ask(&lab.ext_netns(), refuses).await.unwrap_err();
+    assert!(
+        format!("{err:#}").contains("within"),
+        "dropped, so the client times out: {err:#}"
+    );
+}

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
 use aya::{
-    maps::{Array, HashMap, HashOfMaps, MapData, PerCpuArray},
+    maps::{lpm_trie::Key, Array, HashMap, HashOfMaps, LpmTrie, MapData, PerCpuArray},
     Ebpf,
 };
 use lb_common::{
@@ -13,7 +13,7 @@ use lb_common::{
     map_names,
     metrics::{reason, Counter},
     node::NodeConfig,
-    service::{ServiceKey, ServiceValue},
+    service::{ServiceKey, ServiceValue, SourceRange},
 };
 
 use crate::plan::{MapOp, MapState};
@@ -23,6 +23,8 @@ pub struct Maps {
     pub backends: HashMap<MapData, u32, Backend>,
     pub conntrack: HashMap<MapData, ConntrackKey, ConntrackEntry>,
     pub metrics: PerCpuArray<MapData, Counter>,
+    /// loadBalancerSourceRanges: (Service, client prefix).
+    pub source_ranges: LpmTrie<MapData, SourceRange, u8>,
     /// This node's address and SNAT port range (one entry).
     pub node: Array<MapData, NodeConfig>,
     /// rev-NAT id -> the Service's Maglev table (an inner array map).
@@ -48,6 +50,7 @@ impl Maps {
             metrics: take(ebpf, map_names::METRICS)?.try_into()?,
             maglev: take(ebpf, map_names::MAGLEV)?.try_into()?,
             node: take(ebpf, map_names::NODE)?.try_into()?,
+            source_ranges: take(ebpf, map_names::SOURCE_RANGES)?.try_into()?,
         })
     }
 
@@ -65,6 +68,7 @@ impl Maps {
             metrics: Map::PerCpuArray(open(map_names::METRICS)?).try_into()?,
             maglev: Map::HashOfMaps(open(map_names::MAGLEV)?).try_into()?,
             node: Map::Array(open(map_names::NODE)?).try_into()?,
+            source_ranges: Map::LpmTrie(open(map_names::SOURCE_RANGES)?).try_into()?,
         })
     }
 
@@ -83,6 +87,15 @@ impl Maps {
             let key = key.context("reading the maglev map")?;
             state.maglev.insert(key as u16, vec![]);
         }
+        for key in self.source_ranges.keys() {
+            let key = key.context("reading the source ranges map")?;
+            let d = key.data();
+            state.source_ranges.insert((
+                d.rev_nat_id,
+                d.addr,
+                key.prefix_len().saturating_sub(32) as u8,
+            ));
+        }
         Ok(state)
     }
 
@@ -96,6 +109,14 @@ impl Maps {
                 MapOp::DeleteBackend(id) => ignore_missing(self.backends.remove(id)),
                 MapOp::PutMaglev(id, table) => put_maglev(&mut self.maglev, *id, table),
                 MapOp::DeleteMaglev(id) => ignore_missing(self.maglev.remove(&u32::from(*id))),
+                MapOp::PutSourceRange(id, addr, len) => {
+                    self.source_ranges
+                        .insert(&source_range_key(*id, *addr, *len), 1, 0)
+                }
+                MapOp::DeleteSourceRange(id, addr, len) => ignore_missing(
+                    self.source_ranges
+                        .remove(&source_range_key(*id, *addr, *len)),
+                ),
             }
             .with_context(|| format!("applying {op:?}"))?;
         }
@@ -149,6 +170,17 @@ fn put_maglev(
         inner.set(i as u32, backend, 0)?;
     }
     outer.insert(u32::from(id), &inner, 0)
+}
+
+fn source_range_key(rev_nat_id: u16, addr: u32, len: u8) -> Key<SourceRange> {
+    Key::new(
+        32 + u32::from(len),
+        SourceRange {
+            rev_nat_id,
+            pad0: 0,
+            addr,
+        },
+    )
 }
 
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
