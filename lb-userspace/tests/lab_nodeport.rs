@@ -222,3 +222,18 @@ async fn load_balancer_source_ranges_from_outside() {
         "dropped, so the client times out: {err:#}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodeport_without_endpoints_is_refused_at_once_from_outside() {
+    let lab = nodeport_lab('y').await;
+    // Once the agent is up (another NodePort answers), the empty one refuses.
+    from_outside(&lab, node_addr(1, 30080), 1).await;
+    let err = ask(&lab.ext_netns(), node_addr(1, 30090))
+        .await
+        .unwrap_err();
+    let io = err
+        .chain()
+        .find_map(|e| e.downcast_ref::<std::io::Error>())
+        .map(|e| e.kind());
+    assert_eq!(io, Some(std::io::ErrorKind::ConnectionRefused), "{err:#}");
+}
