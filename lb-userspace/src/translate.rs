@@ -315,7 +315,7 @@ pub fn translate(
             }
         }
         let mut lb_ips = Vec::new();
-        let mut external_ips = parse_ipv4_list(
+        let external_ips = parse_ipv4_list(
             spec.external_ips.iter().flatten().map(String::as_str),
             "externalIP",
             &mut errors,
