@@ -27,8 +27,8 @@ pub struct MapState {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, Backend>,
     /// Maglev tables by rev-NAT id: one backend slot (1..=count) per entry.
-    /// Read back from the kernel, only the keys are known (tables are empty
-    /// here): a table is rewritten when its Service's slots change.
+    /// For the maps, the contents are what this agent wrote (it does not
+    /// read 16381-entry tables back); a table it did not write is empty here.
     pub maglev: BTreeMap<u16, Vec<u32>>,
     /// loadBalancerSourceRanges: (rev-NAT id, prefix (network byte order), length).
     pub source_ranges: BTreeSet<(u16, u32, u8)>,
@@ -183,26 +183,16 @@ pub fn plan(current: &MapState, desired: &MapState) -> Vec<MapOp> {
             ops.push(MapOp::PutService(*k, *v));
         }
     }
-    // A Service whose slots change gets its Maglev table rebuilt.
     let gone: BTreeSet<&ServiceKey> = current
         .services
         .keys()
         .filter(|k| !desired.services.contains_key(*k))
         .collect();
-    let mut reshaped: BTreeSet<u16> = BTreeSet::new();
-    for (k, v) in desired.services.iter().filter(|(k, _)| k.slot != 0) {
-        if changed(k, v) {
-            reshaped.insert(v.rev_nat_id);
-        }
-    }
-    reshaped.extend(
-        gone.iter()
-            .filter(|k| k.slot != 0)
-            .filter_map(|k| current.services.get(*k))
-            .map(|v| v.rev_nat_id),
-    );
+    // A table is rewritten when its content differs from what is known to
+    // be in the map (after an agent restart nothing is known: each table is
+    // rewritten once, atomically).
     for (id, table) in &desired.maglev {
-        if !current.maglev.contains_key(id) || reshaped.contains(id) {
+        if current.maglev.get(id) != Some(table) {
             ops.push(MapOp::PutMaglev(*id, table.clone()));
         }
     }

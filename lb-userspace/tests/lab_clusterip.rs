@@ -22,6 +22,7 @@ async fn clusterip_spreads_over_pods_and_survives_a_backend_deletion() {
     let from = ("default", "client");
 
     common::wait_reachable(&lab, from, vip, Duration::from_secs(30)).await;
+    common::wait_backends(&lab, vip, lb_common::PROTO_TCP, 3).await;
     let (answers, failures) = common::burst(&lab, from, vip, 30).await;
     assert!(failures.is_empty(), "failed requests: {failures:#?}");
     assert!(

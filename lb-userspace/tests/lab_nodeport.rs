@@ -51,6 +51,7 @@ async fn nodeport_lab(letter: char) -> Lab {
 async fn nodeport_from_outside_reaches_pods_on_both_nodes_through_either_node() {
     let lab = nodeport_lab('n').await;
     for entry in [1, 2] {
+        common::wait_backends_on(&lab, entry, node_addr(entry, 30080), 4).await;
         let answers = from_outside(&lab, node_addr(entry, 30080), 30).await;
         let nodes: BTreeSet<String> = answers
             .iter()
@@ -105,6 +106,13 @@ async fn load_balancer_ingress_and_external_ips_from_outside() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let lb_ip = lb_ip.expect("the lab's cloud controller assigns an ingress IP");
+    common::wait_backends(
+        &lab,
+        format!("{lb_ip}:80").parse().unwrap(),
+        lb_common::PROTO_TCP,
+        4,
+    )
+    .await;
     let answers = from_outside(&lab, format!("{lb_ip}:80").parse().unwrap(), 20).await;
     assert!(
         answers

@@ -50,6 +50,8 @@ async fn tcp_and_udp_ports_with_named_target_ports_reach_pods_on_both_nodes() {
     let lab = services_lab('s').await;
     let http = common::vip(&lab, "web", 80);
     common::wait_reachable(&lab, CLIENT, http, Duration::from_secs(30)).await;
+    common::wait_backends(&lab, http, PROTO_TCP, 4).await;
+    common::wait_backends(&lab, common::vip(&lab, "web", 53), PROTO_UDP, 4).await;
 
     let (answers, failures) = common::burst(&lab, CLIENT, http, 40).await;
     assert!(failures.is_empty(), "{failures:#?}");

@@ -27,6 +27,8 @@ pub struct Maps {
     pub source_ranges: LpmTrie<MapData, SourceRange, u8>,
     /// This node's address and SNAT port range (one entry).
     pub node: Array<MapData, NodeConfig>,
+    /// Tables this process wrote, so unchanged ones are not rewritten.
+    maglev_written: BTreeMap<u16, Vec<u32>>,
     /// rev-NAT id -> the Service's Maglev table (an inner array map).
     pub maglev: HashOfMaps<MapData, u32, Array<MapData, u32>>,
 }
@@ -49,6 +51,7 @@ impl Maps {
             conntrack: take(ebpf, map_names::CONNTRACK)?.try_into()?,
             metrics: take(ebpf, map_names::METRICS)?.try_into()?,
             maglev: take(ebpf, map_names::MAGLEV)?.try_into()?,
+            maglev_written: BTreeMap::new(),
             node: take(ebpf, map_names::NODE)?.try_into()?,
             source_ranges: take(ebpf, map_names::SOURCE_RANGES)?.try_into()?,
         })
@@ -67,6 +70,7 @@ impl Maps {
             conntrack: Map::LruHashMap(open(map_names::CONNTRACK)?).try_into()?,
             metrics: Map::PerCpuArray(open(map_names::METRICS)?).try_into()?,
             maglev: Map::HashOfMaps(open(map_names::MAGLEV)?).try_into()?,
+            maglev_written: BTreeMap::new(),
             node: Map::Array(open(map_names::NODE)?).try_into()?,
             source_ranges: Map::LpmTrie(open(map_names::SOURCE_RANGES)?).try_into()?,
         })
@@ -85,7 +89,11 @@ impl Maps {
         }
         for key in self.maglev.keys() {
             let key = key.context("reading the maglev map")?;
-            state.maglev.insert(key as u16, vec![]);
+            let id = key as u16;
+            state.maglev.insert(
+                id,
+                self.maglev_written.get(&id).cloned().unwrap_or_default(),
+            );
         }
         for key in self.source_ranges.keys() {
             let key = key.context("reading the source ranges map")?;
@@ -107,8 +115,16 @@ impl Maps {
                 MapOp::PutService(k, v) => self.services.insert(k, v, 0),
                 MapOp::DeleteService(k) => ignore_missing(self.services.remove(k)),
                 MapOp::DeleteBackend(id) => ignore_missing(self.backends.remove(id)),
-                MapOp::PutMaglev(id, table) => put_maglev(&mut self.maglev, *id, table),
-                MapOp::DeleteMaglev(id) => ignore_missing(self.maglev.remove(&u32::from(*id))),
+                MapOp::PutMaglev(id, table) => {
+                    self.maglev_written.remove(id);
+                    put_maglev(&mut self.maglev, *id, table).inspect(|()| {
+                        self.maglev_written.insert(*id, table.clone());
+                    })
+                }
+                MapOp::DeleteMaglev(id) => {
+                    self.maglev_written.remove(id);
+                    ignore_missing(self.maglev.remove(&u32::from(*id)))
+                }
                 MapOp::PutSourceRange(id, addr, len) => {
                     self.source_ranges
                         .insert(&source_range_key(*id, *addr, *len), 1, 0)

@@ -262,7 +262,7 @@ impl Lab {
                 .filter(|p| !pod_ready(p) || is_terminating(p))
                 .map(|p| meta_str(p, "name"))
                 .collect();
-            if pending.is_empty() && owned >= want {
+            if pending.is_empty() && owned >= want && self.endpoints_in_sync() {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -270,6 +270,34 @@ impl Lab {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Whether every Service's EndpointSlices already list what its pods say
+    /// (the controller runs after pods change, so it can lag behind them).
+    fn endpoints_in_sync(&self) -> bool {
+        let (services, _) = self.store.list(Kind::Service, None);
+        let (pods, _) = self.store.list(Kind::Pod, None);
+        let (slices, _) = self.store.list(Kind::EndpointSlice, None);
+        services.iter().all(|svc| {
+            let ns = meta_str(svc, "namespace");
+            let name = meta_str(svc, "name");
+            let want = endpoints::desired_slices(svc, &pods);
+            if svc["spec"]["selector"]
+                .as_object()
+                .is_none_or(|s| s.is_empty())
+                || svc["spec"]["type"] == "ExternalName"
+            {
+                return true;
+            }
+            want.iter().all(|(slice_name, w)| {
+                slices.iter().any(|s| {
+                    meta_str(s, "namespace") == ns
+                        && meta_str(s, "name") == slice_name
+                        && s["endpoints"] == w["endpoints"]
+                        && s["metadata"]["labels"]["kubernetes.io/service-name"] == name
+                })
+            })
+        })
     }
 
     /// The network namespace of pod `ns/name`.

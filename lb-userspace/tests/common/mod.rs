@@ -122,3 +122,54 @@ pub async fn burst(
     }
     (answers, failures)
 }
+
+/// Waits until every node's agent has programmed frontend `addr`/`proto`
+/// with `n` backends (agents apply API changes a little after they happen).
+pub async fn wait_backends(lab: &Lab, addr: SocketAddr, proto: u8, n: u16) {
+    let SocketAddr::V4(v4) = addr else {
+        panic!("IPv4 only")
+    };
+    let key = lb::plan::service_key(*v4.ip(), v4.port(), proto, 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let counts: Vec<Option<u16>> = (1..=lab.nodes)
+            .map(|node| {
+                lb::datapath::Maps::open_pinned(&lab.pin_dir(node))
+                    .ok()
+                    .and_then(|m| m.services.get(&key, 0).ok())
+                    .map(|v| v.count)
+            })
+            .collect();
+        if counts.iter().all(|c| *c == Some(n)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{addr}: backends per node {counts:?}, want {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `wait_backends` for one node only (a NodePort on that node's address).
+pub async fn wait_backends_on(lab: &Lab, node: usize, addr: SocketAddr, n: u16) {
+    let SocketAddr::V4(v4) = addr else {
+        panic!("IPv4 only")
+    };
+    let key = lb::plan::service_key(*v4.ip(), v4.port(), lb_common::PROTO_TCP, 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let count = lb::datapath::Maps::open_pinned(&lab.pin_dir(node))
+            .ok()
+            .and_then(|m| m.services.get(&key, 0).ok())
+            .map(|v| v.count);
+        if count == Some(n) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{addr} on node {node}: {count:?} backends, want {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
