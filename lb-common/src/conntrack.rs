@@ -19,6 +19,11 @@
 
 pub const CT_FORWARD: u8 = 0;
 pub const CT_REPLY: u8 = 1;
+/// Flows admitted by NetworkPolicy, keyed by the 5-tuple as the local pod
+/// sees it: sent by it (egress) or delivered to it (ingress). Replies match
+/// the swapped tuple of the other kind.
+pub const CT_POLICY_EGRESS: u8 = 2;
+pub const CT_POLICY_INGRESS: u8 = 3;
 
 /// 5-tuple of a packet plus the direction of the entry.
 #[repr(C)]

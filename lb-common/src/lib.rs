@@ -10,6 +10,7 @@ pub mod backend;
 pub mod conntrack;
 pub mod metrics;
 pub mod node;
+pub mod policy;
 pub mod service;
 
 /// IANA protocol numbers as used in the IPv4 header.
@@ -26,7 +27,10 @@ pub mod map_names {
     pub const NODE: &str = "NODE";
     pub const AFFINITY: &str = "AFFINITY";
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
-    pub const ALL: [&str; 8] = [
+    pub const IPCACHE: &str = "IPCACHE";
+    pub const ENDPOINTS: &str = "ENDPOINTS";
+    pub const POLICY: &str = "POLICY";
+    pub const ALL: [&str; 11] = [
         SERVICES,
         BACKENDS,
         CONNTRACK,
@@ -35,6 +39,9 @@ pub mod map_names {
         NODE,
         AFFINITY,
         SOURCE_RANGES,
+        IPCACHE,
+        ENDPOINTS,
+        POLICY,
     ];
 }
 

@@ -19,7 +19,9 @@ pub mod reason {
     pub const CT_INSERT_FAILED: u32 = 6;
     /// A new flow to a LoadBalancer address from outside its source ranges.
     pub const DROP_SOURCE_RANGE: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// A new flow that NetworkPolicy does not allow.
+    pub const DROP_POLICY: u32 = 8;
+    pub const COUNT: u32 = 9;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "new_flow",
@@ -30,6 +32,7 @@ pub mod reason {
         "drop_rewrite_failed",
         "ct_insert_failed",
         "drop_source_range",
+        "drop_policy",
     ];
 }
 

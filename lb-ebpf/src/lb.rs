@@ -18,7 +18,7 @@ use crate::{
     metrics::count,
     nat::{self, Side},
     packet::{self, Flow, Parsed},
-    reject,
+    policy, reject,
 };
 
 const PASS: i32 = TC_ACT_OK;
@@ -47,6 +47,7 @@ pub fn from_pod(ctx: &TcContext) -> Result<i32, i32> {
 
     if let Some(entry) = conntrack::lookup(&conntrack::forward_key(&flow), &flow) {
         if backend_still_there(&entry) {
+            egress_policy(ctx, &flow, entry.nat_addr, entry.nat_port)?;
             dnat_snat(ctx, &flow, &entry)?;
             count(ctx, reason::FORWARDED);
             return Ok(PASS);
@@ -55,6 +56,7 @@ pub fn from_pod(ctx: &TcContext) -> Result<i32, i32> {
     }
 
     let Some(service) = lookup_service(&flow, 0) else {
+        egress_policy(ctx, &flow, flow.daddr, flow.dport)?;
         return Ok(PASS);
     };
     if !source_allowed(&flow, &service) {
@@ -68,6 +70,7 @@ pub fn from_pod(ctx: &TcContext) -> Result<i32, i32> {
             DROP
         });
     };
+    egress_policy(ctx, &flow, backend.addr, backend.port)?;
     // Hairpin: a pod sent to its own Service and landed on itself. Seen
     // from the pod, a packet from its own address would be a martian, so its
     // source becomes the Service address (replies come back through here).
@@ -149,12 +152,34 @@ fn reverse_nat(ctx: &TcContext, flow: &Flow, entry: &ConntrackEntry) -> Result<(
     })
 }
 
-/// Packets a pod receives: replies from a backend get the Service address back.
+/// Egress policy of the sending pod, judged on where the packet really goes
+/// (after Service translation).
+#[inline(always)]
+fn egress_policy(ctx: &TcContext, flow: &Flow, daddr: u32, dport: u16) -> Result<(), i32> {
+    let translated = Flow {
+        daddr,
+        dport,
+        ..*flow
+    };
+    if policy::admit_egress(&translated, flow) {
+        Ok(())
+    } else {
+        count(ctx, reason::DROP_POLICY);
+        Err(DROP)
+    }
+}
+
+/// Packets a pod receives: ingress policy, then replies from a backend get
+/// the Service address back.
 #[inline(always)]
 pub fn to_pod(ctx: &TcContext) -> Result<i32, i32> {
     let Parsed::Flow(flow) = packet::parse(ctx) else {
         return Ok(PASS);
     };
+    if !policy::admit_ingress(&flow) {
+        count(ctx, reason::DROP_POLICY);
+        return Err(DROP);
+    }
     let Some(entry) = conntrack::lookup(&conntrack::reply_key(&flow), &flow) else {
         return Ok(PASS);
     };

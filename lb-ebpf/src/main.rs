@@ -18,6 +18,7 @@ mod maps;
 mod metrics;
 mod nat;
 mod packet;
+mod policy;
 mod reject;
 mod xdp;
 

@@ -11,6 +11,7 @@ use lb_common::{
     conntrack::{ConntrackEntry, ConntrackKey},
     metrics::{reason, Counter},
     node::NodeConfig,
+    policy::{EndpointInfo, IpcacheKey, PolicyEntry, PolicyKey},
     service::{
         AffinityKey, AffinityValue, ServiceKey, ServiceValue, SourceRange, MAGLEV_TABLE_SIZE_LARGE,
     },
@@ -52,6 +53,18 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, 65536> = LruHashMap:
 /// `loadBalancerSourceRanges`: (Service, client prefix) -> 1.
 #[btf_map]
 pub static SOURCE_RANGES: LpmTrie<SourceRange, u8, 65536> = LpmTrie::new();
+
+/// NetworkPolicy: address/prefix -> security identity.
+#[btf_map]
+pub static IPCACHE: LpmTrie<IpcacheKey, u32, 65536> = LpmTrie::new();
+
+/// NetworkPolicy: local pod address -> endpoint id and isolation.
+#[btf_map]
+pub static ENDPOINTS: HashMap<u32, EndpointInfo, 16384> = HashMap::new();
+
+/// NetworkPolicy: (endpoint, direction, protocol, identity, port prefix) -> rule.
+#[btf_map]
+pub static POLICY: LpmTrie<PolicyKey, PolicyEntry, 262144> = LpmTrie::new();
 
 /// This node's address and SNAT port range, written by the agent.
 #[btf_map]

@@ -10,4 +10,5 @@ pub mod maglev;
 pub mod netns;
 pub mod packet;
 pub mod plan;
+pub mod policy;
 pub mod translate;

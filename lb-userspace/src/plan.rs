@@ -101,7 +101,9 @@ pub fn desired_state(current: &MapState, desired: &[DesiredService]) -> MapState
                 id
             });
         let count = u16::try_from(svc.backends.len()).unwrap_or(u16::MAX);
-        for (i, b) in svc.backends.iter().take(usize::from(count)).enumerate() {
+        let backends = &svc.backends[..usize::from(count)];
+        let slots = stable_slots(current, &master, backends);
+        for (i, b) in slots.iter().enumerate() {
             let id = *ids.entry(*b).or_insert_with(|| {
                 let id = next_id;
                 next_id += 1;
@@ -119,15 +121,26 @@ pub fn desired_state(current: &MapState, desired: &[DesiredService]) -> MapState
             );
         }
         if count > 0 {
-            let names: Vec<String> = svc
-                .backends
+            // Names in address order, so every node builds the same table;
+            // entries then name the slot (1..=count) of that backend.
+            let names: Vec<String> = backends
                 .iter()
                 .map(|b| format!("{}:{}", b.ip, b.port))
                 .collect();
             let table = maglev::table(&names, maglev_table_size(names.len()));
-            // Entries name slots (1..=count); the slot names the backend.
-            out.maglev
-                .insert(rev_nat_id, table.iter().map(|i| i + 1).collect());
+            let slot_of = |b: &BackendAddr| {
+                slots
+                    .iter()
+                    .position(|s| s == b)
+                    .map_or(0, |p| p as u32 + 1)
+            };
+            out.maglev.insert(
+                rev_nat_id,
+                table
+                    .iter()
+                    .map(|i| slot_of(&backends[*i as usize]))
+                    .collect(),
+            );
         }
         for (addr, len) in &svc.source_ranges {
             out.source_ranges
@@ -158,6 +171,41 @@ pub fn desired_state(current: &MapState, desired: &[DesiredService]) -> MapState
         );
     }
     out
+}
+
+/// The order of a Service's backends in its slots: a backend keeps the slot
+/// it has while it stays (so session affinity and established slot
+/// references survive other backends coming and going); new ones fill the
+/// free slots.
+fn stable_slots(
+    current: &MapState,
+    master: &ServiceKey,
+    backends: &[BackendAddr],
+) -> Vec<BackendAddr> {
+    let n = backends.len();
+    let mut slots: Vec<Option<BackendAddr>> = vec![None; n];
+    let old_count = current.services.get(master).map_or(0, |v| v.count);
+    for slot in 1..=old_count {
+        let key = ServiceKey { slot, ..*master };
+        let Some(b) = current
+            .services
+            .get(&key)
+            .and_then(|v| current.backends.get(&v.backend_id))
+            .map(backend_addr)
+        else {
+            continue;
+        };
+        if usize::from(slot) <= n && backends.contains(&b) && !slots.contains(&Some(b)) {
+            slots[usize::from(slot) - 1] = Some(b);
+        }
+    }
+    let placed: Vec<BackendAddr> = slots.iter().flatten().copied().collect();
+    let mut rest = backends.iter().filter(|b| !placed.contains(b));
+    slots
+        .into_iter()
+        .map(|s| s.or_else(|| rest.next().copied()))
+        .collect::<Option<Vec<_>>>()
+        .unwrap_or_else(|| backends.to_vec())
 }
 
 /// The ordered writes that turn `current` into `desired`.

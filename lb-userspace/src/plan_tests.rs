@@ -238,3 +238,37 @@ fn plan_orders_backends_then_slots_then_master_then_removals() {
         ]
     );
 }
+
+#[test]
+fn backends_keep_their_slots_while_others_come_and_go() {
+    let master = service_key("10.96.0.1".parse().unwrap(), 80, PROTO_TCP, 0);
+    let slot_of = |s: &MapState, ip: &str| {
+        (1..=s.services[&master].count).find(|slot| {
+            let v = s.services[&ServiceKey {
+                slot: *slot,
+                ..master
+            }];
+            backend_addr(&s.backends[&v.backend_id]).ip.to_string() == ip
+        })
+    };
+    let a = desired_state(
+        &MapState::default(),
+        &[svc("10.96.0.1", 80, &["10.244.1.5", "10.244.1.9"])],
+    );
+    // A backend that sorts first joins: the others stay where they were.
+    let b = desired_state(
+        &a,
+        &[svc(
+            "10.96.0.1",
+            80,
+            &["10.244.1.2", "10.244.1.5", "10.244.1.9"],
+        )],
+    );
+    assert_eq!(slot_of(&b, "10.244.1.5"), slot_of(&a, "10.244.1.5"));
+    assert_eq!(slot_of(&b, "10.244.1.9"), slot_of(&a, "10.244.1.9"));
+    assert_eq!(slot_of(&b, "10.244.1.2"), Some(3));
+    // One leaves: the last slot's backend moves into the hole, nobody else.
+    let c = desired_state(&b, &[svc("10.96.0.1", 80, &["10.244.1.2", "10.244.1.9"])]);
+    assert_eq!(slot_of(&c, "10.244.1.9"), slot_of(&b, "10.244.1.9"));
+    assert_eq!(c.services[&master].count, 2);
+}

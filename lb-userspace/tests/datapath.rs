@@ -17,6 +17,7 @@ use lb_common::{
 };
 
 const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
 const VIP: &str = "10.96.0.10";
 const CLIENT: &str = "10.244.1.5";
 
@@ -613,4 +614,212 @@ fn load_balancer_source_ranges_admit_listed_clients_only() {
     );
     assert_eq!(verdict, 1, "XDP_DROP for a client outside the ranges");
     assert_eq!(counter(&dp, "drop_source_range"), 1);
+}
+
+mod network_policy {
+    use super::*;
+    use aya::maps::lpm_trie::Key;
+    use lb_common::policy::*;
+
+    const POD_A: &str = "10.244.1.10";
+    const POD_B: &str = "10.244.1.20";
+    const OTHER: &str = "10.244.2.30";
+    const ID_A: u32 = 300;
+    const ID_B: u32 = 301;
+
+    fn be(ip: &str) -> u32 {
+        u32::from(ip.parse::<Ipv4Addr>().unwrap()).to_be()
+    }
+
+    /// Two local pods A (endpoint 1) and B (endpoint 2) with identities, and
+    /// a Service whose backend is B.
+    fn setup(a_flags: u16, b_flags: u16) -> Datapath {
+        let mut dp = datapath_with(&[service(80, PROTO_TCP, &[(POD_B, 8080)])]);
+        for (ip, id, ep, flags) in [(POD_A, ID_A, 1, a_flags), (POD_B, ID_B, 2, b_flags)] {
+            dp.maps
+                .ipcache
+                .insert(&Key::new(32, IpcacheKey { addr: be(ip) }), id, 0)
+                .unwrap();
+            dp.maps
+                .endpoints
+                .insert(
+                    be(ip),
+                    EndpointInfo {
+                        endpoint_id: ep,
+                        flags,
+                    },
+                    0,
+                )
+                .unwrap();
+        }
+        dp.maps
+            .ipcache
+            .insert(
+                &Key::new(32, IpcacheKey { addr: be(NODE_IP) }),
+                IDENTITY_HOST,
+                0,
+            )
+            .unwrap();
+        dp
+    }
+
+    fn allow(
+        dp: &mut Datapath,
+        ep: u16,
+        direction: u8,
+        proto: u8,
+        identity: u32,
+        port: u16,
+        bits: u32,
+    ) {
+        let key = PolicyKey {
+            endpoint_id: ep,
+            direction,
+            proto,
+            identity,
+            port: port.to_be(),
+            pad0: 0,
+        };
+        dp.maps
+            .policy
+            .insert(
+                &Key::new(POLICY_KEY_FIXED_BITS + bits, key),
+                PolicyEntry { rule_id: 7 },
+                0,
+            )
+            .unwrap();
+    }
+
+    fn verdict(dp: &mut Datapath, prog: &str, f: Frame) -> u32 {
+        run(dp, prog, &f.build(b"")).0
+    }
+
+    #[test]
+    fn ingress_isolation_admits_only_what_a_rule_allows_and_replies() {
+        let mut dp = setup(0, ENDPOINT_F_INGRESS_ISOLATED | ENDPOINT_F_EGRESS_ISOLATED);
+        // Nothing allowed yet: A -> B:8080 is dropped where B receives it.
+        assert_eq!(
+            verdict(&mut dp, PROG_TO_POD, Frame::tcp(POD_A, 40000, POD_B, 8080)),
+            TC_ACT_SHOT
+        );
+        assert_eq!(counter(&dp, "drop_policy"), 1);
+        // The node itself may always reach B (kubelet probes).
+        assert_eq!(
+            verdict(
+                &mut dp,
+                PROG_TO_POD,
+                Frame::tcp(NODE_IP, 40000, POD_B, 8080)
+            ),
+            TC_ACT_OK
+        );
+        allow(&mut dp, 2, DIR_INGRESS, PROTO_TCP, ID_A, 8080, 16);
+        assert_eq!(
+            verdict(&mut dp, PROG_TO_POD, Frame::tcp(POD_A, 40001, POD_B, 8080)),
+            TC_ACT_OK
+        );
+        assert_eq!(
+            verdict(&mut dp, PROG_TO_POD, Frame::tcp(POD_A, 40002, POD_B, 8081)),
+            TC_ACT_SHOT,
+            "other port"
+        );
+        assert_eq!(
+            verdict(&mut dp, PROG_TO_POD, Frame::tcp(OTHER, 40003, POD_B, 8080)),
+            TC_ACT_SHOT,
+            "other identity (world)"
+        );
+        assert_eq!(
+            verdict(&mut dp, PROG_TO_POD, Frame::udp(POD_A, 40004, POD_B, 8080)),
+            TC_ACT_SHOT,
+            "other protocol"
+        );
+        // Stateful: B is egress-isolated with no rule, yet its reply passes.
+        assert_eq!(
+            verdict(
+                &mut dp,
+                PROG_FROM_POD,
+                Frame::tcp(POD_B, 8080, POD_A, 40001)
+            ),
+            TC_ACT_OK
+        );
+        // But B cannot open a flow of its own.
+        assert_eq!(
+            verdict(&mut dp, PROG_FROM_POD, Frame::tcp(POD_B, 9999, POD_A, 80)),
+            TC_ACT_SHOT
+        );
+    }
+
+    #[test]
+    fn egress_is_judged_after_service_translation() {
+        let mut dp = setup(ENDPOINT_F_EGRESS_ISOLATED, 0);
+        assert_eq!(
+            verdict(&mut dp, PROG_FROM_POD, Frame::tcp(POD_A, 40000, VIP, 80)),
+            TC_ACT_SHOT,
+            "to the VIP, backend B not allowed"
+        );
+        allow(&mut dp, 1, DIR_EGRESS, PROTO_TCP, ID_B, 8080, 16);
+        let (v, out) = run(
+            &mut dp,
+            PROG_FROM_POD,
+            &Frame::tcp(POD_A, 40001, VIP, 80).build(b""),
+        );
+        assert_eq!(v, TC_ACT_OK);
+        assert_eq!(
+            Frame::parse(&out).unwrap().dst.to_string(),
+            POD_B,
+            "allowed because the backend B is"
+        );
+        // The reply, reverse-translated to the VIP, reaches A.
+        let (v, _) = run(
+            &mut dp,
+            PROG_TO_POD,
+            &Frame::tcp(VIP, 80, POD_A, 40001).build(b""),
+        );
+        assert_eq!(v, TC_ACT_OK);
+    }
+
+    #[test]
+    fn wildcards_and_port_ranges() {
+        let mut dp = setup(0, ENDPOINT_F_INGRESS_ISOLATED);
+        // Any identity, TCP ports 32000-32767 (three prefixes).
+        for (port, bits) in lb::policy::port_prefixes(32000, 32767) {
+            allow(&mut dp, 2, DIR_INGRESS, PROTO_TCP, 0, port, u32::from(bits));
+        }
+        for (port, want) in [
+            (31999, TC_ACT_SHOT),
+            (32000, TC_ACT_OK),
+            (32500, TC_ACT_OK),
+            (32767, TC_ACT_OK),
+            (32768, TC_ACT_SHOT),
+        ] {
+            assert_eq!(
+                verdict(&mut dp, PROG_TO_POD, Frame::tcp(OTHER, port, POD_B, port)),
+                want,
+                "port {port}"
+            );
+        }
+        // Any protocol, any port, from A only.
+        allow(&mut dp, 2, DIR_INGRESS, 0, ID_A, 0, 0);
+        assert_eq!(
+            verdict(&mut dp, PROG_TO_POD, Frame::udp(POD_A, 5000, POD_B, 53)),
+            TC_ACT_OK
+        );
+        assert_eq!(
+            verdict(&mut dp, PROG_TO_POD, Frame::udp(OTHER, 5000, POD_B, 53)),
+            TC_ACT_SHOT
+        );
+    }
+
+    #[test]
+    fn unisolated_endpoints_and_unknown_addresses_pass() {
+        let mut dp = setup(0, 0);
+        assert_eq!(
+            verdict(&mut dp, PROG_TO_POD, Frame::tcp(OTHER, 1, POD_B, 2)),
+            TC_ACT_OK
+        );
+        assert_eq!(
+            verdict(&mut dp, PROG_FROM_POD, Frame::tcp(POD_A, 1, OTHER, 2)),
+            TC_ACT_OK
+        );
+        assert_eq!(counter(&dp, "drop_policy"), 0);
+    }
 }

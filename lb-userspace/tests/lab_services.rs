@@ -250,6 +250,7 @@ async fn session_affinity_and_internal_traffic_policy_local() {
     let lab = services_lab('a').await;
     let sticky = common::vip(&lab, "sticky", 80);
     common::wait_reachable(&lab, CLIENT, sticky, Duration::from_secs(30)).await;
+    common::wait_backends(&lab, sticky, PROTO_TCP, 4).await;
     let (answers, failures) = common::burst(&lab, CLIENT, sticky, 20).await;
     assert!(failures.is_empty(), "{failures:#?}");
     assert_eq!(

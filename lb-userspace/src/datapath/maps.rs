@@ -13,6 +13,7 @@ use lb_common::{
     map_names,
     metrics::{reason, Counter},
     node::NodeConfig,
+    policy::{EndpointInfo, IpcacheKey, PolicyEntry, PolicyKey},
     service::{ServiceKey, ServiceValue, SourceRange},
 };
 
@@ -25,6 +26,12 @@ pub struct Maps {
     pub metrics: PerCpuArray<MapData, Counter>,
     /// loadBalancerSourceRanges: (Service, client prefix).
     pub source_ranges: LpmTrie<MapData, SourceRange, u8>,
+    /// NetworkPolicy: address/prefix -> identity.
+    pub ipcache: LpmTrie<MapData, IpcacheKey, u32>,
+    /// NetworkPolicy: local pod address -> endpoint id and isolation.
+    pub endpoints: HashMap<MapData, u32, EndpointInfo>,
+    /// NetworkPolicy: (endpoint, direction, proto, identity, port prefix) -> rule.
+    pub policy: LpmTrie<MapData, PolicyKey, PolicyEntry>,
     /// This node's address and SNAT port range (one entry).
     pub node: Array<MapData, NodeConfig>,
     /// Tables this process wrote, so unchanged ones are not rewritten.
@@ -54,6 +61,9 @@ impl Maps {
             maglev_written: BTreeMap::new(),
             node: take(ebpf, map_names::NODE)?.try_into()?,
             source_ranges: take(ebpf, map_names::SOURCE_RANGES)?.try_into()?,
+            ipcache: take(ebpf, map_names::IPCACHE)?.try_into()?,
+            endpoints: take(ebpf, map_names::ENDPOINTS)?.try_into()?,
+            policy: take(ebpf, map_names::POLICY)?.try_into()?,
         })
     }
 
@@ -73,6 +83,9 @@ impl Maps {
             maglev_written: BTreeMap::new(),
             node: Map::Array(open(map_names::NODE)?).try_into()?,
             source_ranges: Map::LpmTrie(open(map_names::SOURCE_RANGES)?).try_into()?,
+            ipcache: Map::LpmTrie(open(map_names::IPCACHE)?).try_into()?,
+            endpoints: Map::HashMap(open(map_names::ENDPOINTS)?).try_into()?,
+            policy: Map::LpmTrie(open(map_names::POLICY)?).try_into()?,
         })
     }
 

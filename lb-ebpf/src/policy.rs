@@ -1,0 +1,157 @@
+//! NetworkPolicy verdicts (see `lb_common::policy`). Checked after Service
+//! translation for traffic a pod sends (egress: the backend is judged) and
+//! before reverse NAT for traffic a pod receives (ingress: the sender is
+//! judged). Fail closed: an isolated endpoint gets only what a rule allows.
+
+use aya_ebpf::btf_maps::lpm_trie::Key;
+use lb_common::{
+    conntrack::{ConntrackEntry, ConntrackKey, CT_POLICY_EGRESS, CT_POLICY_INGRESS},
+    policy::{
+        EndpointInfo, IpcacheKey, PolicyKey, DIR_EGRESS, DIR_INGRESS, ENDPOINT_F_EGRESS_ISOLATED,
+        ENDPOINT_F_INGRESS_ISOLATED, IDENTITY_HOST, IDENTITY_WORLD, POLICY_KEY_FIXED_BITS,
+    },
+};
+
+use crate::{
+    conntrack,
+    maps::{CONNTRACK, ENDPOINTS, IPCACHE, POLICY},
+    packet::Flow,
+};
+
+#[inline(always)]
+fn key(flow: &Flow, direction: u8, swapped: bool) -> ConntrackKey {
+    let (saddr, daddr, sport, dport) = if swapped {
+        (flow.daddr, flow.saddr, flow.dport, flow.sport)
+    } else {
+        (flow.saddr, flow.daddr, flow.sport, flow.dport)
+    };
+    ConntrackKey {
+        saddr,
+        daddr,
+        sport,
+        dport,
+        proto: flow.proto,
+        direction,
+        pad0: 0,
+    }
+}
+
+/// The security identity of an address: the most specific ipcache prefix.
+#[inline(always)]
+pub fn identity_of(addr: u32) -> u32 {
+    IPCACHE
+        .get(&Key::new(32, IpcacheKey { addr }))
+        .copied()
+        .unwrap_or(IDENTITY_WORLD)
+}
+
+#[inline(always)]
+fn endpoint(addr: u32) -> Option<EndpointInfo> {
+    // SAFETY: copied out at once.
+    ENDPOINTS.get_ptr(addr).map(|p| unsafe { *p })
+}
+
+#[inline(always)]
+fn rule(ep: &EndpointInfo, direction: u8, proto: u8, identity: u32, port: u16) -> bool {
+    let key = PolicyKey {
+        endpoint_id: ep.endpoint_id,
+        direction,
+        proto,
+        identity,
+        port,
+        pad0: 0,
+    };
+    POLICY
+        .get(&Key::new(POLICY_KEY_FIXED_BITS + 16, key))
+        .is_some()
+}
+
+/// Whether a rule of `ep` allows `identity` on `proto`/`port`: exact
+/// identity and protocol first, then the wildcards.
+#[inline(always)]
+pub fn allowed(ep: &EndpointInfo, direction: u8, proto: u8, identity: u32, port: u16) -> bool {
+    if direction == DIR_INGRESS && identity == IDENTITY_HOST {
+        return true; // the node's own probes
+    }
+    rule(ep, direction, proto, identity, port)
+        || rule(ep, direction, 0, identity, port)
+        || rule(ep, direction, proto, 0, port)
+        || rule(ep, direction, 0, 0, port)
+}
+
+#[inline(always)]
+fn known(key: &ConntrackKey, flow: &Flow) -> bool {
+    conntrack::lookup(key, flow).is_some()
+}
+
+#[inline(always)]
+fn track(key: &ConntrackKey) {
+    let entry = ConntrackEntry {
+        last_seen_ns: unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() },
+        ..Default::default()
+    };
+    let _ = CONNTRACK.insert(key, entry, 0);
+}
+
+/// Traffic a local pod sends (`flow` after DNAT): a reply of a flow it
+/// admitted, a flow it already sends, or a new flow its egress policy allows.
+#[inline(always)]
+pub fn admit_egress(flow: &Flow, original: &Flow) -> bool {
+    if known(&key(original, CT_POLICY_INGRESS, true), original) {
+        return true; // a reply (matched before reverse NAT)
+    }
+    let k = key(flow, CT_POLICY_EGRESS, false);
+    if known(&k, flow) {
+        return true;
+    }
+    let Some(ep) = endpoint(flow.saddr) else {
+        return true; // not a pod this node manages
+    };
+    if ep.flags & ENDPOINT_F_EGRESS_ISOLATED != 0
+        && !allowed(
+            &ep,
+            DIR_EGRESS,
+            flow.proto,
+            identity_of(flow.daddr),
+            flow.dport,
+        )
+    {
+        return false;
+    }
+    track(&k);
+    // Also as sent (to the Service address): when the backend is on this
+    // node, its reply is reverse-translated before it reaches this pod.
+    if original.daddr != flow.daddr || original.dport != flow.dport {
+        track(&key(original, CT_POLICY_EGRESS, false));
+    }
+    true
+}
+
+/// Traffic delivered to a local pod (before reverse NAT): a reply of a flow
+/// it sent, a flow it already receives, or a new flow its ingress policy allows.
+#[inline(always)]
+pub fn admit_ingress(flow: &Flow) -> bool {
+    if known(&key(flow, CT_POLICY_EGRESS, true), flow) {
+        return true;
+    }
+    let k = key(flow, CT_POLICY_INGRESS, false);
+    if known(&k, flow) {
+        return true;
+    }
+    let Some(ep) = endpoint(flow.daddr) else {
+        return true;
+    };
+    if ep.flags & ENDPOINT_F_INGRESS_ISOLATED != 0
+        && !allowed(
+            &ep,
+            DIR_INGRESS,
+            flow.proto,
+            identity_of(flow.saddr),
+            flow.dport,
+        )
+    {
+        return false;
+    }
+    track(&k);
+    true
+}
