@@ -80,6 +80,14 @@ pub struct Translation {
     pub errors: Vec<ObjectError>,
 }
 
+/// Protocols NetworkPolicy names (SCTP as well).
+pub fn protocol_number_any(protocol: Option<&str>) -> Result<u8, String> {
+    match protocol.unwrap_or("TCP") {
+        "SCTP" => Ok(132),
+        other => protocol_number(Some(other)),
+    }
+}
+
 pub fn protocol_number(protocol: Option<&str>) -> Result<u8, String> {
     match protocol.unwrap_or("TCP") {
         "TCP" => Ok(PROTO_TCP),
