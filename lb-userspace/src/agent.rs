@@ -12,8 +12,9 @@ use std::{
 use anyhow::{Context, Result};
 use futures::StreamExt;
 use k8s_openapi::api::{
-    core::v1::{Node, Service},
+    core::v1::{Namespace, Node, Pod, Service},
     discovery::v1::EndpointSlice,
+    networking::v1::NetworkPolicy,
 };
 use kube::{
     runtime::{reflector, watcher, WatchStreamExt},
@@ -116,7 +117,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let changed = Arc::new(Notify::new());
     let services = reflect(Api::<Service>::all(client.clone()), changed.clone());
     let slices = reflect(Api::<EndpointSlice>::all(client.clone()), changed.clone());
-    let nodes = reflect(Api::<Node>::all(client), changed.clone());
+    let nodes = reflect(Api::<Node>::all(client.clone()), changed.clone());
+    let pods = reflect(Api::<Pod>::all(client.clone()), changed.clone());
+    let namespaces = reflect(Api::<Namespace>::all(client.clone()), changed.clone());
+    let policies = reflect(Api::<NetworkPolicy>::all(client), changed.clone());
     // Program nothing until every cache is complete: a restart must never
     // write a half-known cluster into the maps.
     services
@@ -128,6 +132,15 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .await
         .context("endpointslice watch ended")?;
     nodes.wait_until_ready().await.context("node watch ended")?;
+    pods.wait_until_ready().await.context("pod watch ended")?;
+    namespaces
+        .wait_until_ready()
+        .await
+        .context("namespace watch ended")?;
+    policies
+        .wait_until_ready()
+        .await
+        .context("networkpolicy watch ended")?;
     tracing::info!("caches synced");
     if cfg.node_name.is_none() {
         tracing::warn!(
@@ -176,12 +189,27 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             tracing::error!("writing the node map: {e:#}");
         }
         let t = translate(&svcs, &eps, &node);
+        let all_pods: Vec<Pod> = pods.state().iter().map(|p| (**p).clone()).collect();
+        let all_ns: Vec<Namespace> = namespaces.state().iter().map(|n| (**n).clone()).collect();
+        let all_np: Vec<NetworkPolicy> = policies.state().iter().map(|p| (**p).clone()).collect();
+        let pt = crate::policy::translate_policies(&all_pods, &all_ns, &all_np, &node);
+        match crate::policy::apply(&mut dp.maps, &pt.state) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                writes = n,
+                endpoints = pt.state.endpoints.len(),
+                rules = pt.state.rules.len(),
+                "policy maps updated"
+            ),
+            Err(e) => tracing::error!("updating policy maps: {e:#}"),
+        }
         health
             .sync(&crate::health::health_checks(&svcs, &eps, &node))
             .await;
         let errors: BTreeSet<String> = t
             .errors
             .iter()
+            .chain(&pt.errors)
             .map(|e| format!("{}: {}", e.object, e.message))
             .collect();
         for e in errors.difference(&logged_errors) {
