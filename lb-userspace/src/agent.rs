@@ -193,7 +193,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         let all_ns: Vec<Namespace> = namespaces.state().iter().map(|n| (**n).clone()).collect();
         let all_np: Vec<NetworkPolicy> = policies.state().iter().map(|p| (**p).clone()).collect();
         let pt = crate::policy::translate_policies(&all_pods, &all_ns, &all_np, &node);
-        match crate::policy::apply(&mut dp.maps, &pt.state) {
+        match crate::datapath::policy_maps::apply(&mut dp.maps, &pt.state) {
             Ok(0) => {}
             Ok(n) => tracing::info!(
                 writes = n,

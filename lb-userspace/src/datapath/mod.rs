@@ -2,6 +2,7 @@
 
 pub mod attach;
 pub mod maps;
+pub mod policy_maps;
 
 use std::path::{Path, PathBuf};
 

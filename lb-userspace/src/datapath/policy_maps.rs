@@ -1,0 +1,76 @@
+//! Writing the NetworkPolicy state into the maps, and reading it back.
+
+use aya::maps::lpm_trie::Key;
+use lb_common::policy::{IpcacheKey, PolicyEntry, POLICY_KEY_FIXED_BITS};
+
+use super::Maps;
+use crate::policy::PolicyState;
+
+/// Brings the policy maps to `want`: ipcache and rules first, then the
+/// endpoints (so a pod becomes isolated only once its rules are there, and
+/// stops being isolated before they go), removals last.
+pub fn apply(maps: &mut Maps, want: &PolicyState) -> anyhow::Result<usize> {
+    let cur = current(maps)?;
+    let mut n = 0;
+    for (k, v) in &want.ipcache {
+        if cur.ipcache.get(k) != Some(v) {
+            maps.ipcache
+                .insert(&Key::new(u32::from(k.1), IpcacheKey { addr: k.0 }), v, 0)?;
+            n += 1;
+        }
+    }
+    for ((k, bits), rule) in &want.rules {
+        if cur.rules.get(&(*k, *bits)) != Some(rule) {
+            let key = Key::new(POLICY_KEY_FIXED_BITS + u32::from(*bits), *k);
+            maps.policy
+                .insert(&key, PolicyEntry { rule_id: *rule }, 0)?;
+            n += 1;
+        }
+    }
+    for (addr, ep) in &want.endpoints {
+        if cur.endpoints.get(addr) != Some(ep) {
+            maps.endpoints.insert(addr, ep, 0)?;
+            n += 1;
+        }
+    }
+    for addr in cur
+        .endpoints
+        .keys()
+        .filter(|a| !want.endpoints.contains_key(a))
+    {
+        let _ = maps.endpoints.remove(addr);
+        n += 1;
+    }
+    for (k, bits) in cur.rules.keys().filter(|k| !want.rules.contains_key(k)) {
+        let _ = maps
+            .policy
+            .remove(&Key::new(POLICY_KEY_FIXED_BITS + u32::from(*bits), *k));
+        n += 1;
+    }
+    for k in cur.ipcache.keys().filter(|k| !want.ipcache.contains_key(k)) {
+        let _ = maps
+            .ipcache
+            .remove(&Key::new(u32::from(k.1), IpcacheKey { addr: k.0 }));
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// What the policy maps hold.
+pub fn current(maps: &Maps) -> anyhow::Result<PolicyState> {
+    let mut s = PolicyState::default();
+    for item in maps.ipcache.iter() {
+        let (k, v) = item?;
+        s.ipcache.insert((k.data().addr, k.prefix_len() as u8), v);
+    }
+    for item in maps.policy.iter() {
+        let (k, v) = item?;
+        let bits = k.prefix_len().saturating_sub(POLICY_KEY_FIXED_BITS) as u8;
+        s.rules.insert((k.data(), bits), v.rule_id);
+    }
+    for item in maps.endpoints.iter() {
+        let (k, v) = item?;
+        s.endpoints.insert(k, v);
+    }
+    Ok(s)
+}
