@@ -11,4 +11,5 @@ pub mod netns;
 pub mod packet;
 pub mod plan;
 pub mod policy;
+pub mod trace;
 pub mod translate;

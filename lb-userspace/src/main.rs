@@ -67,10 +67,35 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         drain_seconds: u64,
     },
+    /// NetworkPolicy tools.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// A cluster stand-in made of network namespaces, with an API server.
     Lab {
         #[command(subcommand)]
         command: LabCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Would a new connection be allowed, and which policy decides?
+    /// Exits 0 when allowed, 1 when denied.
+    Trace {
+        /// NAMESPACE/POD sending.
+        #[arg(long)]
+        from: String,
+        /// NAMESPACE/POD receiving.
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value = "TCP")]
+        protocol: String,
+        #[arg(long, env = "KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
     },
 }
 
@@ -147,6 +172,20 @@ fn main() -> Result<()> {
             listen,
             drain_seconds,
         } => rt.block_on(echo::run(name, listen, Duration::from_secs(drain_seconds))),
+        Command::Policy {
+            command:
+                PolicyCommand::Trace {
+                    from,
+                    to,
+                    port,
+                    protocol,
+                    kubeconfig,
+                },
+        } => rt.block_on(async {
+            let client = agent::client(kubeconfig.as_ref()).await?;
+            let allowed = lb::trace::run(client, &from, &to, port, &protocol).await?;
+            std::process::exit(if allowed { 0 } else { 1 });
+        }),
         Command::Lab { command } => match command {
             LabCommand::Up {
                 manifests,

@@ -121,6 +121,41 @@ async fn network_policy_truth_table() {
     )
     .await;
 
+    // `lb policy trace` names the deciding policy, and agrees with the traffic.
+    let trace = |from: &str, to: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_lb"))
+            .args([
+                "policy",
+                "trace",
+                "--from",
+                from,
+                "--to",
+                to,
+                "--port",
+                "80",
+                "--kubeconfig",
+            ])
+            .arg(lab.kubeconfig_path())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, text) = trace("x/b", "x/a");
+    assert!(
+        ok && text.contains("ALLOW") && text.contains("x/allow-b-to-a ingress rule 0"),
+        "{text}"
+    );
+    let (ok, text) = trace("y/a", "x/a");
+    assert!(!ok && text.contains("DENY"), "{text}");
+    let (ok, text) = trace("x/a", "x/b");
+    assert!(
+        !ok && text.contains("egress") && text.contains("deny"),
+        "a's egress is denied: {text}"
+    );
+
     // From namespace y too (namespaceSelector).
     x.create(
         &PostParams::default(),
@@ -132,6 +167,21 @@ async fn network_policy_truth_table() {
         &lab,
         "plus namespaceSelector ns=y",
         "from\\to  x/a x/b y/a\nx/a        .   X   X\nx/b       ok   .  ok\ny/a       ok  ok   .",
+    )
+    .await;
+
+    // A label change applies to new connections: b is no longer app=b.
+    let kube = lb::agent::client(Some(&lab.kubeconfig_path()))
+        .await
+        .unwrap();
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(kube, "x");
+    let mut b = pods.get("b").await.unwrap();
+    b.metadata.labels = Some([("app".to_string(), "c".to_string())].into());
+    pods.replace("b", &PostParams::default(), &b).await.unwrap();
+    expect(
+        &lab,
+        "x/b relabelled app=c",
+        "from\\to  x/a x/b y/a\nx/a        .   X   X\nx/b        X   .  ok\ny/a       ok  ok   .",
     )
     .await;
 
