@@ -28,13 +28,8 @@ const DROP: i32 = TC_ACT_SHOT;
 /// new and tracked flows to a Service are DNATed to a backend.
 #[inline(always)]
 pub fn from_pod(ctx: &TcContext) -> Result<i32, i32> {
-    let flow = match packet::parse(ctx) {
-        Parsed::Flow(flow) => flow,
-        Parsed::Other => return Ok(PASS),
-        Parsed::Malformed => {
-            count(ctx, reason::MALFORMED);
-            return Ok(PASS);
-        }
+    let Some(flow) = packet::flow_or_count(ctx) else {
+        return Ok(PASS);
     };
 
     // A backend answering a flow that this node translated: restore the

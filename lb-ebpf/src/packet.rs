@@ -176,3 +176,17 @@ pub fn parse<P: Packet>(ctx: &P) -> Parsed {
         l4_off,
     })
 }
+
+/// The flow of a packet the load balancer handles, or `None` to let it
+/// pass; malformed packets are counted (and pass untouched).
+#[inline(always)]
+pub fn flow_or_count<P: Packet>(ctx: &P) -> Option<Flow> {
+    match parse(ctx) {
+        Parsed::Flow(flow) => Some(flow),
+        Parsed::Other => None,
+        Parsed::Malformed => {
+            crate::metrics::count(ctx, lb_common::metrics::reason::MALFORMED);
+            None
+        }
+    }
+}

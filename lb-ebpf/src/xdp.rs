@@ -17,7 +17,7 @@ use crate::{
     maps::NODE,
     metrics::count,
     nat::{rewrite_direct, Side},
-    packet::{self, Flow, Parsed},
+    packet::{self, Flow},
 };
 
 const PASS: u32 = XDP_PASS;
@@ -27,13 +27,8 @@ const SNAT_TRIES: u32 = 8;
 
 #[inline(always)]
 pub fn uplink(ctx: &XdpContext) -> Result<u32, u32> {
-    let flow = match packet::parse(ctx) {
-        Parsed::Flow(flow) => flow,
-        Parsed::Other => return Ok(PASS),
-        Parsed::Malformed => {
-            count(ctx, reason::MALFORMED);
-            return Ok(PASS);
-        }
+    let Some(flow) = packet::flow_or_count(ctx) else {
+        return Ok(PASS);
     };
 
     if let Some(entry) = conntrack::lookup(&conntrack::reply_key(&flow), &flow) {

@@ -1,8 +1,8 @@
 //! The differ: from what the maps hold and what they should hold, the map
 //! writes to make, in an order that never shows a half-updated Service.
 //!
-//! Order (Cilium's): new backends, then backend slots, then each slot-0 master
-//! entry with its count, then removals (masters of removed services, surplus
+//! Order (Cilium's): new backends, then backend slots, then Maglev tables,
+//! then each slot-0 master entry with its count, then removals (masters of removed services, surplus
 //! slots, unreferenced backends). A reader sees either the old or the new
 //! service, never a count that points at slots not yet written.
 
@@ -226,6 +226,16 @@ pub fn plan(current: &MapState, desired: &MapState) -> Vec<MapOp> {
             ops.push(MapOp::PutService(*k, *v));
         }
     }
+    // Maglev tables after the slots they name and before the master entries:
+    // a packet that sees a new count already finds the table for it.
+    // A table is rewritten when its content differs from what is known to
+    // be in the map (after an agent restart nothing is known: each table is
+    // rewritten once, atomically).
+    for (id, table) in &desired.maglev {
+        if current.maglev.get(id) != Some(table) {
+            ops.push(MapOp::PutMaglev(*id, table.clone()));
+        }
+    }
     for (k, v) in desired.services.iter().filter(|(k, _)| k.slot == 0) {
         if changed(k, v) {
             ops.push(MapOp::PutService(*k, *v));
@@ -236,14 +246,6 @@ pub fn plan(current: &MapState, desired: &MapState) -> Vec<MapOp> {
         .keys()
         .filter(|k| !desired.services.contains_key(*k))
         .collect();
-    // A table is rewritten when its content differs from what is known to
-    // be in the map (after an agent restart nothing is known: each table is
-    // rewritten once, atomically).
-    for (id, table) in &desired.maglev {
-        if current.maglev.get(id) != Some(table) {
-            ops.push(MapOp::PutMaglev(*id, table.clone()));
-        }
-    }
     ops.extend(
         gone.iter()
             .filter(|k| k.slot == 0)

@@ -230,8 +230,8 @@ fn plan_orders_backends_then_slots_then_master_then_removals() {
         [
             "put-backend",
             "put-slot",
-            "put-master",
             "put-maglev",
+            "put-master",
             "del-slot",
             "del-backend",
             "del-backend"

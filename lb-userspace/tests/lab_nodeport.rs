@@ -239,9 +239,6 @@ async fn nodeport_without_endpoints_is_refused_at_once_from_outside() {
     let err = ask(&lab.ext_netns(), node_addr(1, 30090))
         .await
         .unwrap_err();
-    let io = err
-        .chain()
-        .find_map(|e| e.downcast_ref::<std::io::Error>())
-        .map(|e| e.kind());
+    let io = common::io_kind(&err);
     assert_eq!(io, Some(std::io::ErrorKind::ConnectionRefused), "{err:#}");
 }

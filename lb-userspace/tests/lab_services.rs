@@ -143,10 +143,7 @@ async fn service_without_endpoints_is_refused_at_once() {
     let err = common::request(&lab, CLIENT, common::vip(&lab, "empty", 80))
         .await
         .unwrap_err();
-    let io = err
-        .chain()
-        .find_map(|e| e.downcast_ref::<std::io::Error>())
-        .map(|e| e.kind());
+    let io = common::io_kind(&err);
     assert_eq!(
         io,
         Some(std::io::ErrorKind::ConnectionRefused),
@@ -155,10 +152,7 @@ async fn service_without_endpoints_is_refused_at_once() {
     let err = common::udp_request(&lab, CLIENT, common::vip(&lab, "empty", 53))
         .await
         .unwrap_err();
-    let io = err
-        .chain()
-        .find_map(|e| e.downcast_ref::<std::io::Error>())
-        .map(|e| e.kind());
+    let io = common::io_kind(&err);
     assert_eq!(
         io,
         Some(std::io::ErrorKind::ConnectionRefused),
@@ -238,10 +232,7 @@ async fn the_last_terminating_pod_serves_until_it_is_gone_then_connections_are_r
     wait_pod_gone(&lab, "solo").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let err = common::request(&lab, CLIENT, vip).await.unwrap_err();
-    let io = err
-        .chain()
-        .find_map(|e| e.downcast_ref::<std::io::Error>())
-        .map(|e| e.kind());
+    let io = common::io_kind(&err);
     assert_eq!(io, Some(std::io::ErrorKind::ConnectionRefused), "{err:#}");
 }
 

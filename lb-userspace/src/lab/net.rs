@@ -15,20 +15,25 @@ pub const HOST_VETH_MAC: &str = "ee:ee:ee:ee:ee:ee";
 /// The pods' default gateway (link-local, answered by the host veth).
 pub const POD_GATEWAY: &str = "169.254.1.1";
 
-pub async fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
+/// Runs a command, failing with its stderr.
+async fn run(program: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(program)
         .args(args)
         .output()
         .await
-        .context("running ip (is iproute2 installed?)")?;
+        .with_context(|| format!("running {program} (is it installed?)"))?;
     if !out.status.success() {
         bail!(
-            "ip {}: {}",
+            "{program} {}: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
     Ok(())
+}
+
+pub async fn ip(args: &[&str]) -> Result<()> {
+    run("ip", args).await
 }
 
 async fn sysctl(netns: &str, key: &str, value: &str) -> Result<()> {
@@ -136,18 +141,11 @@ async fn attach_host(n: &Names, netns: &str, bridge_port: &str, addr: Ipv4Addr) 
     ip(&["-n", netns, "link", "set", "eth0", "up"]).await?;
     // Packets on this network stand for packets on a wire, which carry
     // complete checksums (XDP on the uplinks updates them incrementally).
-    let out = Command::new("ip")
-        .args(["netns", "exec", netns, "ethtool", "-K", "eth0", "tx", "off"])
-        .output()
-        .await
-        .context("running ethtool (is it installed?)")?;
-    if !out.status.success() {
-        bail!(
-            "ethtool -K eth0 tx off in {netns}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    run(
+        "ip",
+        &["netns", "exec", netns, "ethtool", "-K", "eth0", "tx", "off"],
+    )
+    .await
 }
 
 /// LoadBalancer addresses the lab hands out, routed from the outside client

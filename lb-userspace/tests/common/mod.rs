@@ -173,3 +173,10 @@ pub async fn wait_backends_on(lab: &Lab, node: usize, addr: SocketAddr, n: u16) 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The I/O error kind behind an error (connection refused, timed out...).
+pub fn io_kind(err: &anyhow::Error) -> Option<std::io::ErrorKind> {
+    err.chain()
+        .find_map(|e| e.downcast_ref::<std::io::Error>())
+        .map(|e| e.kind())
+}
