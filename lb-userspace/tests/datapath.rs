@@ -364,6 +364,7 @@ fn maglev_selection_moves_about_one_tenth_of_flows_when_one_of_ten_backends_goes
     assert!(after.iter().all(|b| *b != removed));
     let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
     let on_removed = before.iter().filter(|b| **b == removed).count();
+    eprintln!("maglev: {moved} of 1000 flows moved, {on_removed} of them from the removed backend");
     assert!(
         moved >= on_removed,
         "flows of the removed backend must move"

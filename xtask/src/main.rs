@@ -97,6 +97,10 @@ fn main() -> Result<()> {
                     .args(["lab", "up", "--demo", "--manifests"])
                     .arg(root().join("manifests/demo")),
             };
+            // Ctrl-C reaches `lb` too, which tears the lab down; wait for it
+            // rather than give the prompt back while it is still cleaning up.
+            // SAFETY: setting a signal disposition to SIG_IGN has no preconditions.
+            unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
             run(cmd.args(args))
         }
         Cmd::Test { args } => {
