@@ -30,7 +30,8 @@ pub mod map_names {
     pub const IPCACHE: &str = "IPCACHE";
     pub const ENDPOINTS: &str = "ENDPOINTS";
     pub const POLICY: &str = "POLICY";
-    pub const ALL: [&str; 11] = [
+    pub const FLOWS: &str = "FLOWS";
+    pub const ALL: [&str; 12] = [
         SERVICES,
         BACKENDS,
         CONNTRACK,
@@ -42,6 +43,7 @@ pub mod map_names {
         IPCACHE,
         ENDPOINTS,
         POLICY,
+        FLOWS,
     ];
 }
 

@@ -73,3 +73,32 @@ pub struct PolicyEntry {
 pub const POLICY_KEY_FIXED_BITS: u32 = 64;
 
 crate::user_pod!(IpcacheKey, EndpointInfo, PolicyKey, PolicyEntry);
+
+/// A policy verdict for a new flow, sent through the FLOWS ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FlowEvent {
+    /// bpf_ktime_get_ns() (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    /// Addresses and ports as the pod sees them, network byte order.
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// `DIR_INGRESS` or `DIR_EGRESS` (of the local pod).
+    pub direction: u8,
+    /// `VERDICT_ALLOW` or `VERDICT_DROP`.
+    pub verdict: u8,
+    pub pad0: u8,
+    /// The rule that allowed (0 for drops).
+    pub rule_id: u32,
+    /// The remote identity.
+    pub identity: u32,
+}
+
+pub const VERDICT_ALLOW: u8 = 0;
+pub const VERDICT_DROP: u8 = 1;
+
+crate::user_pod!(FlowEvent);

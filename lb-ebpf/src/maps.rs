@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     bindings::BPF_F_INNER_MAP,
-    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
 use lb_common::{
@@ -11,7 +11,7 @@ use lb_common::{
     conntrack::{ConntrackEntry, ConntrackKey},
     metrics::{reason, Counter},
     node::NodeConfig,
-    policy::{EndpointInfo, IpcacheKey, PolicyEntry, PolicyKey},
+    policy::{EndpointInfo, FlowEvent, IpcacheKey, PolicyEntry, PolicyKey},
     service::{
         AffinityKey, AffinityValue, ServiceKey, ServiceValue, SourceRange, MAGLEV_TABLE_SIZE_LARGE,
     },
@@ -65,6 +65,10 @@ pub static ENDPOINTS: HashMap<u32, EndpointInfo, 16384> = HashMap::new();
 /// NetworkPolicy: (endpoint, direction, protocol, identity, port prefix) -> rule.
 #[btf_map]
 pub static POLICY: LpmTrie<PolicyKey, PolicyEntry, 262144> = LpmTrie::new();
+
+/// NetworkPolicy verdicts of new flows, for `lb flows`.
+#[btf_map]
+pub static FLOWS: RingBuf<FlowEvent, { 256 * 1024 }> = RingBuf::new();
 
 /// This node's address and SNAT port range, written by the agent.
 #[btf_map]

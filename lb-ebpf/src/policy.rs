@@ -7,14 +7,15 @@ use aya_ebpf::btf_maps::lpm_trie::Key;
 use lb_common::{
     conntrack::{ConntrackEntry, ConntrackKey, CT_POLICY_EGRESS, CT_POLICY_INGRESS},
     policy::{
-        EndpointInfo, IpcacheKey, PolicyKey, DIR_EGRESS, DIR_INGRESS, ENDPOINT_F_EGRESS_ISOLATED,
-        ENDPOINT_F_INGRESS_ISOLATED, IDENTITY_HOST, IDENTITY_WORLD, POLICY_KEY_FIXED_BITS,
+        EndpointInfo, FlowEvent, IpcacheKey, PolicyKey, DIR_EGRESS, DIR_INGRESS,
+        ENDPOINT_F_EGRESS_ISOLATED, ENDPOINT_F_INGRESS_ISOLATED, IDENTITY_HOST, IDENTITY_WORLD,
+        POLICY_KEY_FIXED_BITS, VERDICT_ALLOW, VERDICT_DROP,
     },
 };
 
 use crate::{
     conntrack,
-    maps::{CONNTRACK, ENDPOINTS, IPCACHE, POLICY},
+    maps::{CONNTRACK, ENDPOINTS, FLOWS, IPCACHE, POLICY},
     packet::Flow,
 };
 
@@ -52,7 +53,7 @@ fn endpoint(addr: u32) -> Option<EndpointInfo> {
 }
 
 #[inline(always)]
-fn rule(ep: &EndpointInfo, direction: u8, proto: u8, identity: u32, port: u16) -> bool {
+fn rule(ep: &EndpointInfo, direction: u8, proto: u8, identity: u32, port: u16) -> Option<u32> {
     let key = PolicyKey {
         endpoint_id: ep.endpoint_id,
         direction,
@@ -63,20 +64,53 @@ fn rule(ep: &EndpointInfo, direction: u8, proto: u8, identity: u32, port: u16) -
     };
     POLICY
         .get(&Key::new(POLICY_KEY_FIXED_BITS + 16, key))
-        .is_some()
+        .map(|e| e.rule_id)
 }
 
-/// Whether a rule of `ep` allows `identity` on `proto`/`port`: exact
-/// identity and protocol first, then the wildcards.
+/// The rule of `ep` that allows `identity` on `proto`/`port`, if any: exact
+/// identity and protocol first, then the wildcards. The node's own traffic
+/// to its pods (kubelet probes) is allowed as rule 0.
 #[inline(always)]
-pub fn allowed(ep: &EndpointInfo, direction: u8, proto: u8, identity: u32, port: u16) -> bool {
+pub fn allowed(
+    ep: &EndpointInfo,
+    direction: u8,
+    proto: u8,
+    identity: u32,
+    port: u16,
+) -> Option<u32> {
     if direction == DIR_INGRESS && identity == IDENTITY_HOST {
-        return true; // the node's own probes
+        return Some(0);
     }
     rule(ep, direction, proto, identity, port)
-        || rule(ep, direction, 0, identity, port)
-        || rule(ep, direction, proto, 0, port)
-        || rule(ep, direction, 0, 0, port)
+        .or_else(|| rule(ep, direction, 0, identity, port))
+        .or_else(|| rule(ep, direction, proto, 0, port))
+        .or_else(|| rule(ep, direction, 0, 0, port))
+}
+
+/// Reports the verdict on a new flow of an isolated endpoint (best effort:
+/// a full ring buffer loses the event, never the packet).
+#[inline(always)]
+fn report(flow: &Flow, direction: u8, identity: u32, verdict: Option<u32>) {
+    if let Some(mut entry) = FLOWS.reserve(0) {
+        entry.write(FlowEvent {
+            ts_ns: unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() },
+            saddr: flow.saddr,
+            daddr: flow.daddr,
+            sport: flow.sport,
+            dport: flow.dport,
+            proto: flow.proto,
+            direction,
+            verdict: if verdict.is_some() {
+                VERDICT_ALLOW
+            } else {
+                VERDICT_DROP
+            },
+            pad0: 0,
+            rule_id: verdict.unwrap_or(0),
+            identity,
+        });
+        entry.submit(0);
+    }
 }
 
 #[inline(always)]
@@ -107,16 +141,13 @@ pub fn admit_egress(flow: &Flow, original: &Flow) -> bool {
     let Some(ep) = endpoint(flow.saddr) else {
         return true; // not a pod this node manages
     };
-    if ep.flags & ENDPOINT_F_EGRESS_ISOLATED != 0
-        && !allowed(
-            &ep,
-            DIR_EGRESS,
-            flow.proto,
-            identity_of(flow.daddr),
-            flow.dport,
-        )
-    {
-        return false;
+    if ep.flags & ENDPOINT_F_EGRESS_ISOLATED != 0 {
+        let identity = identity_of(flow.daddr);
+        let verdict = allowed(&ep, DIR_EGRESS, flow.proto, identity, flow.dport);
+        report(flow, DIR_EGRESS, identity, verdict);
+        if verdict.is_none() {
+            return false;
+        }
     }
     track(&k);
     // Also as sent (to the Service address): when the backend is on this
@@ -141,16 +172,13 @@ pub fn admit_ingress(flow: &Flow) -> bool {
     let Some(ep) = endpoint(flow.daddr) else {
         return true;
     };
-    if ep.flags & ENDPOINT_F_INGRESS_ISOLATED != 0
-        && !allowed(
-            &ep,
-            DIR_INGRESS,
-            flow.proto,
-            identity_of(flow.saddr),
-            flow.dport,
-        )
-    {
-        return false;
+    if ep.flags & ENDPOINT_F_INGRESS_ISOLATED != 0 {
+        let identity = identity_of(flow.saddr);
+        let verdict = allowed(&ep, DIR_INGRESS, flow.proto, identity, flow.dport);
+        report(flow, DIR_INGRESS, identity, verdict);
+        if verdict.is_none() {
+            return false;
+        }
     }
     track(&k);
     true
