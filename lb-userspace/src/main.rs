@@ -67,6 +67,22 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         drain_seconds: u64,
     },
+    /// Stream NetworkPolicy verdicts (time, source, destination, port,
+    /// protocol, direction, verdict, deciding policy) from this node.
+    Flows {
+        /// Where the agent pinned its maps.
+        #[arg(long, env = "LB_PIN_DIR", default_value = "/sys/fs/bpf/lb")]
+        pin_dir: PathBuf,
+        /// To name pods and policies.
+        #[arg(long, env = "KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
+        /// This node's name (to name the deciding policy rules).
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
+        /// Stop after this many verdicts.
+        #[arg(long)]
+        count: Option<usize>,
+    },
     /// NetworkPolicy tools.
     Policy {
         #[command(subcommand)]
@@ -185,6 +201,18 @@ fn main() -> Result<()> {
             let client = agent::client(kubeconfig.as_ref()).await?;
             let allowed = lb::trace::run(client, &from, &to, port, &protocol).await?;
             std::process::exit(if allowed { 0 } else { 1 });
+        }),
+        Command::Flows {
+            pin_dir,
+            kubeconfig,
+            node_name,
+            count,
+        } => rt.block_on(async {
+            let client = match &kubeconfig {
+                Some(k) => Some(agent::client(Some(k)).await?),
+                None => None,
+            };
+            lb::flows::run(&pin_dir, client, node_name, count).await
         }),
         Command::Lab { command } => match command {
             LabCommand::Up {

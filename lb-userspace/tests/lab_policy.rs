@@ -105,6 +105,34 @@ async fn network_policy_truth_table() {
     )
     .await;
 
+    // `lb flows` on x/a's node shows the drop, with pod names.
+    let a_node = lab.store.get(Kind::Pod, "x", "a").unwrap()["spec"]["nodeName"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let index: usize = a_node.trim_start_matches("node-").parse().unwrap();
+    let mut flows = std::process::Command::new(env!("CARGO_BIN_EXE_lb"))
+        .args(["flows", "--node-name", &a_node, "--pin-dir"])
+        .arg(lab.pin_dir(index))
+        .arg("--kubeconfig")
+        .arg(lab.kubeconfig_path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await; // names loaded
+    assert!(!probe(&lab, ("x", "b"), ("x", "a")).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = flows.kill();
+    let out = tokio::task::spawn_blocking(move || flows.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.contains(" x/b:") && l.contains("-> x/a:80 TCP/80 ingress DROP")),
+        "lb flows output:\n{text}"
+    );
+
     // Allow b -> a on 80; a may send nothing (egress deny), yet a's replies
     // to b pass: the policy is stateful.
     x.create(
