@@ -11,11 +11,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::{Map, MapData, RingBuf};
-use k8s_openapi::api::{
-    core::v1::{Namespace, Pod},
-    networking::v1::NetworkPolicy,
-};
-use kube::{api::ListParams, Api, Client};
+use kube::Client;
 use lb_common::{
     map_names,
     policy::{FlowEvent, DIR_INGRESS, VERDICT_ALLOW},
@@ -34,18 +30,7 @@ struct Names {
 }
 
 async fn names(client: &Client, node: &NodeContext) -> Result<Names> {
-    let pods = Api::<Pod>::all(client.clone())
-        .list(&ListParams::default())
-        .await?
-        .items;
-    let namespaces = Api::<Namespace>::all(client.clone())
-        .list(&ListParams::default())
-        .await?
-        .items;
-    let policies = Api::<NetworkPolicy>::all(client.clone())
-        .list(&ListParams::default())
-        .await?
-        .items;
+    let (pods, namespaces, policies) = crate::trace::policy_objects(client).await?;
     let rules = translate_policies(&pods, &namespaces, &policies, node).rule_names;
     let pods = pods
         .iter()

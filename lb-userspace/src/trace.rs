@@ -102,21 +102,25 @@ pub fn trace(
     ])
 }
 
+/// The objects NetworkPolicy translation needs, from the API.
+pub async fn policy_objects(
+    client: &Client,
+) -> Result<(Vec<Pod>, Vec<Namespace>, Vec<NetworkPolicy>)> {
+    let lp = ListParams::default();
+    Ok((
+        Api::<Pod>::all(client.clone()).list(&lp).await?.items,
+        Api::<Namespace>::all(client.clone()).list(&lp).await?.items,
+        Api::<NetworkPolicy>::all(client.clone())
+            .list(&lp)
+            .await?
+            .items,
+    ))
+}
+
 /// The CLI: fetches the objects and prints the verdict.
 pub async fn run(client: Client, from: &str, to: &str, port: u16, protocol: &str) -> Result<bool> {
     let proto = protocol_number_any(Some(protocol)).map_err(anyhow::Error::msg)?;
-    let pods = Api::<Pod>::all(client.clone())
-        .list(&ListParams::default())
-        .await?
-        .items;
-    let namespaces = Api::<Namespace>::all(client.clone())
-        .list(&ListParams::default())
-        .await?
-        .items;
-    let policies = Api::<NetworkPolicy>::all(client)
-        .list(&ListParams::default())
-        .await?
-        .items;
+    let (pods, namespaces, policies) = policy_objects(&client).await?;
     let find = |id: &str| -> Result<&Pod> {
         let Some((ns, name)) = id.split_once('/') else {
             bail!("name pods as NAMESPACE/NAME, not {id:?}")
