@@ -79,6 +79,25 @@ pub struct NewFlow<'a> {
     pub flags: u16,
 }
 
+impl NewFlow<'_> {
+    /// The translation of the flow's packets: DNAT to the backend, SNAT
+    /// when set (the forward conntrack entry, without its timestamp).
+    #[inline(always)]
+    pub fn forward(&self) -> ConntrackEntry {
+        ConntrackEntry {
+            last_seen_ns: 0,
+            nat_addr: self.backend.addr,
+            nat_port: self.backend.port,
+            rev_nat_id: self.rev_nat_id,
+            backend_id: self.backend_id,
+            flags: self.flags,
+            snat_addr: self.snat.0,
+            snat_port: self.snat.1,
+            pad0: 0,
+        }
+    }
+}
+
 /// Records a new flow: the forward entry (where to DNAT, what to SNAT to)
 /// and the reply entry (which frontend to restore as the source of replies,
 /// and, with SNAT, which client to restore as their destination).
@@ -87,14 +106,7 @@ pub fn create(flow: &Flow, new: &NewFlow) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
     let forward = ConntrackEntry {
         last_seen_ns: now,
-        nat_addr: new.backend.addr,
-        nat_port: new.backend.port,
-        rev_nat_id: new.rev_nat_id,
-        backend_id: new.backend_id,
-        flags: new.flags,
-        snat_addr: new.snat.0,
-        snat_port: new.snat.1,
-        pad0: 0,
+        ..new.forward()
     };
     let snat = new.snat.0 != 0;
     let reply = ConntrackEntry {

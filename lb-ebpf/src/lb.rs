@@ -85,13 +85,7 @@ pub fn from_pod(ctx: &TcContext) -> Result<i32, i32> {
         // Still forward: the flow works while it keeps this backend by hash.
         count(ctx, reason::CT_INSERT_FAILED);
     }
-    let entry = ConntrackEntry {
-        nat_addr: backend.addr,
-        nat_port: backend.port,
-        snat_addr: snat.0,
-        snat_port: snat.1,
-        ..Default::default()
-    };
+    let entry = new.forward();
     dnat_snat(ctx, &flow, &entry)?;
     count(ctx, reason::NEW_FLOW);
     Ok(PASS)

@@ -81,13 +81,7 @@ pub fn uplink(ctx: &XdpContext) -> Result<u32, u32> {
         count(ctx, reason::CT_INSERT_FAILED);
         return Err(DROP);
     }
-    let entry = ConntrackEntry {
-        nat_addr: backend.addr,
-        nat_port: backend.port,
-        snat_addr: snat.0,
-        snat_port: snat.1,
-        ..Default::default()
-    };
+    let entry = new.forward();
     rewrite_both(ctx, &flow, Side::Destination, &entry)?;
     count(ctx, reason::NEW_FLOW);
     Ok(PASS)
