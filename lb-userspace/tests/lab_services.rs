@@ -19,8 +19,17 @@ use lb_common::{PROTO_TCP, PROTO_UDP};
 
 const CLIENT: (&str, &str) = ("default", "client");
 
+/// The two-node Services lab, once the agents answer on web:80.
 async fn services_lab(letter: char) -> lb::lab::Lab {
-    common::lab_with(letter, common::test_manifests("services"), 2).await
+    let lab = common::lab_with(letter, common::test_manifests("services"), 2).await;
+    common::wait_reachable(
+        &lab,
+        CLIENT,
+        common::vip(&lab, "web", 80),
+        Duration::from_secs(30),
+    )
+    .await;
+    lab
 }
 
 async fn delete_pod(lab: &lb::lab::Lab, name: &str) {
@@ -49,7 +58,6 @@ async fn wait_pod_gone(lab: &lb::lab::Lab, name: &str) {
 async fn tcp_and_udp_ports_with_named_target_ports_reach_pods_on_both_nodes() {
     let lab = services_lab('s').await;
     let http = common::vip(&lab, "web", 80);
-    common::wait_reachable(&lab, CLIENT, http, Duration::from_secs(30)).await;
     common::wait_backends(&lab, http, PROTO_TCP, 4).await;
     common::wait_backends(&lab, common::vip(&lab, "web", 53), PROTO_UDP, 4).await;
 
@@ -84,13 +92,6 @@ async fn tcp_and_udp_ports_with_named_target_ports_reach_pods_on_both_nodes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headless_and_external_name_services_get_no_frontend() {
     let lab = services_lab('h').await;
-    common::wait_reachable(
-        &lab,
-        CLIENT,
-        common::vip(&lab, "web", 80),
-        Duration::from_secs(30),
-    )
-    .await;
     let maps = Maps::open_pinned(&lab.pin_dir(1)).unwrap();
     let state = maps.state().unwrap();
     let mut frontends: Vec<(SocketAddr, u8)> = state
@@ -133,13 +134,6 @@ async fn headless_and_external_name_services_get_no_frontend() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_without_endpoints_is_refused_at_once() {
     let lab = services_lab('r').await;
-    common::wait_reachable(
-        &lab,
-        CLIENT,
-        common::vip(&lab, "web", 80),
-        Duration::from_secs(30),
-    )
-    .await;
     let err = common::request(&lab, CLIENT, common::vip(&lab, "empty", 80))
         .await
         .unwrap_err();
@@ -271,13 +265,6 @@ async fn session_affinity_and_internal_traffic_policy_local() {
 async fn a_udp_flow_moves_to_a_live_backend_as_soon_as_its_pod_is_gone() {
     let lab = services_lab('u').await;
     let dns = common::vip(&lab, "web", 53);
-    common::wait_reachable(
-        &lab,
-        CLIENT,
-        common::vip(&lab, "web", 80),
-        Duration::from_secs(30),
-    )
-    .await;
     let netns = lab.pod_netns("default", "client").unwrap();
     // One socket, so every datagram belongs to the same conntrack entry.
     let sock = lb::netns::run_in(&netns, || std::net::UdpSocket::bind("0.0.0.0:0"))
