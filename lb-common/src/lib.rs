@@ -31,7 +31,8 @@ pub mod map_names {
     pub const ENDPOINTS: &str = "ENDPOINTS";
     pub const POLICY: &str = "POLICY";
     pub const FLOWS: &str = "FLOWS";
-    pub const ALL: [&str; 12] = [
+    pub const PEER_NODES: &str = "PEER_NODES";
+    pub const ALL: [&str; 13] = [
         SERVICES,
         BACKENDS,
         CONNTRACK,
@@ -44,6 +45,7 @@ pub mod map_names {
         ENDPOINTS,
         POLICY,
         FLOWS,
+        PEER_NODES,
     ];
 }
 

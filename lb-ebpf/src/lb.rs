@@ -65,13 +65,24 @@ pub fn from_pod(ctx: &TcContext) -> Result<i32, i32> {
             DROP
         });
     };
-    egress_policy(ctx, &flow, backend.addr, backend.port)?;
     // Hairpin: a pod sent to its own Service and landed on itself. Seen
     // from the pod, a packet from its own address would be a martian, so its
     // source becomes the Service address (replies come back through here).
-    let snat = if backend.addr == flow.saddr {
+    let hairpin = backend.addr == flow.saddr;
+    let snat = if hairpin {
+        let translated = Flow {
+            daddr: backend.addr,
+            dport: backend.port,
+            ..flow
+        };
+        let snatted = Flow {
+            saddr: flow.daddr,
+            ..translated
+        };
+        policy::admit_hairpin(&translated, &flow, &snatted);
         (flow.daddr, flow.sport)
     } else {
+        egress_policy(ctx, &flow, backend.addr, backend.port)?;
         (0, 0)
     };
     let new = NewFlow {

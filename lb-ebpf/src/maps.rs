@@ -58,9 +58,10 @@ pub static SOURCE_RANGES: LpmTrie<SourceRange, u8, 65536> = LpmTrie::new();
 #[btf_map]
 pub static IPCACHE: LpmTrie<IpcacheKey, u32, 65536> = LpmTrie::new();
 
-/// NetworkPolicy: local pod address -> endpoint id and isolation.
+/// NetworkPolicy: pod address -> endpoint id and isolation. Every pod of the
+/// cluster: XDP judges remote backends too (`policy::admit_at_entry`).
 #[btf_map]
-pub static ENDPOINTS: HashMap<u32, EndpointInfo, 16384> = HashMap::new();
+pub static ENDPOINTS: HashMap<u32, EndpointInfo, 65536> = HashMap::new();
 
 /// NetworkPolicy: (endpoint, direction, protocol, identity, port prefix) -> rule.
 #[btf_map]
@@ -69,6 +70,11 @@ pub static POLICY: LpmTrie<PolicyKey, PolicyEntry, 262144> = LpmTrie::new();
 /// NetworkPolicy verdicts of new flows, for `lb flows`.
 #[btf_map]
 pub static FLOWS: RingBuf<FlowEvent, { 256 * 1024 }> = RingBuf::new();
+
+/// The other nodes' addresses -> 1. Their XDP judges the NodePort and
+/// LoadBalancer flows it SNATs (see `policy::judged_at_entry_node`).
+#[btf_map]
+pub static PEER_NODES: HashMap<u32, u32, 4096> = HashMap::new();
 
 /// This node's address and SNAT port range, written by the agent.
 #[btf_map]

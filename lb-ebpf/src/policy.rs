@@ -15,7 +15,7 @@ use lb_common::{
 
 use crate::{
     conntrack,
-    maps::{CONNTRACK, ENDPOINTS, FLOWS, IPCACHE, POLICY},
+    maps::{CONNTRACK, ENDPOINTS, FLOWS, IPCACHE, NODE, PEER_NODES, POLICY},
     packet::Flow,
 };
 
@@ -158,6 +158,48 @@ pub fn admit_egress(flow: &Flow, original: &Flow) -> bool {
     true
 }
 
+/// A NodePort or LoadBalancer flow from outside, about to be SNATed to this
+/// node and sent to `flow.daddr` (`flow` is client -> backend): judged here
+/// by the backend's ingress policy with the client's own identity, since
+/// the backend's node will only see this node's address.
+#[inline(always)]
+pub fn admit_at_entry(flow: &Flow) -> bool {
+    let Some(ep) = endpoint(flow.daddr) else {
+        return true;
+    };
+    if ep.flags & ENDPOINT_F_INGRESS_ISOLATED == 0 {
+        return true;
+    }
+    let identity = identity_of(flow.saddr);
+    let verdict = allowed(&ep, DIR_INGRESS, flow.proto, identity, flow.dport);
+    report(flow, DIR_INGRESS, identity, verdict);
+    verdict.is_some()
+}
+
+/// A flow another node SNATed from its reserved port range: that node's
+/// XDP already judged the client (`admit_at_entry`). Nodes trust each other
+/// here as Cilium's trust the identity in a tunnel header; the range lies
+/// above the ephemeral ports, so the nodes' own connections never use it.
+#[inline(always)]
+fn judged_at_entry_node(flow: &Flow) -> bool {
+    let Some(node) = NODE.get(0) else {
+        return false;
+    };
+    let offset = u16::from_be(flow.sport).wrapping_sub(node.snat_port_min);
+    offset < node.snat_port_count && PEER_NODES.get_ptr(&flow.saddr).is_some()
+}
+
+/// A pod that reached itself through its own Service (hairpin; `snatted` is
+/// the flow as the pod receives it, from the Service address). A pod can
+/// always reach itself, as over loopback, so no policy is consulted: the
+/// flow is admitted both ways up front.
+#[inline(always)]
+pub fn admit_hairpin(translated: &Flow, original: &Flow, snatted: &Flow) {
+    track(&key(translated, CT_POLICY_EGRESS, false));
+    track(&key(original, CT_POLICY_EGRESS, false));
+    track(&key(snatted, CT_POLICY_INGRESS, false));
+}
+
 /// Traffic delivered to a local pod (before reverse NAT): a reply of a flow
 /// it sent, a flow it already receives, or a new flow its ingress policy allows.
 #[inline(always)]
@@ -172,7 +214,7 @@ pub fn admit_ingress(flow: &Flow) -> bool {
     let Some(ep) = endpoint(flow.daddr) else {
         return true;
     };
-    if ep.flags & ENDPOINT_F_INGRESS_ISOLATED != 0 {
+    if ep.flags & ENDPOINT_F_INGRESS_ISOLATED != 0 && !judged_at_entry_node(flow) {
         let identity = identity_of(flow.saddr);
         let verdict = allowed(&ep, DIR_INGRESS, flow.proto, identity, flow.dport);
         report(flow, DIR_INGRESS, identity, verdict);

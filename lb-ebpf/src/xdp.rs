@@ -18,6 +18,7 @@ use crate::{
     metrics::count,
     nat::{rewrite_direct, Side},
     packet::{self, Flow},
+    policy,
 };
 
 const PASS: u32 = XDP_PASS;
@@ -70,6 +71,15 @@ pub fn uplink(ctx: &XdpContext) -> Result<u32, u32> {
             DROP
         })?
     };
+    let to_backend = Flow {
+        daddr: backend.addr,
+        dport: backend.port,
+        ..flow
+    };
+    if snat.0 != 0 && !policy::admit_at_entry(&to_backend) {
+        count(ctx, reason::DROP_POLICY);
+        return Err(DROP);
+    }
     let new = NewFlow {
         backend_id,
         backend: &backend,

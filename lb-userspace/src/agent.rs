@@ -28,25 +28,35 @@ use crate::{
     translate::{translate, NodeContext},
 };
 
-/// This node's name and InternalIP addresses, from its Node object.
+/// A Node's addresses of the given types.
+fn node_addresses(node: &Node, types: &[&str]) -> Vec<std::net::Ipv4Addr> {
+    node.status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| types.contains(&a.type_.as_str()))
+        .filter_map(|a| a.address.parse().ok())
+        .collect()
+}
+
+/// This node's name and addresses, and the other nodes' InternalIPs.
 fn node_context(name: Option<&String>, nodes: &reflector::Store<Node>) -> NodeContext {
     let Some(name) = name else {
         return NodeContext::default();
     };
-    let addrs = nodes
-        .state()
-        .iter()
-        .find(|n| n.metadata.name.as_ref() == Some(name))
-        .and_then(|n| n.status.as_ref()?.addresses.clone())
-        .unwrap_or_default()
-        .iter()
-        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
-        .filter_map(|a| a.address.parse().ok())
-        .collect();
-    NodeContext {
+    let mut ctx = NodeContext {
         name: Some(name.clone()),
-        addrs,
+        ..Default::default()
+    };
+    for node in nodes.state() {
+        if node.metadata.name.as_ref() == Some(name) {
+            ctx.addrs = node_addresses(&node, &["InternalIP", "ExternalIP"]);
+        } else {
+            ctx.peers.extend(node_addresses(&node, &["InternalIP"]));
+        }
     }
+    ctx
 }
 
 pub struct AgentConfig {

@@ -114,6 +114,7 @@ pub async fn run(
     let node = NodeContext {
         name: node_name,
         addrs: vec![],
+        ..Default::default()
     };
     let now_mono = crate::conntrack::monotonic_ns()?;
     let now_wall = std::time::SystemTime::now()

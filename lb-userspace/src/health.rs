@@ -167,6 +167,7 @@ mod tests {
         let node = |n: &str| NodeContext {
             name: Some(n.into()),
             addrs: vec![],
+            ..Default::default()
         };
         let n1 = health_checks(&services, &slices, &node("n1"));
         assert_eq!(n1.keys().copied().collect::<Vec<_>>(), [32000]);

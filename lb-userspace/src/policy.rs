@@ -33,8 +33,10 @@ type Labels = BTreeMap<String, String>;
 pub struct PolicyState {
     /// (address, prefix length) -> identity; addresses in network byte order.
     pub ipcache: BTreeMap<(u32, u8), u32>,
-    /// Local pod address -> endpoint.
+    /// Pod address -> endpoint (every pod of the cluster).
     pub endpoints: BTreeMap<u32, EndpointInfo>,
+    /// The other nodes' addresses, network byte order.
+    pub peer_nodes: BTreeSet<u32>,
     /// (key, port prefix bits) -> rule id.
     pub rules: BTreeMap<(PolicyKey, u8), u32>,
 }
@@ -389,17 +391,33 @@ pub fn translate_policies(
         Ok(Some(ids))
     };
 
-    // Local endpoints, numbered in a stable order.
-    let mut local: Vec<&PodInfo> = pods_info
+    t.state.peer_nodes = node.peers.iter().map(|a| u32::from(*a).to_be()).collect();
+    // Endpoints: every scheduled pod, not only this node's, since XDP judges
+    // NodePort flows to remote backends here (with the client's identity,
+    // before SNAT hides it). Numbered in a stable order.
+    let mut all: Vec<&PodInfo> = pods_info
         .iter()
         .filter(|p| {
-            node.name.is_some()
-                && p.pod.spec.as_ref().and_then(|s| s.node_name.as_ref()) == node.name.as_ref()
+            p.pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.node_name.as_ref())
+                .is_some()
         })
         .collect();
-    local.sort_by_key(|p| (p.namespace.clone(), p.pod.metadata.name.clone()));
-    for (idx, ep) in local.iter().enumerate() {
-        let endpoint_id = idx as u16 + 1;
+    all.sort_by_key(|p| (p.namespace.clone(), p.pod.metadata.name.clone()));
+    for (idx, ep) in all.iter().enumerate() {
+        let Ok(endpoint_id) = u16::try_from(idx + 1) else {
+            t.errors.push(ObjectError {
+                object: format!(
+                    "Pod {}/{}",
+                    ep.namespace,
+                    ep.pod.metadata.name.as_deref().unwrap_or("")
+                ),
+                message: "more than 65535 pods: no endpoint left for this one".into(),
+            });
+            break;
+        };
         let mut flags = 0;
         for (pi, policy) in policies.iter().enumerate() {
             let pname = policy_name(policy);

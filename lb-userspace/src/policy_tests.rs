@@ -41,6 +41,7 @@ fn check(case: &str, policies: Vec<NetworkPolicy>, probes: &[Probe]) {
     let node = NodeContext {
         name: Some("n1".into()),
         addrs: vec![NODE.parse().unwrap()],
+        ..Default::default()
     };
     let t = translate_policies(&pods, &[ns("x"), ns("y")], &policies, &node);
     let mut wrong = Vec::new();
@@ -291,6 +292,7 @@ fn a_policy_with_a_bad_cidr_isolates_and_allows_nothing() {
     let node = NodeContext {
         name: Some("n1".into()),
         addrs: vec![],
+        ..Default::default()
     };
     let t = translate_policies(&pods, &[ns("x")], &[bad], &node);
     assert_eq!(t.errors.len(), 1, "{:?}", t.errors);

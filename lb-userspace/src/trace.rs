@@ -74,6 +74,7 @@ pub fn trace(
     let node_of = |p: &Pod| NodeContext {
         name: p.spec.as_ref().and_then(|s| s.node_name.clone()),
         addrs: vec![],
+        ..Default::default()
     };
     let (src, dst) = (ip(from)?, ip(to)?);
     let egress = translate_policies(pods, namespaces, policies, &node_of(from));

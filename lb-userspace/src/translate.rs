@@ -32,6 +32,8 @@ pub struct BackendAddr {
 pub struct NodeContext {
     pub name: Option<String>,
     pub addrs: Vec<Ipv4Addr>,
+    /// The other nodes' InternalIPs.
+    pub peers: Vec<Ipv4Addr>,
 }
 
 /// One frontend (virtual address, port, protocol) and the backends behind it.

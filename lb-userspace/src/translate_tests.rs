@@ -403,6 +403,7 @@ fn a_bad_source_range_leaves_out_the_load_balancer_addresses_only() {
     let node = NodeContext {
         name: Some("n1".into()),
         addrs: vec!["172.18.0.11".parse().unwrap()],
+        ..Default::default()
     };
     let good = translate(&[lb(&["172.18.0.0/24"])], &[], &node);
     let kinds: Vec<(String, u16)> = good

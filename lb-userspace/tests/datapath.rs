@@ -635,7 +635,14 @@ mod network_policy {
     /// Two local pods A (endpoint 1) and B (endpoint 2) with identities, and
     /// a Service whose backend is B.
     fn setup(a_flags: u16, b_flags: u16) -> Datapath {
-        let mut dp = datapath_with(&[service(80, PROTO_TCP, &[(POD_B, 8080)])]);
+        setup_with(a_flags, b_flags, &[])
+    }
+
+    /// `setup`, with more Services.
+    fn setup_with(a_flags: u16, b_flags: u16, more: &[DesiredService]) -> Datapath {
+        let mut services = vec![service(80, PROTO_TCP, &[(POD_B, 8080)])];
+        services.extend_from_slice(more);
+        let mut dp = datapath_with(&services);
         for (ip, id, ep, flags) in [(POD_A, ID_A, 1, a_flags), (POD_B, ID_B, 2, b_flags)] {
             dp.maps
                 .ipcache
@@ -776,6 +783,98 @@ mod network_policy {
             &Frame::tcp(VIP, 80, POD_A, 40001).build(b""),
         );
         assert_eq!(v, TC_ACT_OK);
+    }
+
+    #[test]
+    fn a_fully_isolated_pod_reaches_itself_through_its_service() {
+        // B is the Service's backend and isolated both ways with no rule.
+        let mut dp = setup(0, ENDPOINT_F_INGRESS_ISOLATED | ENDPOINT_F_EGRESS_ISOLATED);
+        assert_eq!(
+            verdict(&mut dp, PROG_FROM_POD, Frame::tcp(POD_A, 40000, VIP, 80)),
+            TC_ACT_OK,
+            "A is not isolated: its flow leaves, B's ingress judges it"
+        );
+        assert_eq!(
+            verdict(&mut dp, PROG_TO_POD, Frame::tcp(POD_A, 40000, POD_B, 8080)),
+            TC_ACT_SHOT
+        );
+        // B -> VIP lands on B itself: SNAT to the VIP, and both of B's
+        // directions admit it, as loopback is.
+        let (v, out) = run(
+            &mut dp,
+            PROG_FROM_POD,
+            &Frame::tcp(POD_B, 41000, VIP, 80).build(b""),
+        );
+        assert_eq!(v, TC_ACT_OK);
+        let hairpin = Frame::parse(&out).unwrap();
+        assert_eq!(
+            (hairpin.src.to_string(), hairpin.dst.to_string()),
+            (VIP.to_string(), POD_B.to_string())
+        );
+        assert_eq!(
+            run(&mut dp, PROG_TO_POD, &out).0,
+            TC_ACT_OK,
+            "delivered to B from the VIP"
+        );
+        // B's reply is reverse-translated back to VIP -> B and delivered.
+        let (v, reply) = run(
+            &mut dp,
+            PROG_FROM_POD,
+            &Frame::tcp(POD_B, 8080, VIP, 41000).build(b""),
+        );
+        assert_eq!(v, TC_ACT_OK);
+        assert_eq!(run(&mut dp, PROG_TO_POD, &reply).0, TC_ACT_OK);
+        assert_eq!(counter(&dp, "drop_policy"), 1, "only A's probe");
+    }
+
+    #[test]
+    fn nodeport_clients_are_judged_at_the_entry_node_and_trusted_at_the_backend_node() {
+        use lb_common::service::SERVICE_F_NODE_PORT;
+        const PEER: &str = "172.18.0.12";
+        let np = frontend(NODE_IP, 30080, SERVICE_F_NODE_PORT, &[(POD_B, 8080)]);
+        let mut dp = setup_with(0, ENDPOINT_F_INGRESS_ISOLATED, &[np]);
+        dp.maps.set_node(Some(NODE_IP.parse().unwrap())).unwrap();
+        // B admits nobody: the outside client is dropped here, in XDP,
+        // before SNAT would hide it behind this node's address.
+        let (v, _) = run_xdp(
+            &mut dp,
+            &Frame::tcp(OUTSIDE, 50000, NODE_IP, 30080).build(b""),
+        );
+        assert_eq!(v, 1, "XDP_DROP");
+        assert_eq!(counter(&dp, "drop_policy"), 1);
+        // B admits the world (where the client's address belongs).
+        allow(&mut dp, 2, DIR_INGRESS, PROTO_TCP, IDENTITY_WORLD, 8080, 16);
+        let (v, out) = run_xdp(
+            &mut dp,
+            &Frame::tcp(OUTSIDE, 50001, NODE_IP, 30080).build(b""),
+        );
+        assert_eq!(v, XDP_PASS);
+        let fwd = Frame::parse(&out).unwrap();
+        assert_eq!(fwd.dst.to_string(), POD_B);
+
+        // At a backend's node: a flow from a peer node's SNAT range passes B's
+        // isolation (that node judged it); from any other port it does not.
+        let mut dp = setup(0, ENDPOINT_F_INGRESS_ISOLATED);
+        dp.maps.set_node(Some(NODE_IP.parse().unwrap())).unwrap();
+        dp.maps.peer_nodes.insert(be(PEER), 1, 0).unwrap();
+        assert_eq!(
+            verdict(&mut dp, PROG_TO_POD, Frame::tcp(PEER, 61500, POD_B, 8080)),
+            TC_ACT_OK
+        );
+        assert_eq!(
+            verdict(&mut dp, PROG_TO_POD, Frame::tcp(PEER, 40000, POD_B, 8080)),
+            TC_ACT_SHOT,
+            "the peer's own connection, from an ephemeral port"
+        );
+        assert_eq!(
+            verdict(
+                &mut dp,
+                PROG_TO_POD,
+                Frame::tcp(OUTSIDE, 61500, POD_B, 8080)
+            ),
+            TC_ACT_SHOT,
+            "not a node"
+        );
     }
 
     #[test]

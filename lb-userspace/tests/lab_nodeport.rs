@@ -242,3 +242,75 @@ async fn nodeport_without_endpoints_is_refused_at_once_from_outside() {
     let io = common::io_kind(&err);
     assert_eq!(io, Some(std::io::ErrorKind::ConnectionRefused), "{err:#}");
 }
+
+/// A NodePort client is judged by the backend's ingress policy with its own
+/// identity, through either node: the node without the pod SNATs the flow,
+/// so it judges the client itself before its address is hidden.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodeport_clients_are_judged_by_their_own_address_through_either_node() {
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    use kube::api::{Api, PostParams};
+
+    let lab = nodeport_lab('q').await;
+    let client = lb::agent::client(Some(&lab.kubeconfig_path()))
+        .await
+        .unwrap();
+    let policies: Api<NetworkPolicy> = Api::namespaced(client, "default");
+    let allow_from = |cidr: &str| -> NetworkPolicy {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "one-from-outside", "namespace": "default"},
+            "spec": {"podSelector": {"matchLabels": {"app": "one"}},
+                     "ingress": [{"from": [{"ipBlock": {"cidr": cidr}}]}]}}))
+        .unwrap()
+    };
+    let ext = lab.ext_netns();
+    let client_ip = net::EXT_IP.to_string();
+    for entry in [1, 2] {
+        common::wait_backends_on(&lab, entry, node_addr(entry, 30091), 1).await;
+    }
+    // Allowed: the outside client by its own address, through both nodes,
+    // though the pod sees the entry node's address (SNAT) through one.
+    policies
+        .create(
+            &PostParams::default(),
+            &allow_from(&format!("{client_ip}/32")),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for entry in [1, 2] {
+        let answer = ask(&ext, node_addr(entry, 30091))
+            .await
+            .unwrap_or_else(|e| panic!("through node {entry}: {e:#}"));
+        assert!(
+            answer
+                .client
+                .starts_with(&format!("{}:", net::node_ip(entry))),
+            "SNAT to the entry node: {answer:?}"
+        );
+    }
+    // The pod client is not that address: refused at the pod.
+    let pod = lab.pods_named("default", "one-").remove(0);
+    let pod_addr: SocketAddr = format!("{}:8080", pod["status"]["podIP"].as_str().unwrap())
+        .parse()
+        .unwrap();
+    assert!(common::request(&lab, ("default", "client"), pod_addr)
+        .await
+        .is_err());
+    // Another address allowed instead: dropped through both nodes, at the
+    // entry node (the pod's node would see only the entry node's address).
+    let mut p = policies.get("one-from-outside").await.unwrap();
+    p.spec = allow_from("172.18.0.200/32").spec;
+    policies
+        .replace("one-from-outside", &PostParams::default(), &p)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for entry in [1, 2] {
+        let err = ask(&ext, node_addr(entry, 30091)).await.unwrap_err();
+        assert!(
+            format!("{err:#}").contains("within"),
+            "through node {entry}: dropped, so the client times out: {err:#}"
+        );
+    }
+}

@@ -28,8 +28,10 @@ pub struct Maps {
     pub source_ranges: LpmTrie<MapData, SourceRange, u8>,
     /// NetworkPolicy: address/prefix -> identity.
     pub ipcache: LpmTrie<MapData, IpcacheKey, u32>,
-    /// NetworkPolicy: local pod address -> endpoint id and isolation.
+    /// NetworkPolicy: pod address -> endpoint id and isolation.
     pub endpoints: HashMap<MapData, u32, EndpointInfo>,
+    /// The other nodes' addresses (their SNATed flows were judged there).
+    pub peer_nodes: HashMap<MapData, u32, u32>,
     /// NetworkPolicy: (endpoint, direction, proto, identity, port prefix) -> rule.
     pub policy: LpmTrie<MapData, PolicyKey, PolicyEntry>,
     /// This node's address and SNAT port range (one entry).
@@ -64,6 +66,7 @@ impl Maps {
             ipcache: take(ebpf, map_names::IPCACHE)?.try_into()?,
             endpoints: take(ebpf, map_names::ENDPOINTS)?.try_into()?,
             policy: take(ebpf, map_names::POLICY)?.try_into()?,
+            peer_nodes: take(ebpf, map_names::PEER_NODES)?.try_into()?,
         })
     }
 
@@ -86,6 +89,7 @@ impl Maps {
             ipcache: Map::LpmTrie(open(map_names::IPCACHE)?).try_into()?,
             endpoints: Map::HashMap(open(map_names::ENDPOINTS)?).try_into()?,
             policy: Map::LpmTrie(open(map_names::POLICY)?).try_into()?,
+            peer_nodes: Map::HashMap(open(map_names::PEER_NODES)?).try_into()?,
         })
     }
 

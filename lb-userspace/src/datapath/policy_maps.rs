@@ -33,6 +33,16 @@ pub fn apply(maps: &mut Maps, want: &PolicyState) -> anyhow::Result<usize> {
             n += 1;
         }
     }
+    for addr in &want.peer_nodes {
+        if !cur.peer_nodes.contains(addr) {
+            maps.peer_nodes.insert(addr, 1, 0)?;
+            n += 1;
+        }
+    }
+    for addr in cur.peer_nodes.difference(&want.peer_nodes) {
+        let _ = maps.peer_nodes.remove(addr);
+        n += 1;
+    }
     for addr in cur
         .endpoints
         .keys()
@@ -71,6 +81,9 @@ pub fn current(maps: &Maps) -> anyhow::Result<PolicyState> {
     for item in maps.endpoints.iter() {
         let (k, v) = item?;
         s.endpoints.insert(k, v);
+    }
+    for item in maps.peer_nodes.keys() {
+        s.peer_nodes.insert(item?);
     }
     Ok(s)
 }

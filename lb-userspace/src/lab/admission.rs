@@ -34,6 +34,16 @@ pub fn admit(
             }
             Ok(())
         }
+        Kind::Namespace => {
+            // Since Kubernetes 1.21 every namespace carries its own name as a
+            // label, so that policies can select namespaces by name.
+            let name = meta_str(obj, "name").to_string();
+            if !obj["metadata"]["labels"].is_object() {
+                obj["metadata"]["labels"] = json!({});
+            }
+            obj["metadata"]["labels"]["kubernetes.io/metadata.name"] = json!(name);
+            Ok(())
+        }
         _ => Ok(()),
     }
 }
