@@ -130,7 +130,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let nodes = reflect(Api::<Node>::all(client.clone()), changed.clone());
     let pods = reflect(Api::<Pod>::all(client.clone()), changed.clone());
     let namespaces = reflect(Api::<Namespace>::all(client.clone()), changed.clone());
-    let policies = reflect(Api::<NetworkPolicy>::all(client), changed.clone());
+    let policies = reflect(Api::<NetworkPolicy>::all(client.clone()), changed.clone());
+    let mut events = crate::events::EventPublisher::new(client, cfg.node_name.as_deref());
     // Program nothing until every cache is complete: a restart must never
     // write a half-known cluster into the maps.
     services
@@ -226,6 +227,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             tracing::warn!("skipped: {e}");
         }
         logged_errors = errors;
+        events.sync(&t.errors.iter().chain(&pt.errors).collect::<Vec<_>>());
         let result = dp.maps.state().and_then(|current| {
             let desired = desired_state(&current, &t.services);
             let ops = plan(&current, &desired);

@@ -58,6 +58,19 @@ fn proto_name(p: u8) -> String {
     }
 }
 
+/// `HH:MM:SS.mmm` (UTC) of a wall-clock time in nanoseconds.
+fn clock_time(unix_ns: u128) -> String {
+    let ms = unix_ns / 1_000_000;
+    let (s, ms) = (ms / 1000, ms % 1000);
+    let day = s % 86_400;
+    format!(
+        "{:02}:{:02}:{:02}.{ms:03}",
+        day / 3600,
+        day / 60 % 60,
+        day % 60
+    )
+}
+
 /// One line per verdict: time, source, destination, protocol/port,
 /// direction, verdict, deciding policy.
 fn line(e: &FlowEvent, names: &Names, wall_offset_ns: i128) -> String {
@@ -69,7 +82,7 @@ fn line(e: &FlowEvent, names: &Names, wall_offset_ns: i128) -> String {
             .cloned()
             .unwrap_or_else(|| ip.to_string())
     };
-    let secs = (i128::from(e.ts_ns) + wall_offset_ns) as f64 / 1e9;
+    let time = clock_time((i128::from(e.ts_ns) + wall_offset_ns).max(0) as u128);
     let verdict = if e.verdict == VERDICT_ALLOW {
         "ALLOW"
     } else {
@@ -84,7 +97,7 @@ fn line(e: &FlowEvent, names: &Names, wall_offset_ns: i128) -> String {
         },
     };
     format!(
-        "{secs:.3} {}:{} -> {}:{} {}/{} {} {verdict} {why}",
+        "{time} {}:{} -> {}:{} {}/{} {} {verdict} {why}",
         addr(e.saddr),
         u16::from_be(e.sport),
         addr(e.daddr),
@@ -149,5 +162,15 @@ pub async fn run(
             }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn clock_time_is_utc_time_of_day_with_milliseconds() {
+        // 2026-11-23T02:24:23.456Z
+        assert_eq!(super::clock_time(1_795_400_663_456_789_000), "02:24:23.456");
+        assert_eq!(super::clock_time(0), "00:00:00.000");
     }
 }

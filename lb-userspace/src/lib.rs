@@ -4,6 +4,7 @@ pub mod agent;
 pub mod conntrack;
 pub mod datapath;
 pub mod echo;
+pub mod events;
 pub mod flows;
 pub mod health;
 pub mod lab;

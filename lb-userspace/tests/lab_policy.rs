@@ -223,4 +223,48 @@ async fn network_policy_truth_table() {
         "from\\to  x/a x/b y/a\nx/a        .  ok  ok\nx/b       ok   .  ok\ny/a       ok  ok   .",
     )
     .await;
+
+    // A policy with a bad CIDR: its pod is isolated with nothing allowed
+    // (never more than the policy meant), the rest is untouched, and the
+    // policy gets a Warning Event saying why.
+    x.create(
+        &PostParams::default(),
+        &policy(
+            "x",
+            "bad-cidr",
+            serde_json::json!({"podSelector": {"matchLabels": {"app": "a"}},
+            "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/33"}}]}]}),
+        ),
+    )
+    .await
+    .unwrap();
+    expect(
+        &lab,
+        "x/a selected by a policy with a bad CIDR",
+        "from\\to  x/a x/b y/a\nx/a        .  ok  ok\nx/b        X   .  ok\ny/a        X  ok   .",
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (events, _) = lab.store.list(Kind::Event, Some("x"));
+        let found = events.iter().find(|e| {
+            e["regarding"]["kind"] == "NetworkPolicy" && e["regarding"]["name"] == "bad-cidr"
+        });
+        if let Some(e) = found {
+            assert_eq!(e["type"], "Warning", "{e}");
+            assert!(
+                e["note"].as_str().unwrap_or("").contains("10.0.0.0/33"),
+                "the note names the bad CIDR: {e}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no Event on x/bad-cidr: {events:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    x.delete("bad-cidr", &DeleteParams::default())
+        .await
+        .unwrap();
 }

@@ -143,6 +143,21 @@ async fn handle(
             },
             Err(e) => error(&e),
         },
+        // JSON merge patch (RFC 7386), what kube's event recorder sends.
+        (Method::PATCH, Some(name)) => {
+            let patch: Value = match serde_json::from_slice(&body) {
+                Ok(p) => p,
+                Err(e) => return error(&StoreError::Invalid(format!("patch: {e}"))),
+            };
+            let merged = store.get(t.kind, &ns, name).map(|mut obj| {
+                merge_patch(&mut obj, &patch);
+                obj
+            });
+            match merged.and_then(|obj| store.replace(t.kind, obj)) {
+                Ok(v) => json_response(200, &v),
+                Err(e) => error(&e),
+            }
+        }
         (Method::DELETE, Some(name)) => match store.request_delete(t.kind, &ns, name) {
             Ok(v) => json_response(200, &v),
             Err(e) => error(&e),
@@ -151,6 +166,26 @@ async fn handle(
             405,
             &json!({"kind": "Status", "status": "Failure", "code": 405, "message": format!("method {m} not allowed")}),
         ),
+    }
+}
+
+/// RFC 7386: objects merge key by key, `null` removes, anything else replaces.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    if let Value::Object(t) = target {
+        for (k, v) in patch {
+            if v.is_null() {
+                t.remove(k);
+            } else {
+                merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
     }
 }
 
@@ -333,6 +368,19 @@ impl LabelSelector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn merge_patch_merges_objects_removes_nulls_replaces_the_rest() {
+        let mut obj = json!({"a": {"b": 1, "c": 2}, "d": [1], "e": "x"});
+        merge_patch(
+            &mut obj,
+            &json!({"a": {"b": 5, "c": null}, "d": [2, 3], "f": {"g": 1}}),
+        );
+        assert_eq!(
+            obj,
+            json!({"a": {"b": 5}, "d": [2, 3], "e": "x", "f": {"g": 1}})
+        );
+    }
 
     #[test]
     fn paths_name_kind_namespace_and_object() {

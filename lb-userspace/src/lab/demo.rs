@@ -31,6 +31,49 @@ fn pick(lab: &Lab) -> Result<(Value, String)> {
     Ok((svc, format!("{ns}/{client}")))
 }
 
+/// With a NetworkPolicy in the manifests: a pod it does not admit is
+/// dropped, and `lb policy trace` explains both verdicts.
+async fn show_policy(lab: &Lab, ns: &str, addr: SocketAddr) -> Result<()> {
+    let Ok(netns) = lab.pod_netns(ns, "stranger") else {
+        return Ok(());
+    };
+    println!(
+        "\nThe same from pod {ns}/stranger, which NetworkPolicy allow-api-traffic does not admit:"
+    );
+    let answer =
+        tokio::task::spawn_blocking(move || http_get_in(&netns, addr, Duration::from_secs(2)))
+            .await?;
+    match answer {
+        Ok(pod) => println!("  answered by {pod} (the policy is not enforced!)"),
+        Err(e) => println!("  dropped: {e:#}"),
+    }
+    let Some(target) = lab.pods_named(ns, "api").into_iter().next() else {
+        return Ok(());
+    };
+    let target = format!("{ns}/{}", meta_str(&target, "name"));
+    let port = target_port(lab, ns, "api").unwrap_or(addr.port());
+    let client = crate::agent::client(Some(&lab.kubeconfig_path())).await?;
+    for from in ["client", "stranger"] {
+        println!("\n$ lb policy trace --from {ns}/{from} --to {target} --port {port}");
+        crate::trace::run(
+            client.clone(),
+            &format!("{ns}/{from}"),
+            &target,
+            port,
+            "TCP",
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// The container port of the first pod named `prefix`*.
+fn target_port(lab: &Lab, ns: &str, prefix: &str) -> Option<u16> {
+    let pod = lab.pods_named(ns, prefix).into_iter().next()?;
+    let port = pod["spec"]["containers"][0]["ports"][0]["containerPort"].as_u64()?;
+    u16::try_from(port).ok()
+}
+
 pub async fn show(lab: &Lab) -> Result<()> {
     let (svc, client) = pick(lab)?;
     let ip = svc["spec"]["clusterIP"]
@@ -68,6 +111,7 @@ pub async fn show(lab: &Lab) -> Result<()> {
         }
     }
     println!("{} different pods answered: {answers:?}", answers.len());
+    show_policy(lab, ns, addr).await?;
     let exe = lab.lb_binary().display().to_string();
     let p = &lab.prefix;
     println!("\nTry it yourself (in another terminal):");
@@ -76,6 +120,11 @@ pub async fn show(lab: &Lab) -> Result<()> {
     println!(
         "  bpftool map dump pinned {}/SERVICES",
         lab.pin_dir(1).display()
+    );
+    println!(
+        "  {exe} flows --node-name node-1 --pin-dir {} --kubeconfig {}   # policy verdicts as they happen",
+        lab.pin_dir(1).display(),
+        lab.kubeconfig_path().display()
     );
     println!(
         "  KUBECONFIG={} kubectl get pods,svc,endpointslices -o wide   # if you have kubectl",
