@@ -186,7 +186,7 @@ fn judged_at_entry_node(flow: &Flow) -> bool {
         return false;
     };
     let offset = u16::from_be(flow.sport).wrapping_sub(node.snat_port_min);
-    offset < node.snat_port_count && PEER_NODES.get_ptr(&flow.saddr).is_some()
+    offset < node.snat_port_count && PEER_NODES.get_ptr(flow.saddr).is_some()
 }
 
 /// A pod that reached itself through its own Service (hairpin; `snatted` is
