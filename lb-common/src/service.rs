@@ -117,6 +117,12 @@ crate::user_pod!(
 /// Maglev table sizes: primes, far larger than the number of backends so
 /// that shares are near-equal and a backend change moves few entries. Small
 /// Services get the small table to keep kernel memory down (4 KiB vs 64 KiB).
+/// Capacities of the Service maps; the agent leaves out whole Services that
+/// would not fit rather than programming half of one.
+pub const SERVICES_MAX_ENTRIES: u32 = 262_144;
+pub const BACKENDS_MAX_ENTRIES: u32 = 262_144;
+pub const MAGLEV_MAX_TABLES: u32 = 65_536;
+
 pub const MAGLEV_TABLE_SIZE_SMALL: u32 = 1021;
 pub const MAGLEV_TABLE_SIZE_LARGE: u32 = 16381;
 /// Up to this many backends the small table is used.

@@ -13,17 +13,27 @@ use lb_common::{
     node::NodeConfig,
     policy::{EndpointInfo, FlowEvent, IpcacheKey, PolicyEntry, PolicyKey},
     service::{
-        AffinityKey, AffinityValue, ServiceKey, ServiceValue, SourceRange, MAGLEV_TABLE_SIZE_LARGE,
+        AffinityKey, AffinityValue, ServiceKey, ServiceValue, SourceRange, BACKENDS_MAX_ENTRIES,
+        MAGLEV_MAX_TABLES, MAGLEV_TABLE_SIZE_LARGE, SERVICES_MAX_ENTRIES,
     },
 };
 
+/// BPF_F_NO_PREALLOC: big maps that cost memory only for what they hold.
+const NO_PREALLOC: usize = 1;
+
 /// (vip, port, proto, slot) -> master entry (slot 0) or backend id (slot >= 1).
 #[btf_map]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue, 65536> = HashMap::new();
+pub static SERVICES: HashMap<
+    ServiceKey,
+    ServiceValue,
+    { SERVICES_MAX_ENTRIES as usize },
+    NO_PREALLOC,
+> = HashMap::new();
 
 /// backend id -> pod address and port.
 #[btf_map]
-pub static BACKENDS: HashMap<u32, Backend, 65536> = HashMap::new();
+pub static BACKENDS: HashMap<u32, Backend, { BACKENDS_MAX_ENTRIES as usize }, NO_PREALLOC> =
+    HashMap::new();
 
 /// 5-tuple -> NAT state of a load-balanced flow. LRU so that a full table
 /// evicts the oldest flows instead of refusing new ones.
@@ -42,7 +52,7 @@ pub static METRICS: PerCpuArray<Counter, { reason::COUNT as usize }> = PerCpuArr
 pub static MAGLEV: HashOfMaps<
     u32,
     Array<u32, { MAGLEV_TABLE_SIZE_LARGE as usize }, { BPF_F_INNER_MAP as usize }>,
-    65536,
+    { MAGLEV_MAX_TABLES as usize },
 > = HashOfMaps::new();
 
 /// `sessionAffinity: ClientIP`: (client, Service) -> backend. LRU, so old

@@ -74,6 +74,8 @@ pub struct AgentConfig {
     /// Idle timeouts of conntrack entries, and how often they are swept.
     pub ct_timeouts: crate::conntrack::Timeouts,
     pub ct_sweep: Duration,
+    /// Where /metrics, /healthz and /readyz are served; none for nowhere.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 pub async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
@@ -119,6 +121,15 @@ where
 }
 
 pub async fn run(cfg: AgentConfig) -> Result<()> {
+    let stats = crate::metrics::Shared::new(cfg.pin_dir.clone());
+    if let Some(addr) = cfg.metrics_addr {
+        let stats = stats.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(addr, stats).await {
+                tracing::error!(%addr, "metrics server: {e:#}");
+            }
+        });
+    }
     let mut dp = Datapath::load(Some(&cfg.pin_dir))?;
     let mut attacher = Attacher::new(&cfg.pin_dir)?;
     tracing::info!(pin_dir = %cfg.pin_dir.display(), node = ?cfg.node_name, "data path loaded");
@@ -168,6 +179,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     }
 
     let mut logged_errors = BTreeSet::new();
+    // What was last programmed: the same state again with writes needed
+    // means the maps drifted (an entry removed by hand, say).
+    let mut last_services: Option<Vec<crate::translate::DesiredService>> = None;
+    let mut last_policy: Option<crate::policy::PolicyState> = None;
     let mut resync = tokio::time::interval(cfg.resync);
     let mut links = tokio::time::interval(Duration::from_secs(1));
     let mut ct_sweep = tokio::time::interval(cfg.ct_sweep);
@@ -180,6 +195,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             }
             _ = resync.tick() => {}
             _ = links.tick() => {
+                stats.lock().alive();
                 sync_links(&mut dp, &mut attacher, &cfg.interface_prefix);
                 continue;
             }
@@ -199,20 +215,41 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         if let Err(e) = dp.maps.set_node(node.addrs.first().copied()) {
             tracing::error!("writing the node map: {e:#}");
         }
-        let t = translate(&svcs, &eps, &node);
+        let mut t = translate(&svcs, &eps, &node);
+        let (fitting, full) = crate::plan::fit_to_capacity(
+            std::mem::take(&mut t.services),
+            &crate::plan::Capacity::default(),
+        );
+        t.services = fitting;
+        let map_full = full.len();
+        t.errors.extend(full);
         let all_pods: Vec<Pod> = pods.state().iter().map(|p| (**p).clone()).collect();
         let all_ns: Vec<Namespace> = namespaces.state().iter().map(|n| (**n).clone()).collect();
         let all_np: Vec<NetworkPolicy> = policies.state().iter().map(|p| (**p).clone()).collect();
         let pt = crate::policy::translate_policies(&all_pods, &all_ns, &all_np, &node);
-        match crate::datapath::policy_maps::apply(&mut dp.maps, &pt.state) {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(
-                writes = n,
-                endpoints = pt.state.endpoints.len(),
-                rules = pt.state.rules.len(),
-                "policy maps updated"
-            ),
-            Err(e) => tracing::error!("updating policy maps: {e:#}"),
+        stats.lock().alive();
+        let policy_result = crate::datapath::policy_maps::apply(&mut dp.maps, &pt.state);
+        if let Ok(n @ 1..) = policy_result {
+            if last_policy.as_ref() == Some(&pt.state) {
+                tracing::warn!(writes = n, "policy maps had drifted; repaired");
+                stats.lock().drift_repairs += n as u64;
+            }
+        }
+        match policy_result {
+            Ok(0) => last_policy = Some(pt.state.clone()),
+            Ok(n) => {
+                tracing::info!(
+                    writes = n,
+                    endpoints = pt.state.endpoints.len(),
+                    rules = pt.state.rules.len(),
+                    "policy maps updated"
+                );
+                last_policy = Some(pt.state.clone());
+            }
+            Err(e) => {
+                stats.lock().error("policy_write");
+                tracing::error!("updating policy maps: {e:#}")
+            }
         }
         health
             .sync(&crate::health::health_checks(&svcs, &eps, &node))
@@ -233,17 +270,41 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             let ops = plan(&current, &desired);
             dp.maps.apply(&ops).map(|()| (ops.len(), desired))
         });
+        let mut st = stats.lock();
         match result {
-            Ok((0, _)) => {}
-            Ok((n, desired)) => tracing::info!(
-                ops = n,
-                frontends = t.services.len(),
-                backends = desired.backends.len(),
-                took_ms = started.elapsed().as_millis() as u64,
-                "maps updated"
-            ),
-            Err(e) => tracing::error!("updating maps: {e:#}"),
+            Ok((n, desired)) => {
+                if n > 0 && last_services.as_ref() == Some(&t.services) {
+                    tracing::warn!(writes = n, "service maps had drifted; repaired");
+                    st.drift_repairs += n as u64;
+                } else if n > 0 {
+                    tracing::info!(
+                        ops = n,
+                        frontends = t.services.len(),
+                        backends = desired.backends.len(),
+                        took_ms = started.elapsed().as_millis() as u64,
+                        "maps updated"
+                    );
+                }
+                st.services = t.services.len();
+                st.backends = desired.backends.len();
+                st.ready = true;
+                last_services = Some(t.services);
+            }
+            Err(e) => {
+                st.error("map_write");
+                tracing::error!("updating maps: {e:#}");
+            }
         }
+        st.map_full = map_full;
+        st.policies = all_np.len();
+        st.policy_entries = pt.state.rules.len();
+        st.endpoints = pt.state.endpoints.len();
+        st.invalid_objects.clear();
+        for e in t.errors.iter().chain(&pt.errors) {
+            let kind = e.object.split(' ').next().unwrap_or_default().to_string();
+            *st.invalid_objects.entry(kind).or_default() += 1;
+        }
+        st.observe_sync(started.elapsed());
     }
 }
 

@@ -9,6 +9,7 @@ pub mod flows;
 pub mod health;
 pub mod lab;
 pub mod maglev;
+pub mod metrics;
 pub mod netns;
 pub mod packet;
 pub mod plan;

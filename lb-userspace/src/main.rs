@@ -55,6 +55,9 @@ enum Command {
         /// Seconds between full comparisons of the maps with the desired state.
         #[arg(long, env = "LB_RESYNC_SECONDS", default_value_t = 30)]
         resync_seconds: u64,
+        /// Address of /metrics, /healthz and /readyz; "" for none.
+        #[arg(long, env = "LB_METRICS_ADDR", default_value = "0.0.0.0:9964")]
+        metrics_addr: String,
     },
     /// Answer on TCP/UDP ports with a name (the lab's application pods).
     Echo {
@@ -169,7 +172,13 @@ fn main() -> Result<()> {
             ct_tcp_closing_timeout,
             ct_udp_timeout,
             ct_sweep_seconds,
+            metrics_addr,
         } => rt.block_on(agent::run(AgentConfig {
+            metrics_addr: if metrics_addr.is_empty() {
+                None
+            } else {
+                Some(metrics_addr.parse().context("--metrics-addr")?)
+            },
             ct_timeouts: lb::conntrack::Timeouts {
                 tcp_established: Duration::from_secs(ct_tcp_timeout),
                 tcp_closing: Duration::from_secs(ct_tcp_closing_timeout),

@@ -69,6 +69,80 @@ pub fn service_key(vip: Ipv4Addr, port: u16, proto: u8, slot: u16) -> ServiceKey
     ServiceKey::new(u32::from(vip).to_be(), port.to_be(), proto, slot)
 }
 
+/// How many entries the Service maps take.
+#[derive(Clone, Copy, Debug)]
+pub struct Capacity {
+    pub services: usize,
+    pub backends: usize,
+    pub maglev_tables: usize,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        use lb_common::service::{BACKENDS_MAX_ENTRIES, MAGLEV_MAX_TABLES, SERVICES_MAX_ENTRIES};
+        Self {
+            services: SERVICES_MAX_ENTRIES as usize,
+            backends: BACKENDS_MAX_ENTRIES as usize,
+            maglev_tables: MAGLEV_MAX_TABLES as usize,
+        }
+    }
+}
+
+/// Keeps the Services that fit in the maps, in the order given, whole: a
+/// Service whose frontends would overflow a map is left out with all of
+/// them (never half-programmed), with an error naming the full map.
+pub fn fit_to_capacity(
+    services: Vec<DesiredService>,
+    cap: &Capacity,
+) -> (Vec<DesiredService>, Vec<crate::translate::ObjectError>) {
+    let object = |s: &DesiredService| s.name.split(':').next().unwrap_or_default().to_string();
+    let mut groups: Vec<(String, Vec<DesiredService>)> = Vec::new();
+    for s in services {
+        let name = object(&s);
+        match groups.last_mut() {
+            Some((n, g)) if *n == name => g.push(s),
+            _ => groups.push((name, vec![s])),
+        }
+    }
+    let (mut entries, mut tables) = (0usize, 0usize);
+    let mut backends: BTreeSet<BackendAddr> = BTreeSet::new();
+    let (mut kept, mut errors) = (Vec::new(), Vec::new());
+    for (name, group) in groups {
+        let more_entries: usize = group
+            .iter()
+            .map(|s| 1 + s.backends.len() + s.retained.len())
+            .sum();
+        let more_tables = group.iter().filter(|s| !s.backends.is_empty()).count();
+        let new_backends: BTreeSet<BackendAddr> = group
+            .iter()
+            .flat_map(|s| s.backends.iter().chain(&s.retained))
+            .filter(|b| !backends.contains(b))
+            .copied()
+            .collect();
+        let full = if entries + more_entries > cap.services {
+            Some(("SERVICES", cap.services))
+        } else if backends.len() + new_backends.len() > cap.backends {
+            Some(("BACKENDS", cap.backends))
+        } else if tables + more_tables > cap.maglev_tables {
+            Some(("MAGLEV", cap.maglev_tables))
+        } else {
+            None
+        };
+        if let Some((map, size)) = full {
+            errors.push(crate::translate::ObjectError {
+                object: format!("Service {name}"),
+                message: format!("map {map} is full ({size} entries): not programmed"),
+            });
+            continue;
+        }
+        entries += more_entries;
+        tables += more_tables;
+        backends.extend(new_backends);
+        kept.extend(group);
+    }
+    (kept, errors)
+}
+
 /// Computes the full desired contents of the maps. Backend ids and
 /// reverse-NAT ids already in `current` are kept; new ones take the next free
 /// number, so an id is never reused for another address while in use.

@@ -272,3 +272,49 @@ fn backends_keep_their_slots_while_others_come_and_go() {
     assert_eq!(slot_of(&c, "10.244.1.9"), slot_of(&b, "10.244.1.9"));
     assert_eq!(c.services[&master].count, 2);
 }
+
+#[test]
+fn services_that_would_overflow_a_map_are_left_out_whole() {
+    let named = |name: &str, vip: &str, port: u16, backends: &[&str]| DesiredService {
+        name: format!("default/{name}:p{port}"),
+        ..svc(vip, port, backends)
+    };
+    let cap = |services, backends, maglev_tables| Capacity {
+        services,
+        backends,
+        maglev_tables,
+    };
+    let a80 = named("a", "10.96.0.1", 80, &["10.244.1.1", "10.244.1.2"]);
+    let a81 = named("a", "10.96.0.1", 81, &["10.244.1.1", "10.244.1.2"]);
+    let b80 = named("b", "10.96.0.2", 80, &["10.244.1.3"]);
+    let c80 = named("c", "10.96.0.3", 80, &[]);
+    let all = vec![a80.clone(), a81.clone(), b80.clone(), c80.clone()];
+    // (capacity, Services kept, the error's map)
+    let cases = [
+        (cap(100, 100, 100), vec!["a", "a", "b", "c"], None),
+        // a takes 6 SERVICES entries (2 masters, 4 slots), b 2, c 1.
+        (cap(6, 100, 100), vec!["a", "a"], Some("SERVICES")),
+        (cap(8, 100, 100), vec!["a", "a", "b"], Some("SERVICES")),
+        // a's two ports share their 2 backends; b needs a third.
+        (cap(100, 2, 100), vec!["a", "a", "c"], Some("BACKENDS")),
+        // 1 table only: a needs 2, so a goes (whole) and b takes it.
+        (cap(100, 100, 1), vec!["b", "c"], Some("MAGLEV")),
+    ];
+    for (capacity, want, full) in cases {
+        let (kept, errors) = fit_to_capacity(all.clone(), &capacity);
+        let names: Vec<&str> = kept.iter().map(|s| &s.name[8..9]).collect();
+        assert_eq!(names, want, "{capacity:?}");
+        match full {
+            None => assert!(errors.is_empty()),
+            Some(map) => {
+                assert!(!errors.is_empty(), "{capacity:?}");
+                assert!(
+                    errors.iter().all(|e| e.message.contains(map)
+                        && e.message.contains("full")
+                        && e.object.starts_with("Service default/")),
+                    "{errors:?}"
+                );
+            }
+        }
+    }
+}

@@ -58,7 +58,23 @@ pub struct PolicyTranslation {
 
 /// Whether `selector` selects `labels` (matchLabels and matchExpressions;
 /// an empty selector selects everything).
+/// Selectors are matched against every pod at every sync: one with more
+/// terms than this is refused rather than let slow the agent down.
+pub const MAX_SELECTOR_TERMS: usize = 4096;
+
 pub fn selects(selector: &LabelSelector, labels: &Labels) -> Result<bool, String> {
+    let terms = selector.match_labels.as_ref().map_or(0, |m| m.len())
+        + selector
+            .match_expressions
+            .iter()
+            .flatten()
+            .map(|e| 1 + e.values.as_ref().map_or(0, |v| v.len()))
+            .sum::<usize>();
+    if terms > MAX_SELECTOR_TERMS {
+        return Err(format!(
+            "selector too large: {terms} labels and values (at most {MAX_SELECTOR_TERMS})"
+        ));
+    }
     for (k, v) in selector.match_labels.iter().flatten() {
         if labels.get(k) != Some(v) {
             return Ok(false);

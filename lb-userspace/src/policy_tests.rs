@@ -320,3 +320,107 @@ fn a_policy_with_a_bad_cidr_isolates_and_allows_nothing() {
         "b is not selected"
     );
 }
+
+#[test]
+fn bad_policies_are_reported_and_fail_closed_the_good_ones_still_apply() {
+    let pods = [
+        pod("x", "a", "a", XA, "n1"),
+        pod("x", "b", "b", XB, "n1"),
+        pod("y", "a", "a", YA, "n1"),
+    ];
+    let huge: Vec<String> = (0..5000).map(|i| format!("v{i}")).collect();
+    let bad = [
+        // (policy, what its error says)
+        (
+            policy(
+                "x",
+                "huge",
+                json!({"podSelector": {"matchLabels": {"app": "a"}},
+                "ingress": [{"from": [{"podSelector": {"matchExpressions": [{"key": "app", "operator": "In", "values": huge}]}}]}]}),
+            ),
+            "selector too large",
+        ),
+        (
+            policy(
+                "x",
+                "operator",
+                json!({"podSelector": {"matchLabels": {"app": "a"}},
+                "ingress": [{"from": [{"podSelector": {"matchExpressions": [{"key": "app", "operator": "Near"}]}}]}]}),
+            ),
+            "unknown selector operator",
+        ),
+        (
+            policy(
+                "x",
+                "protocol",
+                json!({"podSelector": {"matchLabels": {"app": "a"}},
+                "ingress": [{"ports": [{"protocol": "ICMP", "port": 80}]}]}),
+            ),
+            "ICMP",
+        ),
+        (
+            policy(
+                "x",
+                "port",
+                json!({"podSelector": {"matchLabels": {"app": "a"}},
+                "ingress": [{"ports": [{"protocol": "TCP", "port": 70000}]}]}),
+            ),
+            "70000",
+        ),
+        (
+            policy(
+                "x",
+                "endport",
+                json!({"podSelector": {"matchLabels": {"app": "a"}},
+                "ingress": [{"ports": [{"protocol": "TCP", "port": 90, "endPort": 80}]}]}),
+            ),
+            "endPort",
+        ),
+    ];
+    // y/a is isolated by a good policy admitting x/b: that must survive
+    // every bad policy next to it.
+    let good = policy(
+        "y",
+        "good",
+        json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "b"}}}]}]}),
+    );
+    let node = NodeContext {
+        name: Some("n1".into()),
+        ..Default::default()
+    };
+    for (bad, says) in bad {
+        let name = bad.metadata.name.clone().unwrap_or_default();
+        let t = translate_policies(&pods, &[ns("x"), ns("y")], &[bad, good.clone()], &node);
+        assert!(
+            t.errors
+                .iter()
+                .any(|e| e.object == format!("NetworkPolicy x/{name}") && e.message.contains(says)),
+            "{name}: {:?}",
+            t.errors
+        );
+        let verdict = |to: &str, from: &str| {
+            evaluate(
+                &t.state,
+                DIR_INGRESS,
+                to.parse().unwrap(),
+                from.parse().unwrap(),
+                PROTO_TCP,
+                80,
+            )
+        };
+        assert_eq!(
+            verdict(XA, XB),
+            None,
+            "{name}: x/a isolated, nothing allowed"
+        );
+        assert!(
+            verdict(YA, XB).is_some(),
+            "{name}: the good policy still admits x/b"
+        );
+        assert_eq!(
+            verdict(YA, XA),
+            None,
+            "{name}: the good policy still isolates"
+        );
+    }
+}

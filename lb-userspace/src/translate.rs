@@ -2,7 +2,10 @@
 //! functions, no I/O. Objects that cannot be translated are reported one by
 //! one and left out; everything else is still translated.
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use lb_common::{
@@ -172,6 +175,16 @@ fn candidates_for(
         if slice.address_type != "IPv4" {
             continue;
         }
+        for p in slice.ports.iter().flatten() {
+            if p.name.as_deref().unwrap_or("") == port_name {
+                if let Err(e) = protocol_number(p.protocol.as_deref()) {
+                    errors.push(ObjectError {
+                        object: name_of("EndpointSlice", &slice.metadata),
+                        message: format!("port {port_name:?}: {e}"),
+                    });
+                }
+            }
+        }
         let Some(port) = slice.ports.iter().flatten().find(|p| {
             p.name.as_deref().unwrap_or("") == port_name
                 && protocol_number(p.protocol.as_deref()).ok() == Some(proto)
@@ -283,6 +296,18 @@ pub fn translate(
     node: &NodeContext,
 ) -> Translation {
     let mut t = Translation::default();
+    // Oldest first, as a conflict goes to the Service that was there first.
+    let mut services: Vec<&Service> = services.iter().collect();
+    services.sort_by(|a, b| {
+        let key = |s: &Service| {
+            (
+                s.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                s.metadata.namespace.clone(),
+                s.metadata.name.clone(),
+            )
+        };
+        key(a).cmp(&key(b))
+    });
     for svc in services {
         let object = name_of("Service", &svc.metadata);
         let Some(spec) = svc.spec.as_ref() else {
@@ -462,7 +487,47 @@ pub fn translate(
             }
         }
     }
+    drop_conflicting_frontends(&mut t);
     t
+}
+
+/// Two Services claiming one frontend (the same nodePort, externalIP or
+/// LoadBalancer address and port): the older keeps it, the other loses that
+/// frontend only, with an error.
+fn drop_conflicting_frontends(t: &mut Translation) {
+    let mut owner: BTreeMap<(Ipv4Addr, u16, u8), String> = BTreeMap::new();
+    let mut errors = Vec::new();
+    t.services.retain(|s| {
+        let object = s.name.split(':').next().unwrap_or_default();
+        match owner.get(&(s.vip, s.port, s.proto)) {
+            Some(first) if first.split(':').next() != Some(object) => {
+                errors.push(ObjectError {
+                    object: format!("Service {object}"),
+                    message: format!(
+                        "frontend {}:{}/{} is already Service {first}'s: not programmed",
+                        s.vip,
+                        s.port,
+                        protocol_name(s.proto)
+                    ),
+                });
+                false
+            }
+            Some(_) => true,
+            None => {
+                owner.insert((s.vip, s.port, s.proto), s.name.clone());
+                true
+            }
+        }
+    });
+    t.errors.extend(errors);
+}
+
+fn protocol_name(p: u8) -> &'static str {
+    match p {
+        lb_common::PROTO_TCP => "TCP",
+        lb_common::PROTO_UDP => "UDP",
+        _ => "?",
+    }
 }
 
 #[cfg(test)]

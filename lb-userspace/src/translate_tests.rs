@@ -258,7 +258,100 @@ fn cases() -> Vec<Case> {
             )],
             1,
         ),
+        (
+            "two Services claiming one external IP and port: the older keeps it",
+            vec![
+                created(
+                    "aa-newer",
+                    "2026-01-03T00:00:00Z",
+                    with_external_ip(cluster_ip("10.96.0.21", vec![port("", 80, "TCP")])),
+                ),
+                created(
+                    "zz-older",
+                    "2026-01-02T00:00:00Z",
+                    with_external_ip(cluster_ip("10.96.0.20", vec![port("", 80, "TCP")])),
+                ),
+            ],
+            vec![],
+            vec![
+                ("10.96.0.20", 80, PROTO_TCP, vec![]),
+                ("172.18.255.5", 80, PROTO_TCP, vec![]),
+                ("10.96.0.21", 80, PROTO_TCP, vec![]),
+            ],
+            1,
+        ),
+        (
+            "slice ports out of range or of an unknown protocol are reported",
+            vec![svc(
+                "web",
+                cluster_ip("10.96.0.10", vec![port("http", 80, "TCP")]),
+            )],
+            vec![
+                slice(
+                    "web",
+                    &[("http", 70000, "TCP")],
+                    vec![endpoint("10.244.1.2", Some(true))],
+                ),
+                slice(
+                    "web",
+                    &[("http", 8080, "HTTP")],
+                    vec![endpoint("10.244.1.3", Some(true))],
+                ),
+                slice(
+                    "web",
+                    &[("http", 8080, "TCP")],
+                    vec![endpoint("10.244.1.4", Some(true))],
+                ),
+            ],
+            vec![(
+                "10.96.0.10",
+                80,
+                PROTO_TCP,
+                vec![b("10.244.1.4", 8080, PROTO_TCP)],
+            )],
+            2,
+        ),
+        (
+            "an endpoint listed twice, in two slices, is one backend",
+            vec![svc(
+                "web",
+                cluster_ip("10.96.0.10", vec![port("http", 80, "TCP")]),
+            )],
+            vec![
+                slice(
+                    "web",
+                    &[("http", 8080, "TCP")],
+                    vec![
+                        endpoint("10.244.1.2", Some(true)),
+                        endpoint("10.244.1.2", Some(true)),
+                    ],
+                ),
+                slice(
+                    "web",
+                    &[("http", 8080, "TCP")],
+                    vec![endpoint("10.244.1.2", Some(true))],
+                ),
+            ],
+            vec![(
+                "10.96.0.10",
+                80,
+                PROTO_TCP,
+                vec![b("10.244.1.2", 8080, PROTO_TCP)],
+            )],
+            0,
+        ),
     ]
+}
+
+fn created(name: &str, at: &str, spec: ServiceSpec) -> Service {
+    let mut s = svc(name, spec);
+    s.metadata.creation_timestamp = serde_json::from_value(serde_json::json!(at)).ok();
+    s
+}
+
+fn with_external_ip(mut spec: ServiceSpec) -> ServiceSpec {
+    spec.external_ips = Some(vec!["172.18.255.5".into()]);
+    spec
 }
 
 #[test]

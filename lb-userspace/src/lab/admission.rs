@@ -20,6 +20,7 @@ pub fn admit(
     old: Option<&Value>,
     inner: &Inner,
 ) -> Result<(), StoreError> {
+    well_typed(kind, obj)?;
     match kind {
         Kind::Service => admit_service(obj, old, inner),
         Kind::Deployment | Kind::ReplicaSet => {
@@ -45,6 +46,31 @@ pub fn admit(
             Ok(())
         }
         _ => Ok(()),
+    }
+}
+
+/// Rejects what a real API server cannot even decode (a string where a
+/// number belongs...), so the agent's watchers see only well-typed objects,
+/// as in a cluster. Semantic nonsense (port 70000, protocol "HTTP") passes,
+/// as far as the API's schema lets it: the agent must cope with that.
+fn well_typed(kind: Kind, obj: &Value) -> Result<(), StoreError> {
+    use k8s_openapi::api::networking::v1 as networking;
+    use k8s_openapi::api::{apps::v1 as apps, core::v1 as core, discovery::v1 as discovery};
+    fn check<T: serde::de::DeserializeOwned>(kind: Kind, obj: &Value) -> Result<(), StoreError> {
+        serde_json::from_value::<T>(obj.clone())
+            .map(drop)
+            .map_err(|e| StoreError::Invalid(format!("{} is not well-typed: {e}", kind.name())))
+    }
+    match kind {
+        Kind::Namespace => check::<core::Namespace>(kind, obj),
+        Kind::Node => check::<core::Node>(kind, obj),
+        Kind::Pod => check::<core::Pod>(kind, obj),
+        Kind::Service => check::<core::Service>(kind, obj),
+        Kind::EndpointSlice => check::<discovery::EndpointSlice>(kind, obj),
+        Kind::NetworkPolicy => check::<networking::NetworkPolicy>(kind, obj),
+        Kind::Deployment => check::<apps::Deployment>(kind, obj),
+        Kind::ReplicaSet => check::<apps::ReplicaSet>(kind, obj),
+        Kind::Event => Ok(()),
     }
 }
 

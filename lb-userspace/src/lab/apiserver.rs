@@ -81,6 +81,15 @@ async fn handle(
     Query(q): Query<HashMap<String, String>>,
     body: Bytes,
 ) -> Response {
+    if store.is_down() {
+        // As close to "connection refused" as a running listener gets.
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::CONNECTION, "close")],
+            "the lab API server is down",
+        )
+            .into_response();
+    }
     match (method.as_str(), uri.path()) {
         ("GET", "/version") => {
             return json_response(

@@ -80,6 +80,8 @@ pub struct Lab {
     kubelet: Kubelet,
     agents: Vec<(usize, Child)>,
     tasks: Vec<JoinHandle<()>>,
+    /// The API server's listeners (root namespace, then each node's).
+    servers: Vec<JoinHandle<()>>,
 }
 
 fn valid_prefix(p: &str) -> bool {
@@ -136,6 +138,7 @@ impl Lab {
             kubelet: kubelet.clone(),
             agents: vec![],
             tasks: vec![],
+            servers: vec![],
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         lab.port = listener.local_addr()?.port();
@@ -144,14 +147,7 @@ impl Lab {
         net::create_network(&names).await?;
         for i in 1..=cfg.nodes {
             net::create_node(&names, i, cfg.nodes).await?;
-            // The API server also listens on the node's own loopback, where
-            // the agent (a hostNetwork pod) finds it, as 127.0.0.1:port.
-            let port = lab.port;
-            let std_listener = netns::run_in(&names.node_ns(i), move || {
-                std::net::TcpListener::bind(("127.0.0.1", port))
-            })??;
-            std_listener.set_nonblocking(true)?;
-            lab.serve(tokio::net::TcpListener::from_std(std_listener)?);
+            lab.serve_in_node(i)?;
             let (cidr, len) = net::pod_cidr(i);
             store.create(
                 Kind::Node,
@@ -180,9 +176,42 @@ impl Lab {
         Ok(lab)
     }
 
+    /// The API server also listens on the node's own loopback, where the
+    /// agent (a hostNetwork pod) finds it, as 127.0.0.1:port.
+    fn serve_in_node(&mut self, i: usize) -> Result<()> {
+        let port = self.port;
+        let std_listener = netns::run_in(&self.names.node_ns(i), move || {
+            std::net::TcpListener::bind(("127.0.0.1", port))
+        })??;
+        std_listener.set_nonblocking(true)?;
+        self.serve(tokio::net::TcpListener::from_std(std_listener)?);
+        Ok(())
+    }
+
+    /// Takes the API server away: listeners closed (new connections are
+    /// refused), open watches ended, requests on kept-alive connections
+    /// answered 503. The controllers and kubelet go on with the store.
+    pub fn stop_api_server(&mut self) {
+        self.store.set_down(true);
+        for t in self.servers.drain(..) {
+            t.abort();
+        }
+    }
+
+    /// Brings the API server back on the same port.
+    pub async fn start_api_server(&mut self) -> Result<()> {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await?;
+        self.serve(listener);
+        for i in 1..=self.nodes {
+            self.serve_in_node(i)?;
+        }
+        self.store.set_down(false);
+        Ok(())
+    }
+
     fn serve(&mut self, listener: tokio::net::TcpListener) {
         let app = apiserver::router(self.store.clone());
-        self.tasks.push(tokio::spawn(async move {
+        self.servers.push(tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::error!("lab API server: {e}");
             }
@@ -329,7 +358,7 @@ impl Lab {
     }
 
     fn shutdown(&mut self) {
-        for t in &self.tasks {
+        for t in self.tasks.iter().chain(&self.servers) {
             t.abort();
         }
         for (_, c) in &mut self.agents {

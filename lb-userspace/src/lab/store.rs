@@ -98,6 +98,8 @@ pub struct Store {
     events: broadcast::Sender<Event>,
     /// Closing every open watch (fault injection): bump to end them all.
     pub watch_epoch: Arc<tokio::sync::watch::Sender<u64>>,
+    /// The API server is "gone" (fault injection): every request fails.
+    down: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub fn meta_str<'a>(obj: &'a Value, field: &str) -> &'a str {
@@ -116,6 +118,7 @@ impl Store {
             inner: Arc::new(Mutex::new(Inner::default())),
             events: broadcast::channel(65_536).0,
             watch_epoch: Arc::new(tokio::sync::watch::channel(0).0),
+            down: Arc::default(),
         }
     }
 
@@ -294,6 +297,20 @@ impl Store {
         let mut inner = self.lock();
         inner.history.clear();
         inner.oldest_rv = inner.rv;
+    }
+
+    /// Takes the API server away (every request fails, open watches end)
+    /// or brings it back (fault injection). The store itself stays usable,
+    /// as etcd does while an API server restarts.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+        if down {
+            self.drop_watches();
+        }
+    }
+
+    pub fn is_down(&self) -> bool {
+        self.down.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Ends every open watch stream (fault injection).
