@@ -93,6 +93,41 @@ pub async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
     Ok(Client::try_from(config)?)
 }
 
+/// Retries a failed watch after 0.2 s, doubling up to 5 s, with up to 25%
+/// jitter: the agent catches up soon after the API server comes back
+/// (kube's default waits up to 30 s), without every node retrying at once.
+struct WatchBackoff {
+    next: Duration,
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self {
+            next: Duration::from_millis(200),
+        }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let base = self.next;
+        self.next = (base * 2).min(Duration::from_secs(5));
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let jitter = base.mul_f64(f64::from(nanos % 1000) / 4000.0);
+        Some(base + jitter)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        *self = Self::default();
+    }
+}
+
 /// Starts a reflector for `K`; `changed` is notified on every change.
 fn reflect<K>(api: Api<K>, changed: Arc<Notify>) -> reflector::Store<K>
 where
@@ -106,7 +141,7 @@ where
 {
     let (reader, writer) = reflector::store();
     let stream = reflector(writer, watcher(api, watcher::Config::default()))
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .touched_objects();
     tokio::spawn(async move {
         futures::pin_mut!(stream);

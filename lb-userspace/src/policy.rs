@@ -63,18 +63,7 @@ pub struct PolicyTranslation {
 pub const MAX_SELECTOR_TERMS: usize = 4096;
 
 pub fn selects(selector: &LabelSelector, labels: &Labels) -> Result<bool, String> {
-    let terms = selector.match_labels.as_ref().map_or(0, |m| m.len())
-        + selector
-            .match_expressions
-            .iter()
-            .flatten()
-            .map(|e| 1 + e.values.as_ref().map_or(0, |v| v.len()))
-            .sum::<usize>();
-    if terms > MAX_SELECTOR_TERMS {
-        return Err(format!(
-            "selector too large: {terms} labels and values (at most {MAX_SELECTOR_TERMS})"
-        ));
-    }
+    validate_selector(selector)?;
     for (k, v) in selector.match_labels.iter().flatten() {
         if labels.get(k) != Some(v) {
             return Ok(false);
@@ -87,14 +76,38 @@ pub fn selects(selector: &LabelSelector, labels: &Labels) -> Result<bool, String
             "In" => value.is_some_and(|v| values.contains(v)),
             "NotIn" => value.is_none_or(|v| !values.contains(v)),
             "Exists" => value.is_some(),
-            "DoesNotExist" => value.is_none(),
-            other => return Err(format!("unknown selector operator {other:?}")),
+            _ => value.is_none(), // DoesNotExist (validated above)
         };
         if !ok {
             return Ok(false);
         }
     }
     Ok(true)
+}
+
+/// A selector's operators are known and it is not too large.
+pub fn validate_selector(selector: &LabelSelector) -> Result<(), String> {
+    let terms = selector.match_labels.as_ref().map_or(0, |m| m.len())
+        + selector
+            .match_expressions
+            .iter()
+            .flatten()
+            .map(|e| 1 + e.values.as_ref().map_or(0, |v| v.len()))
+            .sum::<usize>();
+    if terms > MAX_SELECTOR_TERMS {
+        return Err(format!(
+            "selector too large: {terms} labels and values (at most {MAX_SELECTOR_TERMS})"
+        ));
+    }
+    for e in selector.match_expressions.iter().flatten() {
+        if !matches!(
+            e.operator.as_str(),
+            "In" | "NotIn" | "Exists" | "DoesNotExist"
+        ) {
+            return Err(format!("unknown selector operator {:?}", e.operator));
+        }
+    }
+    Ok(())
 }
 
 /// An address in a prefix.
@@ -270,7 +283,14 @@ pub fn translate_policies(
             }));
         let mut found = Vec::new();
         for peer in peers {
-            match parse_block(peer) {
+            // Selectors are checked here too, so a bad one is reported even
+            // while the policy selects no pod.
+            let checked = [&peer.pod_selector, &peer.namespace_selector]
+                .into_iter()
+                .flatten()
+                .try_for_each(validate_selector)
+                .and_then(|()| parse_block(peer));
+            match checked {
                 Ok(Some(b)) => {
                     found.push(b.cidr);
                     found.extend(b.except);

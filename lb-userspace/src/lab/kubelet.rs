@@ -59,6 +59,10 @@ pub struct Kubelet {
     lb_binary: PathBuf,
     log_dir: PathBuf,
     state: Arc<Mutex<State>>,
+    /// Agents run: a pod is ready only once its veth carries the programs,
+    /// as a CNI plugin returns only when the pod's network is complete.
+    /// Otherwise its first packets would bypass Services and policy.
+    pub wait_for_datapath: bool,
 }
 
 impl Kubelet {
@@ -76,6 +80,33 @@ impl Kubelet {
             lb_binary,
             log_dir,
             state: Arc::default(),
+            wait_for_datapath: false,
+        }
+    }
+
+    /// Waits (up to 15 s) until both tc programs are attached to `veth`.
+    async fn wait_for_programs(&self, node: usize, veth: &str) {
+        use aya::programs::{tc::TcAttachType, SchedClassifier};
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let veth_name = veth.to_string();
+            let attached = crate::netns::run_in(&self.names.node_ns(node), move || {
+                [TcAttachType::Ingress, TcAttachType::Egress]
+                    .into_iter()
+                    .all(|t| {
+                        SchedClassifier::query_tcx(&veth_name, t)
+                            .is_ok_and(|(_, progs)| !progs.is_empty())
+                    })
+            })
+            .unwrap_or(false);
+            if attached {
+                return;
+            }
+            if tokio::time::Instant::now() > deadline {
+                tracing::warn!("{veth}: no programs attached after 15 s; the pod starts anyway");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -207,6 +238,9 @@ impl Kubelet {
 
     async fn run_pod(&self, pod: &Value, node: usize, k: u32, ip: Ipv4Addr) -> Result<Child> {
         net::create_pod(&self.names, node, k, ip).await?;
+        if self.wait_for_datapath {
+            self.wait_for_programs(node, &self.names.host_veth(k)).await;
+        }
         let mut listen = Vec::new();
         for c in pod["spec"]["containers"].as_array().into_iter().flatten() {
             for p in c["ports"].as_array().into_iter().flatten() {

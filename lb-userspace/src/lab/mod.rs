@@ -120,13 +120,14 @@ impl Lab {
             prefix: cfg.prefix.clone(),
         };
         let node_names: Vec<String> = (1..=cfg.nodes).map(node_name).collect();
-        let kubelet = Kubelet::new(
+        let mut kubelet = Kubelet::new(
             store.clone(),
             names.clone(),
             node_names,
             cfg.lb_binary.clone(),
             dir.join("logs"),
         );
+        kubelet.wait_for_datapath = cfg.agents;
         let mut lab = Lab {
             prefix: cfg.prefix.clone(),
             names: names.clone(),

@@ -33,9 +33,20 @@ pub async fn demo_lab(letter: char) -> Lab {
 
 /// A lab with `nodes` nodes and the manifests in `manifests`, pods ready.
 pub async fn lab_with(letter: char, manifests: PathBuf, nodes: usize) -> Lab {
+    lab_with_agent_args(letter, manifests, nodes, &[]).await
+}
+
+/// `lab_with`, the agents given `args` besides the lab's own.
+pub async fn lab_with_agent_args(
+    letter: char,
+    manifests: PathBuf,
+    nodes: usize,
+    args: &[&str],
+) -> Lab {
     let mut cfg = LabConfig::new(&prefix(letter), env!("CARGO_BIN_EXE_lb"));
     cfg.manifests = Some(manifests);
     cfg.nodes = nodes;
+    cfg.agent_args = args.iter().map(|a| a.to_string()).collect();
     let lab = Lab::up(cfg).await.expect("lab up");
     lab.wait_pods_ready(Duration::from_secs(60))
         .await
@@ -179,4 +190,195 @@ pub fn io_kind(err: &anyhow::Error) -> Option<std::io::ErrorKind> {
     err.chain()
         .find_map(|e| e.downcast_ref::<std::io::Error>())
         .map(|e| e.kind())
+}
+
+/// Clients sending requests without pause (each from inside a network
+/// namespace, to an address), counting answers and failures until stopped.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    clients: Vec<(String, std::thread::JoinHandle<LoadTally>)>,
+}
+
+/// Answers and failures of one client.
+type LoadTally = (usize, Vec<String>);
+
+/// What one client of a `Load` saw.
+#[derive(Debug)]
+pub struct LoadReport {
+    pub target: String,
+    pub answered: usize,
+    pub failures: Vec<String>,
+}
+
+impl Load {
+    pub fn start(targets: Vec<(String, SocketAddr)>) -> Load {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let clients = targets
+            .into_iter()
+            .map(|(netns, addr)| {
+                let stop = stop.clone();
+                let name = format!("{netns} -> {addr}");
+                let handle = std::thread::spawn(move || {
+                    lb::netns::run_in(&netns, move || {
+                        let rt = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .expect("runtime");
+                        let (mut ok, mut failures) = (0, Vec::new());
+                        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            let started = Instant::now();
+                            match rt.block_on(lb::echo::http_get(addr, Duration::from_secs(3))) {
+                                Ok(_) => ok += 1,
+                                Err(e) => failures.push(format!(
+                                    "after {ok} answers, {:?} in: {e:#}",
+                                    started.elapsed()
+                                )),
+                            }
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                        (ok, failures)
+                    })
+                    .unwrap_or_else(|e| (0, vec![format!("entering {netns}: {e:#}")]))
+                });
+                (name, handle)
+            })
+            .collect();
+        Load { stop, clients }
+    }
+
+    pub async fn stop(self) -> Vec<LoadReport> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        tokio::task::spawn_blocking(move || {
+            self.clients
+                .into_iter()
+                .map(|(target, h)| {
+                    let (answered, failures) = h.join().expect("load client");
+                    LoadReport {
+                        target,
+                        answered,
+                        failures,
+                    }
+                })
+                .collect()
+        })
+        .await
+        .expect("load")
+    }
+}
+
+/// A long-lived TCP connection (the echo servers' line protocol): `ask`
+/// sends a line and returns the answering pod's name.
+pub struct OpenConnection {
+    ask: std::sync::mpsc::Sender<std::sync::mpsc::Sender<anyhow::Result<String>>>,
+}
+
+impl OpenConnection {
+    pub fn open(netns: &str, addr: SocketAddr) -> anyhow::Result<OpenConnection> {
+        use std::io::{BufRead, Write};
+        let (tx, rx) =
+            std::sync::mpsc::channel::<std::sync::mpsc::Sender<anyhow::Result<String>>>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let netns = netns.to_string();
+        std::thread::spawn(move || {
+            let _ = lb::netns::run_in(&netns, move || {
+                let conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+                    .and_then(|s| {
+                        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                        Ok(s)
+                    });
+                let mut s = match conn {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(anyhow::anyhow!("connecting to {addr}: {e}")));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                let Ok(clone) = s.try_clone() else { return };
+                let mut r = std::io::BufReader::new(clone);
+                while let Ok(reply) = rx.recv() {
+                    let mut line = String::new();
+                    let answer = s
+                        .write_all(b"hello\n")
+                        .and_then(|()| r.read_line(&mut line))
+                        .map_err(anyhow::Error::from)
+                        .and_then(|n| {
+                            anyhow::ensure!(n > 0, "connection closed");
+                            Ok(line.trim().to_string())
+                        });
+                    let _ = reply.send(answer);
+                }
+            });
+        });
+        ready_rx.recv_timeout(Duration::from_secs(5))??;
+        Ok(OpenConnection { ask: tx })
+    }
+
+    pub async fn ask(&self) -> anyhow::Result<String> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.ask.send(tx)?;
+        tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(5)))
+            .await?
+            .map_err(|e| anyhow::anyhow!("no answer: {e}"))?
+    }
+}
+
+/// GETs `path` of the agent's metrics server on node `node`.
+pub async fn agent_http(lab: &Lab, node: usize, path: &str) -> anyhow::Result<(u16, String)> {
+    let netns = lab.node_netns(node);
+    let path = path.to_string();
+    tokio::task::spawn_blocking(move || {
+        lb::netns::run_in(&netns, move || -> anyhow::Result<(u16, String)> {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect_timeout(
+                &"127.0.0.1:9964".parse()?,
+                Duration::from_secs(2),
+            )?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )?;
+            let mut resp = String::new();
+            s.read_to_string(&mut resp)?;
+            let code = resp
+                .split(' ')
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
+            let body = resp
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default();
+            Ok((code, body))
+        })?
+    })
+    .await?
+}
+
+/// Waits until node `node`'s agent answers /readyz with 200.
+pub async fn wait_agent_ready(lab: &Lab, node: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok((200, _)) = agent_http(lab, node, "/readyz").await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "agent on node {node} not ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The value of a metric line `name` (with its labels) in a scrape.
+pub fn metric(scrape: &str, name: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The last `n` lines of node `node`'s agent log (for failure messages).
+pub fn agent_log_tail(lab: &Lab, node: usize, n: usize) -> String {
+    let text =
+        std::fs::read_to_string(lab.log_path(&format!("agent-node-{node}"))).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
