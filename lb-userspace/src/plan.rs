@@ -195,26 +195,18 @@ pub fn desired_state(current: &MapState, desired: &[DesiredService]) -> MapState
             );
         }
         if count > 0 {
-            // Names in address order, so every node builds the same table;
-            // entries then name the slot (1..=count) of that backend.
-            let names: Vec<String> = backends
-                .iter()
-                .map(|b| format!("{}:{}", b.ip, b.port))
-                .collect();
-            let table = maglev::table(&names, maglev_table_size(names.len()));
-            let slot_of = |b: &BackendAddr| {
-                slots
-                    .iter()
-                    .position(|s| s == b)
-                    .map_or(0, |p| p as u32 + 1)
+            // The same backends in the same slots: the table written before
+            // is still right (building one costs far more than copying it).
+            let size = maglev_table_size(backends.len()) as usize;
+            let written = current
+                .maglev
+                .get(&rev_nat_id)
+                .filter(|t| t.len() == size && current_slots(current, &master) == slots);
+            let table = match written {
+                Some(t) => t.clone(),
+                None => maglev_slots(backends, &slots),
             };
-            out.maglev.insert(
-                rev_nat_id,
-                table
-                    .iter()
-                    .map(|i| slot_of(&backends[*i as usize]))
-                    .collect(),
-            );
+            out.maglev.insert(rev_nat_id, table);
         }
         for (addr, len) in &svc.source_ranges {
             out.source_ranges
@@ -245,6 +237,41 @@ pub fn desired_state(current: &MapState, desired: &[DesiredService]) -> MapState
         );
     }
     out
+}
+
+/// A Service's Maglev table, as the slot (1..=count) of each entry's backend.
+fn maglev_slots(backends: &[BackendAddr], slots: &[BackendAddr]) -> Vec<u32> {
+    // Names in address order, so every node builds the same table.
+    let names: Vec<String> = backends
+        .iter()
+        .map(|b| format!("{}:{}", b.ip, b.port))
+        .collect();
+    let table = maglev::table(&names, maglev_table_size(names.len()));
+    let slot_of = |b: &BackendAddr| {
+        slots
+            .iter()
+            .position(|s| s == b)
+            .map_or(0, |p| p as u32 + 1)
+    };
+    table
+        .iter()
+        .map(|i| slot_of(&backends[*i as usize]))
+        .collect()
+}
+
+/// The backends in a Service's slots (1..=count) now.
+fn current_slots(current: &MapState, master: &ServiceKey) -> Vec<BackendAddr> {
+    let count = current.services.get(master).map_or(0, |v| v.count);
+    (1..=count)
+        .filter_map(|slot| {
+            let key = ServiceKey { slot, ..*master };
+            current
+                .services
+                .get(&key)
+                .and_then(|v| current.backends.get(&v.backend_id))
+                .map(backend_addr)
+        })
+        .collect()
 }
 
 /// The order of a Service's backends in its slots: a backend keeps the slot

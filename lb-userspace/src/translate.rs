@@ -287,6 +287,26 @@ fn parse_ipv4_list<'a>(
     out
 }
 
+/// EndpointSlices by (namespace, Service name), so each Service finds its
+/// own without a scan of all of them (10,000 Services would make that
+/// quadratic).
+pub fn slices_by_service(slices: &[EndpointSlice]) -> BTreeMap<(&str, &str), Vec<&EndpointSlice>> {
+    let mut out: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+    for s in slices {
+        let Some(service) = s
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        else {
+            continue;
+        };
+        let ns = s.metadata.namespace.as_deref().unwrap_or("");
+        out.entry((ns, service.as_str())).or_default().push(s);
+    }
+    out
+}
+
 /// Translates Services and EndpointSlices into the frontends to program on
 /// `node`: ClusterIPs, NodePorts on the node's addresses, LoadBalancer
 /// ingress addresses and external IPs.
@@ -296,6 +316,7 @@ pub fn translate(
     node: &NodeContext,
 ) -> Translation {
     let mut t = Translation::default();
+    let slices_by_service = slices_by_service(slices);
     // Oldest first, as a conflict goes to the Service that was there first.
     let mut services: Vec<&Service> = services.iter().collect();
     services.sort_by(|a, b| {
@@ -378,18 +399,10 @@ pub fn translate(
 
         let ns = svc.metadata.namespace.as_deref().unwrap_or("");
         let name = svc.metadata.name.as_deref().unwrap_or("");
-        let own_slices: Vec<&EndpointSlice> = slices
-            .iter()
-            .filter(|s| {
-                s.metadata.namespace.as_deref().unwrap_or("") == ns
-                    && s.metadata
-                        .labels
-                        .as_ref()
-                        .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                        .map(String::as_str)
-                        == Some(name)
-            })
-            .collect();
+        let own_slices: Vec<&EndpointSlice> = slices_by_service
+            .get(&(ns, name))
+            .cloned()
+            .unwrap_or_default();
         for sp in spec.ports.iter().flatten() {
             let port_name = sp.name.clone().unwrap_or_default();
             let (proto, port) = match (

@@ -100,11 +100,22 @@ fn admit_service(obj: &mut Value, old: Option<&Value>, inner: &Inner) -> Result<
     if !["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"].contains(&svc_type.as_str()) {
         return invalid(format!("spec.type: Unsupported value: {svc_type:?}"));
     }
-    let others: Vec<&Value> = inner
-        .list(Kind::Service, None)
-        .into_iter()
-        .filter(|s| !same_object(s, obj))
-        .collect();
+    // Other Services, for NodePort conflicts only (ClusterIPs are indexed):
+    // admission stays cheap with 10,000 Services.
+    let others: Vec<&Value> = if svc_type == "NodePort" || svc_type == "LoadBalancer" {
+        inner
+            .list(Kind::Service, None)
+            .into_iter()
+            .filter(|s| !same_object(s, obj))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let me = (
+        meta_str(obj, "namespace").to_string(),
+        meta_str(obj, "name").to_string(),
+    );
+    let taken = |ip: Ipv4Addr| inner.cluster_ips.get(&ip).is_some_and(|owner| *owner != me);
 
     // ClusterIP.
     let mut cluster_ip = spec["clusterIP"].as_str().unwrap_or("").to_string();
@@ -117,17 +128,22 @@ fn admit_service(obj: &mut Value, old: Option<&Value>, inner: &Inner) -> Result<
     if svc_type == "ExternalName" {
         cluster_ip.clear();
     } else if cluster_ip != "None" {
-        let used: BTreeSet<String> = others
-            .iter()
-            .filter_map(|s| s["spec"]["clusterIP"].as_str().map(str::to_string))
-            .collect();
         if cluster_ip.is_empty() {
             let base = u32::from(SERVICE_CIDR.0);
             let size = 1u32 << (32 - SERVICE_CIDR.1);
-            // .1 is the kubernetes Service's by convention; .0 and the last are not hosts.
-            let Some(free) = (2..size - 1)
+            // .1 is the kubernetes Service's by convention; .0 and the last
+            // are not hosts. The lowest free one, as the first pass of an
+            // allocator: the search starts above the highest taken address
+            // (O(1) for sequential creation), then wraps around.
+            let highest = inner
+                .cluster_ips
+                .keys()
+                .next_back()
+                .map_or(1, |ip| u32::from(*ip) - base);
+            let Some(free) = (highest + 1..size - 1)
+                .chain(2..=highest.min(size - 2))
                 .map(|i| Ipv4Addr::from(base + i))
-                .find(|ip| !used.contains(&ip.to_string()))
+                .find(|ip| !taken(*ip))
             else {
                 return invalid("no ClusterIP left in 10.96.0.0/16".into());
             };
@@ -141,7 +157,7 @@ fn admit_service(obj: &mut Value, old: Option<&Value>, inner: &Inner) -> Result<
                     ))
                 }
             }
-            if used.contains(&cluster_ip) {
+            if cluster_ip.parse().is_ok_and(taken) {
                 return invalid(format!("spec.clusterIP: Invalid value: {cluster_ip:?}: provided IP is already allocated"));
             }
         }

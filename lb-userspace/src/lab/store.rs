@@ -75,6 +75,8 @@ pub struct Inner {
     /// Watches from a resourceVersion below this get 410 Gone.
     oldest_rv: u64,
     uid: u64,
+    /// Allocated ClusterIPs -> (namespace, name) of their Service.
+    pub cluster_ips: BTreeMap<std::net::Ipv4Addr, (String, String)>,
 }
 
 impl Inner {
@@ -133,6 +135,19 @@ impl Store {
     }
 
     fn record(&self, inner: &mut Inner, kind: Kind, event_type: &'static str, object: Value) {
+        if kind == Kind::Service {
+            if let Ok(ip) = object["spec"]["clusterIP"].as_str().unwrap_or("").parse() {
+                if event_type == "DELETED" {
+                    inner.cluster_ips.remove(&ip);
+                } else {
+                    let owner = (
+                        meta_str(&object, "namespace").to_string(),
+                        meta_str(&object, "name").to_string(),
+                    );
+                    inner.cluster_ips.insert(ip, owner);
+                }
+            }
+        }
         let ev = Event {
             kind,
             event_type,
