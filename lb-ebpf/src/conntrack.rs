@@ -8,7 +8,7 @@ use lb_common::{
 
 use crate::{
     maps::CONNTRACK,
-    packet::{Flow, TCP_FIN, TCP_RST},
+    packet::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 #[inline(always)]
@@ -67,6 +67,19 @@ pub fn lookup(key: &ConntrackKey, flow: &Flow) -> Option<ConntrackEntry> {
         }
         Some(*entry)
     }
+}
+
+/// A SYN without ACK starts a connection, so its backend is chosen again
+/// rather than taken from the entry. A client that reuses a closed
+/// connection's source port (within the closing timeout, or before its
+/// close was seen) must not follow the old connection to its backend, which
+/// may be terminating and refuse or vanish once its process exits. Selection
+/// is a hash of the flow (Maglev), so a retransmitted SYN lands where the
+/// first one did while the Service's backends stay the same. Packets of
+/// established connections keep their backend through the entry.
+#[inline(always)]
+pub fn reopens(_entry: &ConntrackEntry, flow: &Flow) -> bool {
+    flow.proto == lb_common::PROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
 /// Where a new flow goes: its backend, and the source to give it (SNAT).

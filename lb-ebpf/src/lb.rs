@@ -2,6 +2,7 @@
 
 use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT};
 use aya_ebpf::{btf_maps::lpm_trie::Key, helpers::bpf_ktime_get_ns, programs::TcContext};
+use aya_log_ebpf::info;
 use lb_common::{
     backend::Backend,
     conntrack::ConntrackEntry,
@@ -14,6 +15,7 @@ use lb_common::{
 
 use crate::{
     conntrack::{self, NewFlow},
+    logging,
     maps::{AFFINITY, BACKENDS, MAGLEV, SERVICES, SOURCE_RANGES},
     metrics::count,
     nat::{self, Side},
@@ -41,13 +43,14 @@ pub fn from_pod(ctx: &TcContext) -> Result<i32, i32> {
     }
 
     if let Some(entry) = conntrack::lookup(&conntrack::forward_key(&flow), &flow) {
-        if backend_still_there(&entry) {
+        if keeps_backend(&entry, &flow) {
             egress_policy(ctx, &flow, entry.nat_addr, entry.nat_port)?;
             dnat_snat(ctx, &flow, &entry)?;
             count(ctx, reason::FORWARDED);
             return Ok(PASS);
         }
-        // The backend is gone for good: pick a live one below, as for a new flow.
+        // The backend is gone for good, or this SYN opens a new connection on
+        // a closed one's 5-tuple: pick a live backend below, as for a new flow.
     }
 
     let Some(service) = lookup_service(&flow, 0) else {
@@ -55,10 +58,30 @@ pub fn from_pod(ctx: &TcContext) -> Result<i32, i32> {
         return Ok(PASS);
     };
     if !source_allowed(&flow, &service) {
+        if logging::enabled() {
+            info!(
+                ctx,
+                "drop {:i}:{} -> {:i}:{}: not in loadBalancerSourceRanges",
+                u32::from_be(flow.saddr),
+                u16::from_be(flow.sport),
+                u32::from_be(flow.daddr),
+                u16::from_be(flow.dport)
+            );
+        }
         count(ctx, reason::DROP_SOURCE_RANGE);
         return Err(DROP);
     }
     let Some((backend_id, backend)) = select_backend(&flow, &service) else {
+        if logging::enabled() {
+            info!(
+                ctx,
+                "refuse {:i}:{} -> {:i}:{}: no backend",
+                u32::from_be(flow.saddr),
+                u16::from_be(flow.sport),
+                u32::from_be(flow.daddr),
+                u16::from_be(flow.dport)
+            );
+        }
         count(ctx, reason::REJECT_NO_BACKEND);
         return reject::port_unreachable(ctx, &flow).map_err(|()| {
             count(ctx, reason::DROP_REWRITE_FAILED);
@@ -99,6 +122,19 @@ pub fn from_pod(ctx: &TcContext) -> Result<i32, i32> {
     let entry = new.forward();
     dnat_snat(ctx, &flow, &entry)?;
     count(ctx, reason::NEW_FLOW);
+    if logging::enabled() {
+        info!(
+            ctx,
+            "new flow {:i}:{} -> {:i}:{} to backend {:i}:{} (id {})",
+            u32::from_be(flow.saddr),
+            u16::from_be(flow.sport),
+            u32::from_be(flow.daddr),
+            u16::from_be(flow.dport),
+            u32::from_be(backend.addr),
+            u16::from_be(backend.port),
+            backend_id
+        );
+    }
     Ok(PASS)
 }
 
@@ -224,6 +260,13 @@ pub fn lookup_service(flow: &Flow, slot: u16) -> Option<ServiceValue> {
 fn lookup_backend(id: u32) -> Option<Backend> {
     // SAFETY: copied out at once.
     BACKENDS.get_ptr(id).map(|v| unsafe { *v })
+}
+
+/// A packet of a tracked flow goes to the flow's backend while that backend
+/// exists, unless it opens a new connection on a closed one's 5-tuple.
+#[inline(always)]
+pub fn keeps_backend(entry: &ConntrackEntry, flow: &Flow) -> bool {
+    backend_still_there(entry) && !conntrack::reopens(entry, flow)
 }
 
 /// A tracked flow keeps its backend while that backend exists with the same

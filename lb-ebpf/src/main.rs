@@ -8,12 +8,14 @@
 //!   external-IP frontends for traffic from outside the node, with SNAT.
 //!
 //! Modules follow the packet: `packet` parses, `conntrack` remembers, `lb`
-//! decides, `nat` rewrites, `metrics` counts.
+//! decides, `nat` rewrites, `metrics` counts, `logging` (off by default)
+//! explains single flows.
 #![no_std]
 #![no_main]
 
 mod conntrack;
 mod lb;
+mod logging;
 mod maps;
 mod metrics;
 mod nat;
@@ -46,6 +48,18 @@ pub fn lb_uplink(ctx: XdpContext) -> u32 {
     match xdp::uplink(&ctx) {
         Ok(verdict) | Err(verdict) => verdict,
     }
+}
+
+/// The floor for `cargo xtask bench`: what running any tc program costs.
+#[classifier]
+pub fn bench_empty_tc(_ctx: TcContext) -> i32 {
+    aya_ebpf::bindings::TC_ACT_OK
+}
+
+/// The floor for `cargo xtask bench`: what running any XDP program costs.
+#[xdp]
+pub fn bench_empty_xdp(_ctx: XdpContext) -> u32 {
+    aya_ebpf::bindings::xdp_action::XDP_PASS
 }
 
 #[cfg(not(test))]

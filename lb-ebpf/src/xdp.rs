@@ -13,7 +13,7 @@ use lb_common::{
 
 use crate::{
     conntrack::{self, NewFlow},
-    lb::{backend_still_there, flow_hash, lookup_service, select_backend, source_allowed},
+    lb::{flow_hash, keeps_backend, lookup_service, select_backend, source_allowed},
     maps::NODE,
     metrics::count,
     nat::{rewrite_direct, Side},
@@ -38,7 +38,7 @@ pub fn uplink(ctx: &XdpContext) -> Result<u32, u32> {
         return Ok(PASS);
     }
     if let Some(entry) = conntrack::lookup(&conntrack::forward_key(&flow), &flow) {
-        if backend_still_there(&entry) {
+        if keeps_backend(&entry, &flow) {
             rewrite_both(ctx, &flow, Side::Destination, &entry)?;
             count(ctx, reason::FORWARDED);
             return Ok(PASS);

@@ -16,6 +16,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
 };
+use k8s_openapi::Resource as _;
 use kube::{
     runtime::{reflector, watcher, WatchStreamExt},
     Api, Client,
@@ -68,6 +69,9 @@ pub struct AgentConfig {
     /// The node's uplink, where XDP serves traffic from outside the node
     /// (NodePorts, LoadBalancer IPs); none to leave it alone.
     pub uplink: Option<String>,
+    /// This network namespace's /proc/sys/net (a container mounts the
+    /// host's at another path, as its own is read-only).
+    pub proc_sys_net: PathBuf,
     /// How often the maps are compared with the desired state even when
     /// nothing changed (repairs drift).
     pub resync: Duration,
@@ -76,6 +80,42 @@ pub struct AgentConfig {
     pub ct_sweep: Duration,
     /// Where /metrics, /healthz and /readyz are served; none for nowhere.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The eBPF programs' own log lines, into this log (costs per packet).
+    pub bpf_log: bool,
+}
+
+/// Forwards the eBPF programs' log records (aya-log, through the `log`
+/// crate's interface) into this process's tracing log.
+struct BpfLogToTracing;
+
+impl log::Log for BpfLogToTracing {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record) {
+        tracing::info!(target: "lb::bpf", "{}", record.args());
+    }
+
+    fn flush(&self) {}
+}
+
+/// Reads the programs' log buffer whenever it has records.
+fn spawn_bpf_log(dp: &mut Datapath) -> Result<()> {
+    let logger = dp.logger(BpfLogToTracing)?;
+    // SAFETY: the logger owns its ring buffer's fd, which stays open as long
+    // as the AsyncFd (its owner) lives.
+    let mut fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| anyhow::anyhow!("watching the eBPF log buffer: {e}"))?;
+    tokio::spawn(async move {
+        while let Ok(mut guard) = fd.readable_mut().await {
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+    Ok(())
 }
 
 pub async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
@@ -128,10 +168,30 @@ impl kube::runtime::utils::Backoff for WatchBackoff {
     }
 }
 
+/// The API resources the agent watches, as (API group, plural). The
+/// ClusterRole in `manifests/install/rbac.yaml` grants get, list and watch on
+/// exactly these (a test checks it), and `reflect` refuses any other.
+pub const WATCHED: [(&str, &str); 6] = [
+    (Service::GROUP, Service::URL_PATH_SEGMENT),
+    (EndpointSlice::GROUP, EndpointSlice::URL_PATH_SEGMENT),
+    (Node::GROUP, Node::URL_PATH_SEGMENT),
+    (Pod::GROUP, Pod::URL_PATH_SEGMENT),
+    (Namespace::GROUP, Namespace::URL_PATH_SEGMENT),
+    (NetworkPolicy::GROUP, NetworkPolicy::URL_PATH_SEGMENT),
+];
+
+/// Where the agent reports objects it cannot program (kube-runtime's event
+/// recorder: create, then merge-patch a repeated one).
+pub const EVENTS: (&str, &str) = (
+    k8s_openapi::api::events::v1::Event::GROUP,
+    k8s_openapi::api::events::v1::Event::URL_PATH_SEGMENT,
+);
+
 /// Starts a reflector for `K`; `changed` is notified on every change.
 fn reflect<K>(api: Api<K>, changed: Arc<Notify>) -> reflector::Store<K>
 where
     K: kube::Resource<DynamicType = ()>
+        + k8s_openapi::Resource
         + Clone
         + std::fmt::Debug
         + serde::de::DeserializeOwned
@@ -139,6 +199,11 @@ where
         + Sync
         + 'static,
 {
+    debug_assert!(
+        WATCHED.contains(&(K::GROUP, K::URL_PATH_SEGMENT)),
+        "{} is watched but not in WATCHED (nor in the ClusterRole)",
+        K::URL_PATH_SEGMENT
+    );
     let (reader, writer) = reflector::store();
     let stream = reflector(writer, watcher(api, watcher::Config::default()))
         .backoff(WatchBackoff::default())
@@ -165,7 +230,11 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             }
         });
     }
-    let mut dp = Datapath::load(Some(&cfg.pin_dir))?;
+    let mut dp = Datapath::load_with(Some(&cfg.pin_dir), cfg.bpf_log)?;
+    if cfg.bpf_log {
+        spawn_bpf_log(&mut dp)?;
+        tracing::info!("eBPF log lines on (--bpf-log): they cost per packet");
+    }
     let mut attacher = Attacher::new(&cfg.pin_dir)?;
     tracing::info!(pin_dir = %cfg.pin_dir.display(), node = ?cfg.node_name, "data path loaded");
 
@@ -205,7 +274,12 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         );
     }
     if let Some(uplink) = &cfg.uplink {
-        match crate::datapath::attach::attach_uplink(&mut dp, &cfg.pin_dir.join("uplink"), uplink) {
+        match crate::datapath::attach::attach_uplink(
+            &mut dp,
+            &cfg.pin_dir.join("uplink"),
+            uplink,
+            &cfg.proc_sys_net,
+        ) {
             Ok(()) => tracing::info!(interface = %uplink, "XDP attached to the uplink"),
             Err(e) => {
                 tracing::error!(interface = %uplink, "XDP attach failed, no NodePort from outside: {e:#}")

@@ -3,11 +3,12 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use lb::{
-    agent::{self, AgentConfig},
+    agent,
     echo::{self, Listen},
     lab::{self, Lab, LabConfig},
+    settings::{self, AgentArgs},
 };
 
 #[derive(Parser)]
@@ -24,41 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the node agent: load the data path and keep its maps in sync with the API.
-    Agent {
-        /// Kubeconfig to use; without it, in-cluster config or ~/.kube/config.
-        #[arg(long, env = "KUBECONFIG")]
-        kubeconfig: Option<PathBuf>,
-        /// This node's name (from the downward API in a DaemonSet).
-        #[arg(long, env = "NODE_NAME")]
-        node_name: Option<String>,
-        /// Where maps and links are pinned (bpffs).
-        #[arg(long, env = "LB_PIN_DIR", default_value = "/sys/fs/bpf/lb")]
-        pin_dir: PathBuf,
-        /// Pod veths: host-side interfaces whose names start with this.
-        #[arg(long, env = "LB_INTERFACE_PREFIX", default_value = "veth")]
-        interface_prefix: String,
-        /// The node's uplink, for NodePort/LoadBalancer traffic from outside (XDP); "" for none.
-        #[arg(long, env = "LB_UPLINK", default_value = "eth0")]
-        uplink: String,
-        /// Idle timeout of established TCP conntrack entries, seconds.
-        #[arg(long, env = "LB_CT_TCP_TIMEOUT", default_value_t = 21600)]
-        ct_tcp_timeout: u64,
-        /// Idle timeout of TCP entries after a FIN or RST, seconds.
-        #[arg(long, env = "LB_CT_TCP_CLOSING_TIMEOUT", default_value_t = 10)]
-        ct_tcp_closing_timeout: u64,
-        /// Idle timeout of UDP conntrack entries, seconds.
-        #[arg(long, env = "LB_CT_UDP_TIMEOUT", default_value_t = 60)]
-        ct_udp_timeout: u64,
-        /// Seconds between sweeps of idle conntrack entries.
-        #[arg(long, env = "LB_CT_SWEEP_SECONDS", default_value_t = 10)]
-        ct_sweep_seconds: u64,
-        /// Seconds between full comparisons of the maps with the desired state.
-        #[arg(long, env = "LB_RESYNC_SECONDS", default_value_t = 30)]
-        resync_seconds: u64,
-        /// Address of /metrics, /healthz and /readyz; "" for none.
-        #[arg(long, env = "LB_METRICS_ADDR", default_value = "0.0.0.0:9964")]
-        metrics_addr: String,
-    },
+    Agent(AgentArgs),
     /// Answer on TCP/UDP ports with a name (the lab's application pods).
     Echo {
         #[arg(long)]
@@ -85,6 +52,26 @@ enum Command {
         /// Stop after this many verdicts.
         #[arg(long)]
         count: Option<usize>,
+    },
+    /// Print this node's live maps as tables or JSON: services, backends,
+    /// conntrack, policy, identities.
+    Inspect {
+        what: lb::inspect::What,
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: lb::inspect::Output,
+        /// Where the agent pinned its maps.
+        #[arg(long, env = "LB_PIN_DIR", default_value = "/sys/fs/bpf/lb")]
+        pin_dir: PathBuf,
+    },
+    /// Measure the data path and write BENCHMARKS.md and a plot (`cargo
+    /// xtask bench` runs it from a release build).
+    Bench {
+        /// Directory for BENCHMARKS.md and benchmarks.svg.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// A short run, to try the harness (figures not meaningful).
+        #[arg(long)]
+        quick: bool,
     },
     /// NetworkPolicy tools.
     Policy {
@@ -152,46 +139,33 @@ enum LabCommand {
 }
 
 fn main() -> Result<()> {
+    let matches = match settings::parse_with_file(
+        Cli::command(),
+        std::env::args_os().collect(),
+        &["agent"],
+    ) {
+        Ok(m) => m,
+        Err(e) => match e.downcast::<clap::Error>() {
+            Ok(clap_error) => clap_error.exit(),
+            Err(e) => return Err(e),
+        },
+    };
+    let cli = Cli::from_arg_matches(&matches)?;
+    // The agent's level is a setting (flag, LB_LOG, file); the tools take RUST_LOG.
+    let filter = match &cli.command {
+        Command::Agent(args) => tracing_subscriber::EnvFilter::try_new(&args.log)
+            .with_context(|| format!("log filter {:?}", args.log))?,
+        _ => {
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into())
+        }
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new()?;
     match cli.command {
-        Command::Agent {
-            kubeconfig,
-            node_name,
-            pin_dir,
-            interface_prefix,
-            uplink,
-            resync_seconds,
-            ct_tcp_timeout,
-            ct_tcp_closing_timeout,
-            ct_udp_timeout,
-            ct_sweep_seconds,
-            metrics_addr,
-        } => rt.block_on(agent::run(AgentConfig {
-            metrics_addr: if metrics_addr.is_empty() {
-                None
-            } else {
-                Some(metrics_addr.parse().context("--metrics-addr")?)
-            },
-            ct_timeouts: lb::conntrack::Timeouts {
-                tcp_established: Duration::from_secs(ct_tcp_timeout),
-                tcp_closing: Duration::from_secs(ct_tcp_closing_timeout),
-                udp: Duration::from_secs(ct_udp_timeout),
-            },
-            ct_sweep: Duration::from_secs(ct_sweep_seconds.max(1)),
-            kubeconfig,
-            node_name,
-            pin_dir,
-            interface_prefix,
-            uplink: Some(uplink).filter(|u| !u.is_empty()),
-            resync: Duration::from_secs(resync_seconds.max(1)),
-        })),
+        Command::Agent(args) => rt.block_on(agent::run(args.into_config()?)),
         Command::Echo {
             name,
             listen,
@@ -211,6 +185,22 @@ fn main() -> Result<()> {
             let allowed = lb::trace::run(client, &from, &to, port, &protocol).await?;
             std::process::exit(if allowed { 0 } else { 1 });
         }),
+        Command::Inspect {
+            what,
+            output,
+            pin_dir,
+        } => {
+            print!("{}", lb::inspect::run(&pin_dir, what, output)?);
+            Ok(())
+        }
+        Command::Bench { out, quick } => lb::bench::run(
+            if quick {
+                lb::bench::Plan::QUICK
+            } else {
+                lb::bench::Plan::FULL
+            },
+            &out,
+        ),
         Command::Flows {
             pin_dir,
             kubeconfig,

@@ -16,7 +16,9 @@ pub struct Frame {
 }
 
 pub const ETH_HLEN: usize = 14;
+pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
 
 fn fold(mut sum: u32) -> u16 {
     while sum > 0xffff {
@@ -66,13 +68,18 @@ impl Frame {
 
     /// Ethernet + IPv4 + TCP (a SYN) or UDP header + `payload`, all checksums valid.
     pub fn build(&self, payload: &[u8]) -> Vec<u8> {
+        self.build_with_flags(payload, TCP_SYN)
+    }
+
+    /// `build`, with these TCP flags.
+    pub fn build_with_flags(&self, payload: &[u8], tcp_flags: u8) -> Vec<u8> {
         let mut l4 = Vec::new();
         l4.extend_from_slice(&self.sport.to_be_bytes());
         l4.extend_from_slice(&self.dport.to_be_bytes());
         if self.proto == PROTO_TCP {
             l4.extend_from_slice(&1000u32.to_be_bytes()); // seq
             l4.extend_from_slice(&0u32.to_be_bytes()); // ack
-            l4.extend_from_slice(&[0x50, TCP_SYN]); // data offset 5, SYN
+            l4.extend_from_slice(&[0x50, tcp_flags]); // data offset 5, flags
             l4.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]); // window, csum, urg
         } else {
             l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());

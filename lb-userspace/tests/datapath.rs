@@ -129,8 +129,12 @@ fn syn_to_vip_is_dnated_to_a_backend_and_reply_is_reverse_translated() {
     assert_eq!(Ipv4Addr::from(u32::from_be(rev.nat_addr)).to_string(), VIP);
     assert_eq!(u16::from_be(rev.nat_port), 80);
 
-    // The same flow again keeps its backend (conntrack hit).
-    let (_, again) = run(&mut dp, PROG_FROM_POD, &syn.build(b"data"));
+    // The connection's next packet keeps its backend (conntrack hit).
+    let (_, again) = run(
+        &mut dp,
+        PROG_FROM_POD,
+        &syn.build_with_flags(b"data", lb::packet::TCP_ACK),
+    );
     assert_eq!(Frame::parse(&again).unwrap().dst, got.dst);
     assert_eq!(counter(&dp, "forwarded"), 1);
 
@@ -292,7 +296,8 @@ fn tracked_flow_keeps_a_backend_that_is_no_longer_ready() {
     dp.maps
         .apply(&plan(&current, &desired_state(&current, &[svc])))
         .unwrap();
-    let (_, out) = run(&mut dp, PROG_FROM_POD, &frame);
+    let ack = Frame::tcp(CLIENT, 40000, VIP, 80).build_with_flags(b"x", lb::packet::TCP_ACK);
+    let (_, out) = run(&mut dp, PROG_FROM_POD, &ack);
     assert_eq!(
         Frame::parse(&out).unwrap().dst.to_string(),
         "10.244.1.2",
@@ -307,6 +312,65 @@ fn tracked_flow_keeps_a_backend_that_is_no_longer_ready() {
         Frame::parse(&out).unwrap().dst.to_string(),
         "10.244.1.9",
         "new flows avoid it"
+    );
+}
+
+/// A SYN starts a connection, so its backend is chosen again: a client
+/// that reuses an old connection's source port is not sent to that
+/// connection's backend, which may be terminating (and refuses or vanishes
+/// once its process exits). A retransmitted SYN lands where the first did
+/// while the backends are unchanged, and packets of an established
+/// connection keep their backend.
+#[test]
+fn a_syn_is_balanced_again_and_established_packets_keep_their_backend() {
+    use lb::packet::TCP_ACK;
+    let mut dp = datapath_with(&[service(
+        80,
+        PROTO_TCP,
+        &[
+            ("10.244.1.2", 8080),
+            ("10.244.1.3", 8080),
+            ("10.244.1.4", 8080),
+        ],
+    )]);
+    let dst = |dp: &mut Datapath, frame: &[u8]| {
+        let (verdict, out) = run(dp, PROG_FROM_POD, frame);
+        assert_eq!(verdict, TC_ACT_OK);
+        Frame::parse(&out).unwrap().dst.to_string()
+    };
+    let flow = Frame::tcp(CLIENT, 40000, VIP, 80);
+    let first = dst(&mut dp, &flow.build(b""));
+    assert_eq!(
+        dst(&mut dp, &flow.build(b"")),
+        first,
+        "a retransmitted SYN lands where the first one did"
+    );
+    // That backend terminates: out of the slots, still in the backend map.
+    let ready: Vec<(&str, u16)> = ["10.244.1.2", "10.244.1.3", "10.244.1.4"]
+        .into_iter()
+        .filter(|ip| *ip != first)
+        .map(|ip| (ip, 8080))
+        .collect();
+    let mut svc = service(80, PROTO_TCP, &ready);
+    svc.retained = service(80, PROTO_TCP, &[(first.as_str(), 8080)]).backends;
+    let current = dp.maps.state().unwrap();
+    dp.maps
+        .apply(&plan(&current, &desired_state(&current, &[svc])))
+        .unwrap();
+    assert_eq!(
+        dst(&mut dp, &flow.build_with_flags(b"GET", TCP_ACK)),
+        first,
+        "the established connection keeps its terminating backend"
+    );
+    let again = dst(&mut dp, &flow.build(b""));
+    assert_ne!(
+        again, first,
+        "a SYN on the same ports (a new connection) goes to a ready backend"
+    );
+    assert_eq!(
+        dst(&mut dp, &flow.build_with_flags(b"GET", TCP_ACK)),
+        again,
+        "and the rest of that connection follows it"
     );
 }
 
@@ -921,5 +985,54 @@ mod network_policy {
             TC_ACT_OK
         );
         assert_eq!(counter(&dp, "drop_policy"), 0);
+    }
+}
+
+/// Collects log records (the agent forwards them to tracing instead).
+#[derive(Clone, Default)]
+struct Collect(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl log::Log for Collect {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record) {
+        self.0.lock().unwrap().push(record.args().to_string());
+    }
+    fn flush(&self) {}
+}
+
+#[test]
+fn programs_log_new_flows_only_when_loaded_with_bpf_log() {
+    for enabled in [false, true] {
+        let mut dp = Datapath::load_with(None, enabled).expect("load programs");
+        let want = desired_state(
+            &MapState::default(),
+            &[service(80, PROTO_TCP, &[("10.244.1.2", 8080)])],
+        );
+        dp.maps
+            .apply(&plan(&MapState::default(), &want))
+            .expect("seed maps");
+        let lines = Collect::default();
+        let mut logger = dp.logger(lines.clone()).expect("log buffer");
+        let (verdict, _) = run(
+            &mut dp,
+            PROG_FROM_POD,
+            &Frame::tcp(CLIENT, 40000, VIP, 80).build(b""),
+        );
+        assert_eq!(verdict, TC_ACT_OK);
+        logger.flush();
+        let got = lines.0.lock().unwrap().clone();
+        if enabled {
+            assert_eq!(
+                got,
+                vec![format!(
+                    "new flow {CLIENT}:40000 -> {VIP}:80 to backend 10.244.1.2:8080 (id {})",
+                    dp.maps.state().unwrap().backends.keys().next().unwrap()
+                )]
+            );
+        } else {
+            assert!(got.is_empty(), "logging is off: {got:?}");
+        }
     }
 }

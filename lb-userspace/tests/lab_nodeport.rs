@@ -133,6 +133,9 @@ async fn nodeport_from_a_pod_to_its_own_node() {
     let node = common::node_of(&lab, "client");
     let index: usize = node.trim_start_matches("node-").parse().unwrap();
     let addr = node_addr(index, 30080);
+    // Pods turn ready one by one; judge the spread only once the node has
+    // all four in its map.
+    common::wait_backends_on(&lab, index, addr, 4).await;
     common::wait_reachable(&lab, ("default", "client"), addr, Duration::from_secs(30)).await;
     let (answers, failures) = common::burst(&lab, ("default", "client"), addr, 20).await;
     assert!(failures.is_empty(), "{failures:#?}");

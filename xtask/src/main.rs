@@ -33,6 +33,23 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Build `lb` (release) and write an OCI image archive of the agent, for
+    /// `kind load image-archive`; no container engine needed.
+    Image {
+        /// Where to write the archive.
+        #[arg(long, default_value = "target/lb-image.tar")]
+        output: PathBuf,
+        /// The image's name, as the DaemonSet names it.
+        #[arg(long, default_value = "localhost/lb:0.1.0")]
+        name: String,
+    },
+    /// Build `lb` (release) and measure: writes BENCHMARKS.md and
+    /// benchmarks.svg at the top of the repository (needs root).
+    Bench {
+        /// A short run, to try the harness (figures not meaningful).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Setup, then formatting, clippy and every test (needs root).
     Test {
         /// Arguments passed to `cargo test` (a test name filter, for instance).
@@ -102,6 +119,48 @@ fn main() -> Result<()> {
             // SAFETY: setting a signal disposition to SIG_IGN has no preconditions.
             unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
             run(cmd.args(args))
+        }
+        Cmd::Image { output, name } => {
+            setup::setup()?;
+            run(cargo().args(["build", "--release", "--package", "lb-userspace"]))?;
+            let output = if output.is_absolute() {
+                output
+            } else {
+                root().join(output)
+            };
+            let bpftool = PathBuf::from("/usr/sbin/bpftool");
+            let written = xtask::image::write_archive(
+                &xtask::image::ImageSpec {
+                    binary: root().join("target/release/lb"),
+                    extra_programs: if bpftool.exists() {
+                        vec![bpftool]
+                    } else {
+                        Vec::new()
+                    },
+                    name: name.clone(),
+                },
+                &output,
+            )?;
+            println!(
+                "wrote {} ({name}, manifest {}, layer {} KiB, {} files)\nload it into kind with:\n  kind load image-archive {}",
+                output.display(),
+                written.manifest_digest,
+                written.layer_bytes / 1024,
+                written.files.len(),
+                output.display()
+            );
+            Ok(())
+        }
+        Cmd::Bench { quick } => {
+            require_root("cargo xtask bench")?;
+            setup::setup()?;
+            run(cargo().args(["build", "--release", "--package", "lb-userspace"]))?;
+            let mut cmd = Command::new(root().join("target/release/lb"));
+            cmd.arg("bench").arg("--out").arg(root());
+            if quick {
+                cmd.arg("--quick");
+            }
+            run(&mut cmd)
         }
         Cmd::Test { args } => {
             require_root("cargo xtask test")?;

@@ -7,9 +7,10 @@ use anyhow::{bail, Context, Result};
 
 use crate::run;
 
-/// Debian packages the lab and the tests use.
+/// Debian packages the lab and the tests use (skopeo and umoci check the
+/// OCI image that `cargo xtask image` writes).
 const PACKAGES: &[&str] = &[
-    "bpftool", "iproute2", "iptables", "nftables", "curl", "ethtool",
+    "bpftool", "iproute2", "iptables", "nftables", "curl", "ethtool", "skopeo", "umoci",
 ];
 
 fn output(cmd: &mut Command) -> Result<String> {

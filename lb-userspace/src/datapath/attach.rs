@@ -117,7 +117,12 @@ pub fn interfaces_with_prefix(prefix: &str) -> Result<BTreeSet<String>> {
 /// Attaches the XDP program to the node's uplink with a pinned link
 /// (`uplink/<uplink>_xdp`, apart from the pod links that `prune` manages),
 /// replacing the program in an existing link.
-pub fn attach_uplink(dp: &mut Datapath, links_dir: &Path, ifname: &str) -> Result<()> {
+pub fn attach_uplink(
+    dp: &mut Datapath,
+    links_dir: &Path,
+    ifname: &str,
+    proc_sys_net: &Path,
+) -> Result<()> {
     use aya::programs::{
         links::FdLink,
         xdp::{XdpLink, XdpMode},
@@ -127,10 +132,10 @@ pub fn attach_uplink(dp: &mut Datapath, links_dir: &Path, ifname: &str) -> Resul
     // source: SNATed flows on the uplink (XDP runs before routing), and
     // replies leaving a local backend after reverse NAT on its veth. Accept
     // them on every interface instead of dropping them as martians
-    // (accept_local is or-ed with conf/all). /proc/sys/net is this network
-    // namespace's.
-    let sysctl = "/proc/sys/net/ipv4/conf/all/accept_local";
-    std::fs::write(sysctl, "1").with_context(|| format!("setting {sysctl}"))?;
+    // (accept_local is or-ed with conf/all). /proc/sys/net shows the
+    // network namespace of whoever opens it: this one.
+    let sysctl = proc_sys_net.join("ipv4/conf/all/accept_local");
+    std::fs::write(&sysctl, "1").with_context(|| format!("setting {}", sysctl.display()))?;
     let pin = links_dir.join(format!("{ifname}_xdp"));
     let prog = dp.xdp()?;
     if pin.exists() {

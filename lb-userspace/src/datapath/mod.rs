@@ -37,10 +37,18 @@ impl Datapath {
     /// already pinned there are reused, so an agent restart keeps the state the
     /// data path runs on (conntrack included).
     pub fn load(pin_dir: Option<&Path>) -> Result<Self> {
+        Self::load_with(pin_dir, false)
+    }
+
+    /// `load`, with the programs' own log lines (aya-log) on or off: read
+    /// them through `logger`.
+    pub fn load_with(pin_dir: Option<&Path>, bpf_log: bool) -> Result<Self> {
         if EBPF_OBJECT.is_empty() {
             bail!("this binary was built with AYA_BUILD_SKIP: it carries no eBPF programs");
         }
+        let log_flag = u8::from(bpf_log);
         let mut loader = EbpfLoader::new();
+        loader.override_global("LB_LOG", &log_flag, true);
         if let Some(dir) = pin_dir {
             ensure_bpffs()?;
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -72,12 +80,45 @@ impl Datapath {
         })
     }
 
+    /// Reads the programs' log records (written only when loaded with
+    /// `bpf_log`) into `logger`; call `flush` when its fd is readable.
+    pub fn logger<T: log::Log>(&mut self, logger: T) -> Result<aya_log::EbpfLogger<T>> {
+        aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, logger)
+            .context("opening the eBPF log buffer")
+    }
+
     pub fn program(&mut self, name: &str) -> Result<&mut SchedClassifier> {
         Ok(self
             .ebpf
             .program_mut(name)
             .with_context(|| format!("program {name} missing"))?
             .try_into()?)
+    }
+
+    /// The empty tc program (the benchmarks' floor), loaded on first use.
+    pub fn floor_tc(&mut self) -> Result<&mut SchedClassifier> {
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut("bench_empty_tc")
+            .context("program bench_empty_tc missing")?
+            .try_into()?;
+        if prog.fd().is_err() {
+            prog.load()?;
+        }
+        Ok(prog)
+    }
+
+    /// The empty XDP program (the benchmarks' floor), loaded on first use.
+    pub fn floor_xdp(&mut self) -> Result<&mut aya::programs::Xdp> {
+        let prog: &mut aya::programs::Xdp = self
+            .ebpf
+            .program_mut("bench_empty_xdp")
+            .context("program bench_empty_xdp missing")?
+            .try_into()?;
+        if prog.fd().is_err() {
+            prog.load()?;
+        }
+        Ok(prog)
     }
 
     pub fn xdp(&mut self) -> Result<&mut aya::programs::Xdp> {

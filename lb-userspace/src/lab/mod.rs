@@ -251,7 +251,7 @@ impl Lab {
             .arg(self.names.host_veth_prefix())
             .args(&self.agent_args)
             .env(
-                "RUST_LOG",
+                "LB_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
             .stdin(Stdio::null())

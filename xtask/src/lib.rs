@@ -1,0 +1,3 @@
+//! What `cargo xtask` does that tests also use.
+
+pub mod image;
