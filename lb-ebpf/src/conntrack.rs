@@ -79,7 +79,51 @@ pub fn lookup(key: &ConntrackKey, flow: &Flow) -> Option<ConntrackEntry> {
 /// established connections keep their backend through the entry.
 #[inline(always)]
 pub fn reopens(_entry: &ConntrackEntry, flow: &Flow) -> bool {
+    opens_connection(flow)
+}
+
+/// A TCP SYN without ACK: the first packet of a connection.
+#[inline(always)]
+pub fn opens_connection(flow: &Flow) -> bool {
     flow.proto == lb_common::PROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+/// A connection straight to a pod (no Service) whose 5-tuple is that of an
+/// earlier connection translated to this pod: the earlier one's reply entry
+/// would give this connection's replies the Service's address, and the
+/// client would never see its SYN-ACK. The new connection proves the old
+/// one is over, so its reply entry goes.
+#[inline(always)]
+pub fn forget_translated_reply(flow: &Flow) {
+    if opens_connection(flow) {
+        let stale = key(
+            flow.daddr, flow.saddr, flow.dport, flow.sport, flow.proto, CT_REPLY,
+        );
+        let _ = CONNTRACK.remove(stale);
+    }
+}
+
+/// Whether `flow`, translated to `backend` with source port `port`, would
+/// take a 5-tuple that another translated flow holds (its reply entry
+/// restores another frontend or another client port). None of `flow`'s
+/// own entries count.
+#[inline(always)]
+pub fn translated_tuple_taken(flow: &Flow, backend: &Backend, port: u16) -> bool {
+    let k = key(
+        backend.addr,
+        flow.saddr,
+        backend.port,
+        port,
+        flow.proto,
+        CT_REPLY,
+    );
+    let Some(entry) = CONNTRACK.get_ptr(k) else {
+        return false;
+    };
+    // SAFETY: fields copied out at once.
+    let e = unsafe { *entry };
+    let client_port = if e.snat_addr == 0 { port } else { e.snat_port };
+    !(e.nat_addr == flow.daddr && e.nat_port == flow.dport && client_port == flow.sport)
 }
 
 /// Where a new flow goes: its backend, and the source to give it (SNAT).

@@ -55,6 +55,7 @@ pub fn from_pod(ctx: &TcContext) -> Result<i32, i32> {
 
     let Some(service) = lookup_service(&flow, 0) else {
         egress_policy(ctx, &flow, flow.daddr, flow.dport)?;
+        conntrack::forget_translated_reply(&flow);
         return Ok(PASS);
     };
     if !source_allowed(&flow, &service) {
@@ -106,7 +107,10 @@ pub fn from_pod(ctx: &TcContext) -> Result<i32, i32> {
         (flow.daddr, flow.sport)
     } else {
         egress_policy(ctx, &flow, backend.addr, backend.port)?;
-        (0, 0)
+        match free_source_port(&flow, &backend) {
+            Some(port) => (flow.saddr, port),
+            None => (0, 0),
+        }
     };
     let new = NewFlow {
         backend_id,
@@ -331,6 +335,36 @@ pub fn select_backend(flow: &Flow, service: &ServiceValue) -> Option<(u32, Backe
         0,
     );
     Some((id, backend))
+}
+
+/// Source ports tried when a translated 5-tuple is taken.
+const REMAP_TRIES: u32 = 8;
+const REMAP_PORT_BASE: u32 = 32768;
+const REMAP_PORT_SPAN: u32 = 28232;
+
+/// When the translated 5-tuple (client, port -> backend) is already another
+/// translated flow's (the client reused its source port for another
+/// Service with the same backend, or that flow's entries have not expired),
+/// a free source port for this one, as Linux NAT picks one on a tuple
+/// clash: otherwise the backend could not tell the two apart (its
+/// TIME_WAIT socket of the old connection answers the new SYN with a stale
+/// ACK, and the client waits a second to retry). None: the tuple is free
+/// (or no free port was found; the entry is then taken over).
+#[inline(always)]
+fn free_source_port(flow: &Flow, backend: &Backend) -> Option<u16> {
+    if !conntrack::translated_tuple_taken(flow, backend, flow.sport) {
+        return None;
+    }
+    // Deterministic, so that a retransmitted SYN takes the same port.
+    let h = flow_hash(flow);
+    for i in 0..REMAP_TRIES {
+        let port =
+            (REMAP_PORT_BASE + h.wrapping_add(i.wrapping_mul(7919)) % REMAP_PORT_SPAN) as u16;
+        if !conntrack::translated_tuple_taken(flow, backend, port.to_be()) {
+            return Some(port.to_be());
+        }
+    }
+    None
 }
 
 /// Backend id, backend and slot chosen by the flow's hash.

@@ -72,6 +72,9 @@ enum Command {
         /// A short run, to try the harness (figures not meaningful).
         #[arg(long)]
         quick: bool,
+        /// Run only these parts (the report leaves the others out).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        only: Vec<lb::bench::Part>,
     },
     /// NetworkPolicy tools.
     Policy {
@@ -193,14 +196,32 @@ fn main() -> Result<()> {
             print!("{}", lb::inspect::run(&pin_dir, what, output)?);
             Ok(())
         }
-        Command::Bench { out, quick } => lb::bench::run(
-            if quick {
+        Command::Bench { out, quick, only } => {
+            let plan = if quick {
                 lb::bench::Plan::QUICK
             } else {
                 lb::bench::Plan::FULL
-            },
-            &out,
-        ),
+            };
+            let exe = std::env::current_exe()?;
+            rt.block_on(async {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                // The bench blocks its thread while it measures, so it runs
+                // on its own task; interrupted, its labs are taken down here
+                // (their processes die with this one).
+                let bench =
+                    tokio::spawn(async move { lb::bench::run(plan, &only, &out, &exe).await });
+                let why = tokio::select! {
+                    r = bench => return r?,
+                    _ = tokio::signal::ctrl_c() => "interrupted",
+                    _ = term.recv() => "terminated",
+                };
+                for prefix in lb::bench::LAB_PREFIXES {
+                    lb::lab::teardown(prefix);
+                }
+                anyhow::bail!("{why}; the bench labs were taken down")
+            })
+        }
         Command::Flows {
             pin_dir,
             kubeconfig,

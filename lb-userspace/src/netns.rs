@@ -46,11 +46,19 @@ pub fn command_in(
 /// Runs `f` on a new thread that has entered network namespace `name`;
 /// sockets created there stay in that namespace.
 pub fn run_in<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    spawn_in(name, f)?
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in netns panicked"))?
+}
+
+/// Starts `f` on a new thread that has entered network namespace `name`.
+pub fn spawn_in<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<std::thread::JoinHandle<Result<T>>> {
     let ns = open(name)?;
-    std::thread::spawn(move || -> Result<T> {
+    Ok(std::thread::spawn(move || -> Result<T> {
         setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).context("setns")?;
         Ok(f())
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("thread in netns panicked"))?
+    }))
 }

@@ -374,6 +374,109 @@ fn a_syn_is_balanced_again_and_established_packets_keep_their_backend() {
     );
 }
 
+/// The SYN-ACK a backend sends to CLIENT's port `port`.
+fn syn_ack(backend: &str, port: u16) -> Vec<u8> {
+    Frame::tcp(backend, 8080, CLIENT, port)
+        .build_with_flags(b"", lb::packet::TCP_SYN | lb::packet::TCP_ACK)
+}
+
+#[test]
+fn a_connection_straight_to_a_pod_is_not_taken_for_an_earlier_translated_one() {
+    let pod = "10.244.1.2";
+    let mut dp = datapath_with(&[service(80, PROTO_TCP, &[(pod, 8080)])]);
+    run(
+        &mut dp,
+        PROG_FROM_POD,
+        &Frame::tcp(CLIENT, 40000, VIP, 80).build(b""),
+    );
+    // While that connection is the tuple's, the pod's answers are the
+    // Service's.
+    let (_, out) = run(&mut dp, PROG_TO_POD, &syn_ack(pod, 40000));
+    assert_eq!(
+        Frame::parse(&out).unwrap(),
+        Frame::tcp(VIP, 80, CLIENT, 40000)
+    );
+
+    // The client then connects straight to the pod from the same port.
+    let direct = Frame::tcp(CLIENT, 40000, pod, 8080).build(b"");
+    let (verdict, out) = run(&mut dp, PROG_FROM_POD, &direct);
+    assert_eq!((verdict, &out), (TC_ACT_OK, &direct), "passed as it is");
+    // The pod's SYN-ACK reaches the client as the pod's own.
+    let answer = syn_ack(pod, 40000);
+    let (verdict, out) = run(&mut dp, PROG_TO_POD, &answer);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, answer, "not given the Service's address");
+}
+
+#[test]
+fn a_client_port_reused_for_another_service_with_the_same_backend_gets_a_new_source_port() {
+    let pod = "10.244.1.2";
+    let (a, b) = ("10.96.0.10", "10.96.0.11");
+    let mut dp = datapath_with(&[
+        DesiredService {
+            name: "test/a:http".into(),
+            ..frontend(a, 80, 0, &[(pod, 8080)])
+        },
+        DesiredService {
+            name: "test/b:http".into(),
+            ..frontend(b, 80, 0, &[(pod, 8080)])
+        },
+    ]);
+    let (_, out) = run(
+        &mut dp,
+        PROG_FROM_POD,
+        &Frame::tcp(CLIENT, 40000, a, 80).build(b""),
+    );
+    assert_eq!(
+        Frame::parse(&out).unwrap(),
+        Frame::tcp(CLIENT, 40000, pod, 8080)
+    );
+
+    // Port 40000 to Service b: translated, it would be the same 5-tuple as
+    // the connection to a, so it leaves from another port.
+    let to_b = Frame::tcp(CLIENT, 40000, b, 80).build(b"");
+    let (verdict, out) = run(&mut dp, PROG_FROM_POD, &to_b);
+    assert_eq!(verdict, TC_ACT_OK);
+    let sent = Frame::parse(&out).expect("valid checksums after the port change");
+    assert_eq!(
+        (sent.src, sent.dst, sent.dport),
+        (CLIENT.parse().unwrap(), pod.parse().unwrap(), 8080)
+    );
+    assert_ne!(sent.sport, 40000, "a new source port");
+    // A retransmitted SYN takes the same port; the next packets too.
+    let (_, again) = run(&mut dp, PROG_FROM_POD, &to_b);
+    assert_eq!(Frame::parse(&again).unwrap(), sent);
+    let (_, data) = run(
+        &mut dp,
+        PROG_FROM_POD,
+        &Frame::tcp(CLIENT, 40000, b, 80).build_with_flags(b"GET", lb::packet::TCP_ACK),
+    );
+    assert_eq!(Frame::parse(&data).unwrap().sport, sent.sport);
+
+    // Each connection's answers come back as its own Service's, to port 40000.
+    let (_, out) = run(&mut dp, PROG_TO_POD, &syn_ack(pod, sent.sport));
+    assert_eq!(
+        Frame::parse(&out).unwrap(),
+        Frame::tcp(b, 80, CLIENT, 40000)
+    );
+    let (_, out) = run(&mut dp, PROG_TO_POD, &syn_ack(pod, 40000));
+    assert_eq!(
+        Frame::parse(&out).unwrap(),
+        Frame::tcp(a, 80, CLIENT, 40000)
+    );
+
+    // Port 40000 to a again (the tuple is a's own) keeps its port.
+    let (_, out) = run(
+        &mut dp,
+        PROG_FROM_POD,
+        &Frame::tcp(CLIENT, 40000, a, 80).build(b""),
+    );
+    assert_eq!(
+        Frame::parse(&out).unwrap(),
+        Frame::tcp(CLIENT, 40000, pod, 8080)
+    );
+}
+
 #[test]
 fn tracked_flow_moves_when_its_backend_is_removed() {
     let mut dp = datapath_with(&[service(80, PROTO_TCP, &[("10.244.1.2", 8080)])]);

@@ -3,8 +3,14 @@
 //! each comparison is a ratio taken within one run. Writes BENCHMARKS.md and
 //! a plot.
 
+pub mod client;
+pub mod control;
 pub mod datapath;
+pub mod e2e;
+pub mod kube_proxy;
+pub mod lab_report;
 pub mod maglev;
+pub mod plot;
 pub mod report;
 
 use std::path::Path;
@@ -50,6 +56,8 @@ pub struct Plan {
     pub policy_per_batch: usize,
     pub maglev_flows: usize,
     pub maglev_trials: usize,
+    pub e2e: e2e::Settings,
+    pub control: control::Settings,
 }
 
 impl Plan {
@@ -61,6 +69,19 @@ impl Plan {
         policy_per_batch: 10_000,
         maglev_flows: 1_000_000,
         maglev_trials: 5,
+        e2e: e2e::Settings {
+            service_counts: &[10, 1_000, 10_000, 30_000],
+            repeats: 3,
+            sequential: 1_000,
+            workers: 4,
+            duration: std::time::Duration::from_secs(2),
+        },
+        control: control::Settings {
+            services: 10_000,
+            endpoints: 10,
+            syncs: 3,
+            changes: 100,
+        },
     };
     pub const QUICK: Plan = Plan {
         service_counts: &[10, 1_000],
@@ -69,6 +90,19 @@ impl Plan {
         policy_per_batch: 1_000,
         maglev_flows: 20_000,
         maglev_trials: 3,
+        e2e: e2e::Settings {
+            service_counts: &[10, 100],
+            repeats: 2,
+            sequential: 200,
+            workers: 2,
+            duration: std::time::Duration::from_millis(500),
+        },
+        control: control::Settings {
+            services: 500,
+            endpoints: 10,
+            syncs: 1,
+            changes: 10,
+        },
     };
 }
 
@@ -78,22 +112,65 @@ pub struct Results {
     pub policy: Vec<datapath::Measured>,
     pub movement: Vec<maglev::Movement>,
     pub build: Vec<maglev::BuildTime>,
+    pub e2e: e2e::Results,
+    pub control: control::Results,
     pub plan: Plan,
     pub took: std::time::Duration,
 }
 
-/// Runs every benchmark of `plan` and writes the report into `out_dir`.
-pub fn run(plan: Plan, out_dir: &Path) -> Result<()> {
+/// The bench's labs: end to end with the agent, with kube-proxy-shaped
+/// rules, and the control path.
+pub const LAB_PREFIXES: [&str; 3] = ["bnchl", "bnchr", "bnchc"];
+
+/// The parts of the bench, to run some of them only (`lb bench --only`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    Datapath,
+    EndToEnd,
+    Control,
+    Maglev,
+}
+
+/// Runs the `parts` of `plan` (every part when empty) and writes the report
+/// into `out_dir`. The labs run `lb_binary` (this program) as their echo
+/// pods and agents.
+pub async fn run(plan: Plan, parts: &[Part], out_dir: &Path, lb_binary: &Path) -> Result<()> {
     let started = std::time::Instant::now();
+    let wanted = |p: Part| parts.is_empty() || parts.contains(&p);
     let mut results = Results {
         datapath: Vec::new(),
         floor: Vec::new(),
         policy: Vec::new(),
         movement: Vec::new(),
         build: Vec::new(),
+        e2e: Default::default(),
+        control: Default::default(),
         plan,
         took: Default::default(),
     };
+    if wanted(Part::Datapath) {
+        datapath_part(&plan, &mut results)?;
+    }
+    if wanted(Part::EndToEnd) {
+        results.e2e = e2e::run(&plan.e2e, LAB_PREFIXES[0], LAB_PREFIXES[1], lb_binary).await?;
+    }
+    if wanted(Part::Control) {
+        results.control = control::run(&plan.control, LAB_PREFIXES[2], lb_binary).await?;
+    }
+    if wanted(Part::Maglev) {
+        for n in [10, 100] {
+            eprintln!("bench: Maglev with {n} backends");
+            results
+                .movement
+                .push(maglev::movement(n, plan.maglev_flows, plan.maglev_trials));
+            results.build.push(maglev::build_time(n, 20));
+        }
+    }
+    results.took = started.elapsed();
+    report::write(&results, out_dir)
+}
+
+fn datapath_part(plan: &Plan, results: &mut Results) -> Result<()> {
     eprintln!("bench: the floor (empty tc and XDP programs)");
     results.floor = datapath::measure_floor(plan.batches, plan.per_batch)?;
     for &services in plan.service_counts {
@@ -112,13 +189,5 @@ pub fn run(plan: Plan, out_dir: &Path) -> Result<()> {
             plan.policy_per_batch,
         )?);
     }
-    for n in [10, 100] {
-        eprintln!("bench: Maglev with {n} backends");
-        results
-            .movement
-            .push(maglev::movement(n, plan.maglev_flows, plan.maglev_trials));
-        results.build.push(maglev::build_time(n, 20));
-    }
-    results.took = started.elapsed();
-    report::write(&results, out_dir)
+    Ok(())
 }

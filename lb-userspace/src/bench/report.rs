@@ -4,7 +4,12 @@ use std::{fmt::Write as _, path::Path};
 
 use anyhow::{Context, Result};
 
-use super::{datapath::Scenario, Results, Stats};
+use super::{
+    datapath::Scenario,
+    lab_report,
+    plot::{line_chart, Series},
+    Results, Stats,
+};
 
 fn machine() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -132,6 +137,10 @@ pub fn write(r: &Results, out_dir: &Path) -> Result<()> {
         let _ = writeln!(o, "| {} | {} | {ratio:.2} |", m.label, ns(&m.ns));
     }
 
+    // 2 and 3: the lab.
+    lab_report::end_to_end(&mut o, r);
+    lab_report::control(&mut o, r);
+
     // 4. Maglev.
     let _ = writeln!(o, "\n## Maglev\n");
     let _ = writeln!(
@@ -164,147 +173,57 @@ pub fn write(r: &Results, out_dir: &Path) -> Result<()> {
         );
     }
 
-    let _ = writeln!(o, "\n## Not measured yet\n");
-    let _ = writeln!(
-        o,
-        "End to end in the lab (TCP connect-and-request latency and requests per \
-         second through a ClusterIP beside kube-proxy-shaped iptables and nftables \
-         rules and direct pod-to-pod traffic; first-packet latency) and the control \
-         path (initial sync of 10,000 Services, propagation of one endpoint change, \
-         the agent's peak memory) are not in this report yet. The lab test \
-         `lab_scale` checks that 10,000 Services with 10 endpoints converge in \
-         bounded memory, without timing it.\n"
-    );
-
     std::fs::create_dir_all(out_dir)?;
     let md = out_dir.join("BENCHMARKS.md");
     std::fs::write(&md, o).with_context(|| format!("writing {}", md.display()))?;
     let svg = out_dir.join("benchmarks.svg");
     std::fs::write(&svg, plot(r)).with_context(|| format!("writing {}", svg.display()))?;
-    eprintln!("wrote {} and {}", md.display(), svg.display());
+    let svg_lab = out_dir.join("benchmarks-e2e.svg");
+    std::fs::write(&svg_lab, lab_report::plot(r))
+        .with_context(|| format!("writing {}", svg_lab.display()))?;
+    eprintln!(
+        "wrote {}, {} and {}",
+        md.display(),
+        svg.display(),
+        svg_lab.display()
+    );
     Ok(())
 }
 
-/// Nanoseconds per packet against the number of Services (log scale), a
-/// line per scenario, the floors dashed.
+/// Nanoseconds per packet against the number of Services, a line per
+/// scenario, the floors dashed.
 pub fn plot(r: &Results) -> String {
-    let (w, h) = (720.0, 420.0);
-    let (left, right, top, bottom) = (70.0, 230.0, 30.0, 60.0);
     let counts = r.plan.service_counts;
-    let max_ns = r
-        .datapath
+    let mut series: Vec<Series> = Scenario::ALL
         .iter()
-        .chain(&r.floor)
-        .map(|m| m.ns.max)
-        .fold(1.0f64, f64::max)
-        * 1.1;
-    let x_of = |i: usize| {
-        left + (w - left - right)
-            * if counts.len() > 1 {
-                i as f64 / (counts.len() - 1) as f64
-            } else {
-                0.5
-            }
-    };
-    let y_of = |v: f64| top + (h - top - bottom) * (1.0 - v / max_ns);
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="18" text-anchor="middle" font-size="14">lb_from_pod: ns per packet (median, min–max)</text>"#,
-        (w - right + left) / 2.0
-    );
-    // Axes and grid.
-    for k in 0..=5 {
-        let v = max_ns * k as f64 / 5.0;
-        let y = y_of(v);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{left}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{v:.0}</text>"##,
-            w - right,
-            left - 6.0,
-            y + 4.0
-        );
-    }
-    for (i, n) in counts.iter().enumerate() {
-        let x = x_of(i);
-        let _ = writeln!(
-            s,
-            r#"<text x="{x:.1}" y="{:.1}" text-anchor="middle">{n}</text>"#,
-            h - bottom + 18.0
-        );
-    }
-    let _ = writeln!(
-        s,
-        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">Services programmed</text>"#,
-        (w - right + left) / 2.0,
-        h - 20.0
-    );
-    let colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#555", "#999"];
-    let mut legend = 0;
-    let mut legend_item = |s: &mut String, color: &str, dash: bool, label: &str| {
-        let y = top + 10.0 + legend as f64 * 20.0;
-        let x = w - right + 15.0;
-        let dash = if dash {
-            r#" stroke-dasharray="5,4""#
-        } else {
-            ""
-        };
-        let _ = writeln!(
-            s,
-            r#"<line x1="{x}" y1="{y}" x2="{}" y2="{y}" stroke="{color}" stroke-width="2"{dash}/><text x="{}" y="{}">{label}</text>"#,
-            x + 25.0,
-            x + 30.0,
-            y + 4.0
-        );
-        legend += 1;
-    };
-    for (k, scenario) in Scenario::ALL.iter().enumerate() {
-        let color = colors[k];
-        let points: Vec<(f64, &super::datapath::Measured)> = counts
-            .iter()
-            .enumerate()
-            .filter_map(|(i, n)| {
-                r.datapath
-                    .iter()
-                    .find(|m| m.label == scenario.name() && m.services == *n)
-                    .map(|m| (x_of(i), m))
-            })
-            .collect();
-        let path: Vec<String> = points
-            .iter()
-            .map(|(x, m)| format!("{x:.1},{:.1}", y_of(m.ns.median)))
-            .collect();
-        let _ = writeln!(
-            s,
-            r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"#,
-            path.join(" ")
-        );
-        for (x, m) in &points {
-            let _ = writeln!(
-                s,
-                r#"<line x1="{x:.1}" y1="{:.1}" x2="{x:.1}" y2="{:.1}" stroke="{color}"/><circle cx="{x:.1}" cy="{:.1}" r="3" fill="{color}"/>"#,
-                y_of(m.ns.min),
-                y_of(m.ns.max),
-                y_of(m.ns.median)
-            );
-        }
-        legend_item(&mut s, color, false, scenario.name());
-    }
+        .enumerate()
+        .map(|(color, sc)| Series {
+            color,
+            label: sc.name().into(),
+            points: counts
+                .iter()
+                .map(|n| {
+                    r.datapath
+                        .iter()
+                        .find(|m| m.label == sc.name() && m.services == *n)
+                        .map(|m| m.ns)
+                })
+                .collect(),
+            dashed: false,
+        })
+        .collect();
     for (k, f) in r.floor.iter().enumerate() {
-        let color = colors[4 + k % 2];
-        let y = y_of(f.ns.median);
-        let _ = writeln!(
-            s,
-            r#"<line x1="{left}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="{color}" stroke-width="2" stroke-dasharray="5,4"/>"#,
-            w - right
-        );
-        legend_item(&mut s, color, true, &format!("floor: {}", f.label));
+        series.push(Series {
+            color: 6 + k,
+            label: format!("floor: {}", f.label),
+            points: counts.iter().map(|_| Some(f.ns)).collect(),
+            dashed: true,
+        });
     }
-    let _ = writeln!(s, "</svg>");
-    s
+    line_chart(
+        "lb_from_pod: ns per packet (median, min–max)",
+        "Services programmed",
+        &counts.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+        &series,
+    )
 }

@@ -56,20 +56,26 @@ pub fn load(path: &Path) -> Result<Vec<(Kind, Value)>> {
     for file in files(path)? {
         let text = std::fs::read_to_string(&file)
             .with_context(|| format!("reading {}", file.display()))?;
-        let origin = file.display().to_string();
-        if file.extension().is_some_and(|e| e == "json") {
-            let v: Value =
-                serde_json::from_str(&text).with_context(|| format!("parsing {origin}"))?;
-            push(&mut docs, v, &origin)?;
-        } else {
-            for (i, de) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-                let v = Value::deserialize(de)
-                    .with_context(|| format!("parsing {origin}, document {}", i + 1))?;
-                push(&mut docs, v, &origin)?;
-            }
-        }
+        let json = file.extension().is_some_and(|e| e == "json");
+        docs.extend(parse(&text, &file.display().to_string(), json)?);
     }
     docs.sort_by_key(|(k, _)| *k != Kind::Namespace);
+    Ok(docs)
+}
+
+/// The objects of one file's text (`origin` names it in errors).
+pub fn parse(text: &str, origin: &str, json: bool) -> Result<Vec<(Kind, Value)>> {
+    let mut docs = Vec::new();
+    if json {
+        let v: Value = serde_json::from_str(text).with_context(|| format!("parsing {origin}"))?;
+        push(&mut docs, v, origin)?;
+    } else {
+        for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let v = Value::deserialize(de)
+                .with_context(|| format!("parsing {origin}, document {}", i + 1))?;
+            push(&mut docs, v, origin)?;
+        }
+    }
     Ok(docs)
 }
 

@@ -262,6 +262,14 @@ impl Lab {
         Ok(())
     }
 
+    /// The process id of node `i`'s agent, if this lab started one.
+    pub fn agent_pid(&self, i: usize) -> Option<u32> {
+        self.agents
+            .iter()
+            .find(|(n, _)| *n == i)
+            .map(|(_, c)| c.id())
+    }
+
     /// Stops node `i`'s agent with SIGKILL (pinned maps and links stay).
     pub fn kill_agent(&mut self, i: usize) {
         self.agents.retain_mut(|(n, c)| {
@@ -271,6 +279,12 @@ impl Lab {
             }
             *n != i
         });
+    }
+
+    /// GETs `path` from node `i`'s agent (its metrics and health server on
+    /// the node's loopback): the status code and the body. Blocking.
+    pub fn agent_get(&self, i: usize, path: &str) -> Result<(u16, String)> {
+        agent_get_in(&self.names.node_ns(i), path)
     }
 
     /// Waits until every pod is running and ready, and no pod is terminating.
@@ -399,6 +413,41 @@ pub fn teardown(prefix: &str) {
     net::destroy(prefix);
     let _ = std::fs::remove_dir_all(pin_root(prefix));
     let _ = std::fs::remove_dir_all(state_dir(prefix));
+}
+
+/// GETs `path` from the agent of the node whose namespace is `netns`.
+pub fn agent_get_in(netns: &str, path: &str) -> Result<(u16, String)> {
+    let path = path.to_string();
+    netns::run_in(netns, move || -> Result<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::from(([127, 0, 0, 1], 9964)),
+            Duration::from_secs(2),
+        )?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n").as_bytes(),
+        )?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp)?;
+        let code = resp
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((code, body))
+    })?
+}
+
+/// The value of metric line `name` (with its labels) in a Prometheus scrape.
+pub fn metric(scrape: &str, name: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 pub fn kubeconfig(port: u16) -> String {

@@ -325,35 +325,8 @@ impl OpenConnection {
 
 /// GETs `path` of the agent's metrics server on node `node`.
 pub async fn agent_http(lab: &Lab, node: usize, path: &str) -> anyhow::Result<(u16, String)> {
-    let netns = lab.node_netns(node);
-    let path = path.to_string();
-    tokio::task::spawn_blocking(move || {
-        lb::netns::run_in(&netns, move || -> anyhow::Result<(u16, String)> {
-            use std::io::{Read, Write};
-            let mut s = std::net::TcpStream::connect_timeout(
-                &"127.0.0.1:9964".parse()?,
-                Duration::from_secs(2),
-            )?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            s.write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
-            )?;
-            let mut resp = String::new();
-            s.read_to_string(&mut resp)?;
-            let code = resp
-                .split(' ')
-                .nth(1)
-                .and_then(|c| c.parse().ok())
-                .unwrap_or(0);
-            let body = resp
-                .split_once("\r\n\r\n")
-                .map(|(_, b)| b.to_string())
-                .unwrap_or_default();
-            Ok((code, body))
-        })?
-    })
-    .await?
+    let (netns, path) = (lab.node_netns(node), path.to_string());
+    tokio::task::spawn_blocking(move || lb::lab::agent_get_in(&netns, &path)).await?
 }
 
 /// Waits until node `node`'s agent answers /readyz with 200.
@@ -370,9 +343,7 @@ pub async fn wait_agent_ready(lab: &Lab, node: usize) {
 
 /// The value of a metric line `name` (with its labels) in a scrape.
 pub fn metric(scrape: &str, name: &str) -> Option<f64> {
-    scrape
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    lb::lab::metric(scrape, name)
 }
 
 /// The last `n` lines of node `node`'s agent log (for failure messages).

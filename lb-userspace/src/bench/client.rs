@@ -1,0 +1,187 @@
+//! The end-to-end bench's client: blocking sockets on threads inside a
+//! pod's network namespace, each request on a new TCP connection (as a
+//! Service's new flows are what the rules and the data path decide on).
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Result};
+
+use crate::netns;
+
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+/// One request: how long the connect took (SYN to SYN-ACK: the first packet's
+/// trip through whatever translates it) and the whole connect, request and
+/// answer.
+#[derive(Clone, Copy, Debug)]
+pub struct Sample {
+    pub connect: Duration,
+    pub total: Duration,
+}
+
+/// A small deterministic generator: which target each request goes to.
+struct Picker(u64);
+
+impl Picker {
+    fn pick(&mut self, n: usize) -> usize {
+        // xorshift64*
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n.max(1)
+    }
+}
+
+/// Connects, sends a GET, reads the answer to its end. The answer must be a
+/// 200 with a body (the echo pod's name).
+fn request(addr: SocketAddr) -> Result<Sample> {
+    let started = Instant::now();
+    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    let connect = started.elapsed();
+    s.set_read_timeout(Some(TIMEOUT))?;
+    s.set_nodelay(true)?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
+    let mut answer = Vec::with_capacity(256);
+    s.read_to_end(&mut answer)?;
+    let total = started.elapsed();
+    if !answer.starts_with(b"HTTP/1.1 200") || !answer.ends_with(b"\n") {
+        bail!(
+            "{addr} answered {:?}",
+            String::from_utf8_lossy(&answer[..answer.len().min(60)])
+        );
+    }
+    Ok(Sample { connect, total })
+}
+
+/// What a run of requests gave.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub samples: Vec<Sample>,
+    pub failures: Vec<String>,
+    pub elapsed: Duration,
+}
+
+impl Outcome {
+    /// Fails when more than one request in a thousand failed: the figures
+    /// would then describe a broken path, not a slow one.
+    pub fn check(&self, what: &str) -> Result<()> {
+        let n = self.samples.len() + self.failures.len();
+        if self.failures.len() * 1000 > n {
+            bail!(
+                "{what}: {} of {n} requests failed, first: {}",
+                self.failures.len(),
+                self.failures.first().map_or("", String::as_str)
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `n` requests one after another from namespace `netns`, each to a target
+/// picked at random (seeded, so every mode meets the same sequence).
+pub fn sequential(netns: &str, targets: Vec<SocketAddr>, n: usize, seed: u64) -> Result<Outcome> {
+    netns::run_in(netns, move || {
+        let mut picker = Picker(seed | 1);
+        let mut out = Outcome::default();
+        let started = Instant::now();
+        for _ in 0..n {
+            let addr = targets[picker.pick(targets.len())];
+            match request(addr) {
+                Ok(s) => out.samples.push(s),
+                Err(e) => out.failures.push(format!("{addr}: {e:#}")),
+            }
+        }
+        out.elapsed = started.elapsed();
+        out
+    })
+}
+
+/// `workers` clients in namespace `netns` sending requests back to back
+/// for `duration`; all their samples together.
+pub fn concurrent(
+    netns: &str,
+    targets: Vec<SocketAddr>,
+    workers: usize,
+    duration: Duration,
+    seed: u64,
+) -> Result<Outcome> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let targets = Arc::new(targets);
+    let mut handles = Vec::new();
+    for w in 0..workers {
+        let (stop, targets) = (stop.clone(), targets.clone());
+        handles.push(netns::spawn_in(netns, move || {
+            let mut picker = Picker((seed + w as u64 * 7919) | 1);
+            let mut out = Outcome::default();
+            while !stop.load(Ordering::Relaxed) {
+                let addr = targets[picker.pick(targets.len())];
+                match request(addr) {
+                    Ok(s) => out.samples.push(s),
+                    Err(e) => out.failures.push(format!("{addr}: {e:#}")),
+                }
+            }
+            out
+        })?);
+    }
+    let started = Instant::now();
+    std::thread::sleep(duration);
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Outcome::default();
+    for h in handles {
+        let out = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+        all.samples.extend(out.samples);
+        all.failures.extend(out.failures);
+    }
+    all.elapsed = started.elapsed();
+    Ok(all)
+}
+
+/// The `q` quantile (0..=1) of `values`, nearest rank.
+pub fn quantile(values: &mut [f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    let rank = (q * values.len() as f64).ceil() as usize;
+    values[rank.clamp(1, values.len()) - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_by_nearest_rank() {
+        let mut v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(quantile(&mut v, 0.01), 1.0);
+        assert_eq!(quantile(&mut v, 0.5), 50.0);
+        assert_eq!(quantile(&mut v, 0.99), 99.0);
+        assert_eq!(quantile(&mut v, 1.0), 100.0);
+        assert!(quantile(&mut [], 0.5).is_nan());
+        let mut one = [7.0];
+        assert_eq!(quantile(&mut one, 0.01), 7.0);
+    }
+
+    #[test]
+    fn the_picker_covers_every_target_and_repeats_with_its_seed() {
+        let mut a = Picker(42);
+        let mut b = Picker(42);
+        let mut seen = [0usize; 7];
+        for _ in 0..7000 {
+            let i = a.pick(7);
+            assert_eq!(i, b.pick(7));
+            seen[i] += 1;
+        }
+        assert!(seen.iter().all(|&c| c > 800), "{seen:?}");
+    }
+}

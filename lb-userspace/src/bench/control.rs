@@ -1,0 +1,166 @@
+//! The control path: how long a new agent takes to program a cluster of
+//! many Services (its initial sync), how long one endpoint change takes
+//! from the API write to the map, and the agent's peak memory.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+
+use super::e2e::wait_programmed;
+use crate::{
+    datapath::Maps,
+    lab::{kinds::Kind, Lab, LabConfig},
+    plan::service_key,
+};
+
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    pub services: usize,
+    pub endpoints: usize,
+    /// Initial syncs, each by a new agent in a new lab.
+    pub syncs: usize,
+    /// Endpoint changes timed after the last sync.
+    pub changes: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct Results {
+    pub services: usize,
+    pub endpoints: usize,
+    pub sync: Vec<Duration>,
+    /// The agent's peak resident memory (VmHWM) after each sync, MiB.
+    pub peak_mib: Vec<f64>,
+    /// Every change's API write to map update.
+    pub propagation: Vec<Duration>,
+    /// Peak memory at the very end (after the changes), MiB.
+    pub final_peak_mib: f64,
+}
+
+/// Endpoint `e` of Service `i`: unrouted addresses, no pod behind them
+/// (only the maps are looked at).
+fn endpoint_ip(i: usize, e: usize, per: usize) -> Ipv4Addr {
+    let n = (i * per + e) as u32;
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + n)
+}
+
+fn slice(i: usize, endpoints: usize, per: usize) -> serde_json::Value {
+    let name = format!("svc-{i}");
+    let eps: Vec<_> = (0..endpoints)
+        .map(|e| json!({"addresses": [endpoint_ip(i, e, per).to_string()], "conditions": {"ready": true}}))
+        .collect();
+    json!({"metadata": {"name": format!("{name}-1"), "namespace": "default",
+                        "labels": {"kubernetes.io/service-name": name}},
+           "addressType": "IPv4",
+           "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+           "endpoints": eps})
+}
+
+/// Runs the control-path bench in labs named `prefix`, one after another.
+pub async fn run(s: &Settings, prefix: &str, lb_binary: &std::path::Path) -> Result<Results> {
+    let mut out = Results {
+        services: s.services,
+        endpoints: s.endpoints,
+        ..Default::default()
+    };
+    for rep in 0..s.syncs {
+        let mut cfg = LabConfig::new(prefix, lb_binary);
+        cfg.agents = false;
+        let mut lab = Lab::up(cfg).await?;
+        for i in 0..s.services {
+            let name = format!("svc-{i}");
+            lab.store
+                .create(
+                    Kind::Service,
+                    json!({"metadata": {"name": name, "namespace": "default"},
+                           "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}),
+                )
+                .context("creating a Service")?;
+            lab.store
+                .create(Kind::EndpointSlice, slice(i, s.endpoints, s.endpoints))
+                .context("creating an EndpointSlice")?;
+        }
+        let started = Instant::now();
+        lab.start_agent(1)?;
+        wait_programmed(
+            &lab,
+            s.services as f64,
+            Some((s.services * s.endpoints) as f64),
+            Duration::from_secs(900),
+        )?;
+        let took = started.elapsed();
+        let pid = lab.agent_pid(1).context("the agent's pid")?;
+        let peak = peak_mib(pid);
+        eprintln!(
+            "bench: initial sync {} of {}: {took:.1?}, agent peak {peak:.0} MiB",
+            rep + 1,
+            s.syncs
+        );
+        out.sync.push(took);
+        out.peak_mib.push(peak);
+        if rep + 1 == s.syncs {
+            out.propagation = propagation(&lab, s)?;
+            out.final_peak_mib = peak_mib(pid);
+        }
+    }
+    Ok(out)
+}
+
+/// Takes an endpoint away from a Service (or gives it back) through the
+/// API, `s.changes` times on different Services, and times each from the
+/// write until the Service's entry in the node's map has the new count.
+fn propagation(lab: &Lab, s: &Settings) -> Result<Vec<Duration>> {
+    let maps = Maps::open_pinned(&lab.pin_dir(1))?;
+    let mut took = Vec::with_capacity(s.changes);
+    for k in 0..s.changes {
+        let i = (k * 7919) % s.services;
+        let svc = lab
+            .store
+            .get(Kind::Service, "default", &format!("svc-{i}"))?;
+        let vip: Ipv4Addr = svc["spec"]["clusterIP"]
+            .as_str()
+            .and_then(|v| v.parse().ok())
+            .context("clusterIP")?;
+        let key = service_key(vip, 80, lb_common::PROTO_TCP, 0);
+        let now = maps.services.get(&key, 0)?.count as usize;
+        let want = if now == s.endpoints {
+            now - 1
+        } else {
+            s.endpoints
+        };
+        let mut obj = slice(i, want, s.endpoints);
+        let current = lab
+            .store
+            .get(Kind::EndpointSlice, "default", &format!("svc-{i}-1"))?;
+        obj["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
+        let started = Instant::now();
+        lab.store.replace(Kind::EndpointSlice, obj)?;
+        loop {
+            if maps.services.get(&key, 0).ok().map(|v| v.count as usize) == Some(want) {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                bail!(
+                    "svc-{i} ({}): still {now} backends 30 s after the change",
+                    SocketAddr::from((vip, 80))
+                );
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        took.push(started.elapsed());
+    }
+    Ok(took)
+}
+
+/// Peak resident memory of process `pid`, MiB.
+pub fn peak_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}

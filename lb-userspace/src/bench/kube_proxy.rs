@@ -1,0 +1,434 @@
+//! Rule sets shaped like kube-proxy's, for the end-to-end comparison: the
+//! iptables mode (KUBE-SERVICES tests every ClusterIP in turn, then a
+//! KUBE-SVC chain picks an endpoint with `statistic random`, then a KUBE-SEP
+//! chain DNATs) and the nftables mode (one verdict-map lookup on
+//! address . protocol . port, then `numgen random` into endpoint chains).
+//! Pure text generation; the bench loads it with iptables-restore and
+//! `nft -f` in the lab node's namespace. Only what a ClusterIP to pod
+//! connection meets is generated (no NodePorts, no firewall chains).
+
+use std::{
+    fmt::Write as _,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use serde_json::Value;
+
+use crate::lab::store::meta_str;
+
+/// One Service port as kube-proxy sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    /// "namespace/name:port".
+    pub name: String,
+    pub cluster_ip: Ipv4Addr,
+    pub port: u16,
+    pub endpoints: Vec<SocketAddrV4>,
+}
+
+/// Every TCP port of every Service with a ClusterIP, with the ready
+/// endpoints its EndpointSlices give that port (matched by port name, as
+/// kube-proxy does), sorted by name.
+pub fn service_ports(services: &[Value], slices: &[Value]) -> Vec<ServicePort> {
+    let mut out = Vec::new();
+    for svc in services {
+        let Some(cluster_ip) = svc["spec"]["clusterIP"]
+            .as_str()
+            .and_then(|s| s.parse::<Ipv4Addr>().ok())
+        else {
+            continue;
+        };
+        let (ns, name) = (meta_str(svc, "namespace"), meta_str(svc, "name"));
+        for port in svc["spec"]["ports"].as_array().into_iter().flatten() {
+            if port["protocol"].as_str().unwrap_or("TCP") != "TCP" {
+                continue;
+            }
+            let Some(number) = port["port"].as_u64().and_then(|p| u16::try_from(p).ok()) else {
+                continue;
+            };
+            let port_name = port["name"].as_str().unwrap_or("");
+            let mut endpoints = Vec::new();
+            let own = slices.iter().filter(|s| {
+                meta_str(s, "namespace") == ns
+                    && s["metadata"]["labels"]["kubernetes.io/service-name"] == name
+            });
+            for slice in own {
+                let Some(target) = slice["ports"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|p| p["name"].as_str().unwrap_or("") == port_name)
+                    .and_then(|p| p["port"].as_u64())
+                    .and_then(|p| u16::try_from(p).ok())
+                else {
+                    continue;
+                };
+                for ep in slice["endpoints"].as_array().into_iter().flatten() {
+                    if ep["conditions"]["ready"] == false {
+                        continue;
+                    }
+                    for a in ep["addresses"].as_array().into_iter().flatten() {
+                        if let Some(ip) = a.as_str().and_then(|s| s.parse().ok()) {
+                            endpoints.push(SocketAddrV4::new(ip, target));
+                        }
+                    }
+                }
+            }
+            endpoints.sort();
+            out.push(ServicePort {
+                name: format!("{ns}/{name}:{port_name}"),
+                cluster_ip,
+                port: number,
+                endpoints,
+            });
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// The pod network: traffic from outside it to a ClusterIP is masqueraded.
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+const MASQ_MARK: &str = "0x4000";
+
+/// kube-proxy names chains by a hash of what they stand for (base32 of
+/// SHA-256, 16 characters); any stable 16-character name keeps the shape.
+fn chain_hash(s: &str) -> String {
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    // FNV-1a, 64 bits, twice with different seeds: 80 bits for 16 chars.
+    let fnv = |seed: u64| {
+        s.bytes().fold(seed, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+    };
+    let (a, b) = (fnv(0xcbf2_9ce4_8422_2325), fnv(0x8422_2325_cbf2_9ce4));
+    (0..16)
+        .map(|i| {
+            let v = if i < 12 {
+                a >> (i * 5)
+            } else {
+                b >> ((i - 12) * 5)
+            };
+            ALPHABET[(v & 31) as usize] as char
+        })
+        .collect()
+}
+
+fn svc_chain(sp: &ServicePort) -> String {
+    format!("KUBE-SVC-{}", chain_hash(&format!("{}tcp", sp.name)))
+}
+
+fn sep_chain(sp: &ServicePort, ep: &SocketAddrV4) -> String {
+    format!("KUBE-SEP-{}", chain_hash(&format!("{}tcp{ep}", sp.name)))
+}
+
+/// The nat table for iptables-restore (with --noflush it leaves other
+/// tables alone). The built-in chains do not jump to KUBE-SERVICES yet:
+/// [`IPTABLES_HOOKS`] does, so the rules can be switched on and off
+/// without reloading them.
+pub fn iptables_restore(services: &[ServicePort]) -> String {
+    let mut o = String::from("*nat\n");
+    for chain in ["KUBE-SERVICES", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"] {
+        let _ = writeln!(o, ":{chain} - [0:0]");
+    }
+    for sp in services {
+        let _ = writeln!(o, ":{} - [0:0]", svc_chain(sp));
+        for ep in &sp.endpoints {
+            let _ = writeln!(o, ":{} - [0:0]", sep_chain(sp, ep));
+        }
+    }
+    let _ = writeln!(
+        o,
+        "-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN\n\
+         -A KUBE-POSTROUTING -j MARK --xor-mark {MASQ_MARK}\n\
+         -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n\
+         -A KUBE-MARK-MASQ -j MARK --or-mark {MASQ_MARK}"
+    );
+    for sp in services {
+        let (svc, ip, port, name) = (svc_chain(sp), sp.cluster_ip, sp.port, &sp.name);
+        let _ = writeln!(
+            o,
+            "-A KUBE-SERVICES -d {ip}/32 -p tcp -m comment --comment \"{name} cluster IP\" -m tcp --dport {port} -j {svc}"
+        );
+        let _ = writeln!(
+            o,
+            "-A {svc} ! -s {CLUSTER_CIDR} -d {ip}/32 -p tcp -m comment --comment \"{name} cluster IP\" -m tcp --dport {port} -j KUBE-MARK-MASQ"
+        );
+        let n = sp.endpoints.len();
+        for (i, ep) in sp.endpoints.iter().enumerate() {
+            let sep = sep_chain(sp, ep);
+            // As kube-proxy: endpoint i of n is taken with probability
+            // 1/(n-i) among those left; the last one unconditionally.
+            let statistic = if i + 1 < n {
+                format!(
+                    " -m statistic --mode random --probability {:.10}",
+                    1.0 / (n - i) as f64
+                )
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                o,
+                "-A {svc} -m comment --comment \"{name} -> {ep}\"{statistic} -j {sep}"
+            );
+        }
+        for ep in &sp.endpoints {
+            let sep = sep_chain(sp, ep);
+            let _ = writeln!(
+                o,
+                "-A {sep} -s {}/32 -m comment --comment \"{name}\" -j KUBE-MARK-MASQ\n\
+                 -A {sep} -p tcp -m comment --comment \"{name}\" -m tcp -j DNAT --to-destination {ep}",
+                ep.ip()
+            );
+        }
+    }
+    o.push_str("COMMIT\n");
+    o
+}
+
+/// The jumps from the built-in chains that switch the iptables rules on
+/// (`iptables -t nat -A ...`) and off (`-D`).
+pub const IPTABLES_HOOKS: [(&str, &str); 3] = [
+    ("PREROUTING", "KUBE-SERVICES"),
+    ("OUTPUT", "KUBE-SERVICES"),
+    ("POSTROUTING", "KUBE-POSTROUTING"),
+];
+
+/// The nftables table.
+pub const NFT_TABLE: &str = "kube-proxy";
+
+fn nft_service_chain(sp: &ServicePort) -> String {
+    let (ns, rest) = sp.name.split_once('/').unwrap_or(("", &sp.name));
+    let (svc, port) = rest.split_once(':').unwrap_or((rest, ""));
+    format!(
+        "service-{}-{ns}/{svc}/tcp/{port}",
+        &chain_hash(&format!("{}tcp", sp.name))[..8]
+    )
+}
+
+fn nft_endpoint_chain(sp: &ServicePort, ep: &SocketAddrV4) -> String {
+    let (ns, rest) = sp.name.split_once('/').unwrap_or(("", &sp.name));
+    let (svc, port) = rest.split_once(':').unwrap_or((rest, ""));
+    format!(
+        "endpoint-{}-{ns}/{svc}/tcp/{port}__{}/{}",
+        &chain_hash(&format!("{}tcp{ep}", sp.name))[..8],
+        ep.ip(),
+        ep.port()
+    )
+}
+
+/// A script for `nft -f`: deletes an older table of that name (it is
+/// created first, so the delete never fails), then writes the whole table.
+/// The base chain `nat-prerouting` is left empty: [`nft_switch`] adds the
+/// jump to `services`, so the rules can be switched on and off.
+pub fn nft_script(services: &[ServicePort]) -> String {
+    let t = NFT_TABLE;
+    let mut o = format!("table ip {t}\ndelete table ip {t}\ntable ip {t} {{\n");
+    o.push_str(
+        "  comment \"rules shaped like kube-proxy's nftables mode\"\n\
+         \x20 chain mark-for-masquerade {\n    meta mark set meta mark | 0x4000\n  }\n\
+         \x20 chain masquerading {\n    meta mark & 0x4000 == 0 return\n    meta mark set meta mark ^ 0x4000\n    masquerade fully-random\n  }\n\
+         \x20 chain nat-prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n  }\n\
+         \x20 chain nat-output {\n    type nat hook output priority -100; policy accept;\n  }\n\
+         \x20 chain nat-postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n    jump masquerading\n  }\n\
+         \x20 chain services {\n    ip daddr . meta l4proto . th dport vmap @service-ips\n  }\n",
+    );
+    o.push_str("  map service-ips {\n    type ipv4_addr . inet_proto . inet_service : verdict\n");
+    if !services.is_empty() {
+        o.push_str("    elements = {\n");
+        for sp in services {
+            let _ = writeln!(
+                o,
+                "      {} . tcp . {} : goto {},",
+                sp.cluster_ip,
+                sp.port,
+                nft_service_chain(sp)
+            );
+        }
+        o.push_str("    }\n");
+    }
+    o.push_str("  }\n");
+    for sp in services {
+        let _ = writeln!(o, "  chain {} {{", nft_service_chain(sp));
+        let _ = writeln!(
+            o,
+            "    ip daddr {} tcp dport {} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade",
+            sp.cluster_ip, sp.port
+        );
+        if !sp.endpoints.is_empty() {
+            let arms: Vec<String> = sp
+                .endpoints
+                .iter()
+                .enumerate()
+                .map(|(i, ep)| format!("{i} : goto {}", nft_endpoint_chain(sp, ep)))
+                .collect();
+            let _ = writeln!(
+                o,
+                "    numgen random mod {} vmap {{ {} }}",
+                sp.endpoints.len(),
+                arms.join(", ")
+            );
+        }
+        o.push_str("  }\n");
+        for ep in &sp.endpoints {
+            let _ = writeln!(
+                o,
+                "  chain {} {{\n    ip saddr {} jump mark-for-masquerade\n    meta l4proto tcp dnat to {ep}\n  }}",
+                nft_endpoint_chain(sp, ep),
+                ep.ip()
+            );
+        }
+    }
+    o.push_str("}\n");
+    o
+}
+
+/// `nft` arguments that switch the nftables rules on or off.
+pub fn nft_switch(on: bool) -> Vec<Vec<String>> {
+    let t = NFT_TABLE;
+    let words = |s: String| s.split_whitespace().map(str::to_string).collect();
+    if on {
+        vec![
+            words(format!("add rule ip {t} nat-prerouting jump services")),
+            words(format!("add rule ip {t} nat-output jump services")),
+        ]
+    } else {
+        vec![
+            words(format!("flush chain ip {t} nat-prerouting")),
+            words(format!("flush chain ip {t} nat-output")),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn web() -> ServicePort {
+        ServicePort {
+            name: "default/web:http".into(),
+            cluster_ip: Ipv4Addr::new(10, 96, 0, 10),
+            port: 80,
+            endpoints: vec![
+                SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 2), 8080),
+                SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 3), 8080),
+                SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 4), 8080),
+            ],
+        }
+    }
+
+    #[test]
+    fn iptables_rules_have_kube_proxys_shape() {
+        let text = iptables_restore(&[web()]);
+        let svc = svc_chain(&web());
+        let lines: Vec<&str> = text.lines().collect();
+        // One KUBE-SERVICES match per Service port, jumping to its chain.
+        let services: Vec<&&str> = lines
+            .iter()
+            .filter(|l| l.starts_with("-A KUBE-SERVICES"))
+            .collect();
+        assert_eq!(services.len(), 1);
+        assert!(services[0].contains("-d 10.96.0.10/32 -p tcp"));
+        assert!(services[0].ends_with(&format!("--dport 80 -j {svc}")));
+        // Endpoint choice: 1/3, then 1/2, then the last unconditionally.
+        let picks: Vec<&&str> = lines
+            .iter()
+            .filter(|l| l.starts_with(&format!("-A {svc} -m comment")))
+            .collect();
+        assert_eq!(picks.len(), 3);
+        assert!(picks[0].contains("--probability 0.3333333333"));
+        assert!(picks[1].contains("--probability 0.5000000000"));
+        assert!(!picks[2].contains("statistic"));
+        // Each endpoint's chain DNATs to it.
+        for ep in &web().endpoints {
+            let sep = sep_chain(&web(), ep);
+            assert!(text.contains(&format!(":{sep} - [0:0]")));
+            assert!(text.contains(&format!("-A {sep} -p tcp -m comment --comment \"default/web:http\" -m tcp -j DNAT --to-destination {ep}")));
+        }
+        assert!(text.starts_with("*nat\n") && text.ends_with("COMMIT\n"));
+        // Chain names fit iptables' 28 characters and are distinct.
+        let mut chains: Vec<&str> = lines
+            .iter()
+            .filter_map(|l| l.strip_prefix(':'))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        assert!(chains.iter().all(|c| c.len() <= 28));
+        let n = chains.len();
+        chains.sort();
+        chains.dedup();
+        assert_eq!(chains.len(), n, "chain names collide");
+    }
+
+    #[test]
+    fn nftables_rules_have_kube_proxys_shape() {
+        let text = nft_script(&[web()]);
+        let chain = nft_service_chain(&web());
+        assert!(chain.starts_with("service-") && chain.ends_with("-default/web/tcp/http"));
+        assert!(text.contains(&format!("10.96.0.10 . tcp . 80 : goto {chain},")));
+        assert!(text.contains("ip daddr . meta l4proto . th dport vmap @service-ips"));
+        assert!(text.contains("numgen random mod 3 vmap { 0 : goto endpoint-"));
+        for ep in &web().endpoints {
+            assert!(text.contains(&format!("meta l4proto tcp dnat to {ep}")));
+        }
+        // Switched off as written: the prerouting chain jumps nowhere.
+        let prerouting = text
+            .split("chain nat-prerouting {")
+            .nth(1)
+            .and_then(|s| s.split('}').next())
+            .unwrap_or_default();
+        assert!(!prerouting.contains("jump"));
+        assert_eq!(
+            nft_switch(true)[0].join(" "),
+            "add rule ip kube-proxy nat-prerouting jump services"
+        );
+    }
+
+    #[test]
+    fn service_ports_from_services_and_slices() {
+        let services = vec![
+            serde_json::json!({"metadata": {"name": "web", "namespace": "default"},
+                "spec": {"clusterIP": "10.96.0.10", "ports": [
+                    {"name": "http", "port": 80}, {"name": "dns", "port": 53, "protocol": "UDP"}]}}),
+            serde_json::json!({"metadata": {"name": "headless", "namespace": "default"},
+                "spec": {"clusterIP": "None", "ports": [{"name": "http", "port": 80}]}}),
+        ];
+        let slices = vec![
+            serde_json::json!({"metadata": {"name": "web-1", "namespace": "default",
+                    "labels": {"kubernetes.io/service-name": "web"}},
+                "ports": [{"name": "http", "port": 8080}],
+                "endpoints": [
+                    {"addresses": ["10.244.1.3"], "conditions": {"ready": true}},
+                    {"addresses": ["10.244.1.2"]},
+                    {"addresses": ["10.244.1.9"], "conditions": {"ready": false}}]}),
+            // Another namespace's slice of the same name is not ours.
+            serde_json::json!({"metadata": {"name": "web-1", "namespace": "other",
+                    "labels": {"kubernetes.io/service-name": "web"}},
+                "ports": [{"name": "http", "port": 9090}],
+                "endpoints": [{"addresses": ["10.244.2.2"]}]}),
+        ];
+        let got = service_ports(&services, &slices);
+        assert_eq!(
+            got,
+            vec![ServicePort {
+                name: "default/web:http".into(),
+                cluster_ip: Ipv4Addr::new(10, 96, 0, 10),
+                port: 80,
+                endpoints: vec![
+                    SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 2), 8080),
+                    SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 3), 8080),
+                ],
+            }]
+        );
+    }
+
+    #[test]
+    fn a_service_without_endpoints_has_no_endpoint_choice() {
+        let mut sp = web();
+        sp.endpoints.clear();
+        let nft = nft_script(&[sp.clone()]);
+        assert!(!nft.contains("numgen"));
+        let ipt = iptables_restore(&[sp]);
+        assert!(!ipt.contains("KUBE-SEP"));
+        assert_eq!(nft_script(&[]).matches("elements").count(), 0);
+    }
+}

@@ -1,0 +1,212 @@
+//! The lab's sections of BENCHMARKS.md (end to end and control path) and
+//! the end-to-end plot.
+
+use std::fmt::Write as _;
+
+use super::{
+    e2e::{Figures, Mode, Row},
+    plot::{line_chart, Series},
+    Results, Stats,
+};
+
+fn stat(s: &Stats, digits: usize) -> String {
+    format!("{:.d$} ({:.d$}–{:.d$})", s.median, s.min, s.max, d = digits)
+}
+
+fn over_reps(row: &Row, f: impl Fn(&Figures) -> f64) -> Stats {
+    Stats::of(&row.reps.iter().map(f).collect::<Vec<_>>())
+}
+
+/// Per repetition, `row`'s figure over `base`'s (same repetition).
+fn ratio(row: &Row, base: &Row, f: impl Fn(&Figures) -> f64) -> Stats {
+    let v: Vec<f64> = row
+        .reps
+        .iter()
+        .zip(&base.reps)
+        .map(|(a, b)| f(a) / f(b))
+        .collect();
+    Stats::of(&v)
+}
+
+fn row(r: &Results, mode: Mode, n: usize) -> Option<&Row> {
+    r.e2e
+        .rows
+        .iter()
+        .find(|x| x.mode == mode && x.services == n)
+}
+
+pub fn end_to_end(o: &mut String, r: &Results) {
+    let s = &r.plan.e2e;
+    if r.e2e.rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(o, "## End to end in the lab\n");
+    let _ = writeln!(
+        o,
+        "Two labs run side by side on this machine, one node each, with three \
+         echo pods, Service `web` in front of them and two client pods: one \
+         with the agent (lb), one without it, where rules shaped like \
+         kube-proxy's are loaded into the node's network namespace and \
+         switched on in turn (iptables-restore: KUBE-SERVICES, KUBE-SVC-* with \
+         `statistic random`, KUBE-SEP-* DNAT; `nft -f`: a `service-ips` verdict \
+         map, `numgen random` into endpoint chains). Up to each count, more \
+         Services are added through the lab's API, each with one endpoint (an \
+         echo pod, so every Service answers); lb programs them from the API, \
+         the rules are generated from the same objects.\n"
+    );
+    let _ = writeln!(
+        o,
+        "Every request is a new TCP connection (connect, HTTP GET, answer, \
+         close) to a Service picked at random among all of them (the same \
+         seeded sequence for every mode), so with iptables the Service's \
+         rule is anywhere in KUBE-SERVICES, as in a cluster. **First packet** \
+         is the time connect() takes: the SYN through the translation, the \
+         SYN-ACK back (kube-proxy's nftables proposal measured this as \
+         p1/p50/p90/p99). **Request** is connect to answer. Each \
+         repetition sends {seq} requests one after another per mode, then \
+         runs {w} clients for {d:?} for the rate; the modes run back to back \
+         within a repetition, {reps} repetitions. Pod-to-pod traffic (the \
+         floor, straight to a pod's address) comes from the second client \
+         pod, so its connections never share a 5-tuple with the ClusterIP \
+         ones. Figures are the median over repetitions (min–max); ratios are \
+         taken per repetition against the floor of the same lab run.\n",
+        seq = s.sequential,
+        w = s.workers,
+        d = s.duration,
+        reps = s.repeats
+    );
+    let _ = writeln!(
+        o,
+        "| Services | mode | first packet p1 / p50 / p90 / p99 (µs) | request p50 (µs) | request p99 (µs) | requests/s | first-packet p50 ÷ floor | failed |"
+    );
+    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|");
+    for &n in s.service_counts {
+        let Some(floor) = row(r, Mode::Floor, n) else {
+            continue;
+        };
+        for mode in Mode::ALL {
+            let Some(x) = row(r, mode, n) else { continue };
+            let fp: Vec<String> = (0..4)
+                .map(|q| format!("{:.0}", over_reps(x, |f| f.first_packet[q]).median))
+                .collect();
+            let _ = writeln!(
+                o,
+                "| {n} | {} | {} | {} | {} | {} | {} | {} of {} |",
+                mode.name(),
+                fp.join(" / "),
+                stat(&over_reps(x, |f| f.request[0]), 0),
+                stat(&over_reps(x, |f| f.request[1]), 0),
+                stat(&over_reps(x, |f| f.rps), 0),
+                stat(&ratio(x, floor, |f| f.first_packet[1]), 2),
+                x.failures,
+                x.requests
+            );
+        }
+    }
+    let _ = writeln!(o, "\n![first-packet latency](benchmarks-e2e.svg)\n");
+    let _ = writeln!(
+        o,
+        "Time to bring each translation to the count (from the Service count \
+         before): lb from the last API write to the agent reporting every \
+         frontend programmed; for the rules, one iptables-restore and one \
+         `nft -f` of the whole rule set (the kernel's part only: kube-proxy's \
+         own work comes on top).\n"
+    );
+    let _ = writeln!(
+        o,
+        "| Services | lb (s) | iptables-restore (s) | nft -f (s) |"
+    );
+    let _ = writeln!(o, "|---|---|---|---|");
+    for p in &r.e2e.programming {
+        let _ = writeln!(
+            o,
+            "| {} | {:.2} | {:.2} | {:.2} |",
+            p.services,
+            p.lb.as_secs_f64(),
+            p.iptables.as_secs_f64(),
+            p.nftables.as_secs_f64()
+        );
+    }
+    let _ = writeln!(o);
+}
+
+pub fn control(o: &mut String, r: &Results) {
+    let c = &r.control;
+    if c.sync.is_empty() {
+        return;
+    }
+    let secs: Vec<f64> = c.sync.iter().map(|d| d.as_secs_f64()).collect();
+    let mut millis: Vec<f64> = c
+        .propagation
+        .iter()
+        .map(|d| d.as_secs_f64() * 1e3)
+        .collect();
+    let p50 = super::client::quantile(&mut millis, 0.5);
+    let p99 = super::client::quantile(&mut millis, 0.99);
+    let _ = writeln!(o, "## Control path\n");
+    let _ = writeln!(
+        o,
+        "A lab without pods: {} Services with {} endpoints each are written to \
+         the API first, then a new agent starts and syncs; the time is from \
+         its start until it reports every frontend and backend programmed \
+         ({} runs, each in a new lab). After the last sync, {} changes each \
+         take an endpoint from one Service (or give it back) through the API; \
+         each is timed from the write until that Service's entry in the \
+         node's map has the new backend count (polled every 0.2 ms). Memory \
+         is the agent's peak resident set (VmHWM).\n",
+        c.services,
+        c.endpoints,
+        c.sync.len(),
+        c.propagation.len()
+    );
+    let _ = writeln!(o, "| figure | value |");
+    let _ = writeln!(o, "|---|---|");
+    let _ = writeln!(
+        o,
+        "| initial sync of {} Services × {} endpoints (s) | {} |",
+        c.services,
+        c.endpoints,
+        stat(&Stats::of(&secs), 1)
+    );
+    let _ = writeln!(
+        o,
+        "| one endpoint change, API write to map: p50 / p99 (ms) | {p50:.1} / {p99:.1} (min {:.1}, max {:.1}) |",
+        millis.first().copied().unwrap_or(f64::NAN),
+        millis.last().copied().unwrap_or(f64::NAN)
+    );
+    let _ = writeln!(
+        o,
+        "| agent peak memory after the sync (MiB) | {} |",
+        stat(&Stats::of(&c.peak_mib), 0)
+    );
+    let _ = writeln!(
+        o,
+        "| agent peak memory after the changes too (MiB) | {:.0} |\n",
+        c.final_peak_mib
+    );
+}
+
+/// First-packet p50 and p99 against the Service count, a line per mode.
+pub fn plot(r: &Results) -> String {
+    let counts = r.plan.e2e.service_counts;
+    let mut series = Vec::new();
+    for (color, mode) in Mode::ALL.into_iter().enumerate() {
+        for (q, name) in [(1, "p50"), (3, "p99")] {
+            series.push(Series {
+                label: format!("{} {name}", mode.name()),
+                points: counts
+                    .iter()
+                    .map(|&n| row(r, mode, n).map(|x| over_reps(x, |f| f.first_packet[q])))
+                    .collect(),
+                dashed: q == 3,
+                color,
+            });
+        }
+    }
+    line_chart(
+        "First packet (connect) latency, µs (median over repetitions, min–max)",
+        "Services",
+        &counts.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+        &series,
+    )
+}
