@@ -130,23 +130,7 @@ pub async fn run(
         wait_programmed(&with_agent, base_s + added, None, Duration::from_secs(600))?;
         let lb_took = started.elapsed();
         have = have.max(n);
-        let ports = service_ports(&with_rules);
-        let started = Instant::now();
-        load(
-            &rules_node,
-            "iptables-restore",
-            &["--noflush"],
-            &kube_proxy::iptables_restore(&ports),
-        )?;
-        let iptables = started.elapsed();
-        let started = Instant::now();
-        load(
-            &rules_node,
-            "nft",
-            &["-f", "-"],
-            &kube_proxy::nft_script(&ports),
-        )?;
-        let nftables = started.elapsed();
+        let (iptables, nftables) = load_rules(&rules_node, &service_ports(&with_rules))?;
         eprintln!(
             "       programmed: lb {lb_took:.1?} after the last write, iptables-restore {iptables:.1?}, nft -f {nftables:.1?}"
         );
@@ -239,7 +223,7 @@ pub async fn run(
 
 /// A lab with the bench workload, its pods ready (and, with the agent,
 /// Service `web` programmed).
-async fn workload_lab(prefix: &str, lb_binary: &std::path::Path, agents: bool) -> Result<Lab> {
+pub async fn workload_lab(prefix: &str, lb_binary: &std::path::Path, agents: bool) -> Result<Lab> {
     let mut cfg = LabConfig::new(prefix, lb_binary);
     cfg.agents = agents;
     let lab = Lab::up(cfg).await?;
@@ -254,7 +238,7 @@ async fn workload_lab(prefix: &str, lb_binary: &std::path::Path, agents: bool) -
     Ok(lab)
 }
 
-fn echo_pods(lab: &Lab) -> Result<Vec<Ipv4Addr>> {
+pub fn echo_pods(lab: &Lab) -> Result<Vec<Ipv4Addr>> {
     let ips: Vec<Ipv4Addr> = lab
         .pods_named("default", "echo-")
         .iter()
@@ -333,6 +317,22 @@ pub fn service_ports(lab: &Lab) -> Vec<ServicePort> {
     let (services, _) = lab.store.list(Kind::Service, Some("default"));
     let (slices, _) = lab.store.list(Kind::EndpointSlice, Some("default"));
     kube_proxy::service_ports(&services, &slices)
+}
+
+/// Loads (or reloads) both kube-proxy-shaped rule sets for `ports` into
+/// network namespace `netns`, switched off; how long each load took.
+pub fn load_rules(netns: &str, ports: &[ServicePort]) -> Result<(Duration, Duration)> {
+    let started = Instant::now();
+    load(
+        netns,
+        "iptables-restore",
+        &["--noflush"],
+        &kube_proxy::iptables_restore(ports),
+    )?;
+    let iptables = started.elapsed();
+    let started = Instant::now();
+    load(netns, "nft", &["-f", "-"], &kube_proxy::nft_script(ports))?;
+    Ok((iptables, started.elapsed()))
 }
 
 /// Runs `program args` in network namespace `netns` with `input` on stdin.
