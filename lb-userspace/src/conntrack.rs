@@ -13,9 +13,13 @@ use lb_common::{
 
 use crate::datapath::Maps;
 
-/// How long an entry may be idle, by protocol and state. The defaults are
-/// Cilium's: 6 hours for established TCP, 10 seconds once a FIN or RST was
-/// seen, 60 seconds for UDP.
+/// How long an entry may be idle, by protocol and state: 6 hours for
+/// established TCP and 60 seconds for UDP (Cilium's); 120 seconds once a
+/// FIN or RST was seen, Linux conntrack's TIME_WAIT, which outlasts the
+/// backend's own TIME_WAIT socket (60 s): while the entry exists, a new
+/// connection through another Service that would reuse the closed one's
+/// 5-tuple at the backend is given another source port (see the data
+/// path's `free_source_port`), instead of meeting that socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
     pub tcp_established: Duration,
@@ -27,7 +31,7 @@ impl Default for Timeouts {
     fn default() -> Self {
         Self {
             tcp_established: Duration::from_secs(6 * 3600),
-            tcp_closing: Duration::from_secs(10),
+            tcp_closing: Duration::from_secs(120),
             udp: Duration::from_secs(60),
         }
     }

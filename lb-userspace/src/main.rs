@@ -207,10 +207,15 @@ fn main() -> Result<()> {
                 let mut term =
                     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
                 // The bench blocks its thread while it measures, so it runs
-                // on its own task; interrupted, its labs are taken down here
-                // (their processes die with this one).
-                let bench =
-                    tokio::spawn(async move { lb::bench::run(plan, &only, &out, &exe).await });
+                // on a thread of its own, not on a runtime worker: a task it
+                // wakes (the lab's API server, by a write to the store) would
+                // otherwise wait in that worker's queue behind the block.
+                // Interrupted, its labs are taken down here (their processes
+                // die with this one).
+                let handle = tokio::runtime::Handle::current();
+                let bench = tokio::task::spawn_blocking(move || {
+                    handle.block_on(lb::bench::run(plan, &only, &out, &exe))
+                });
                 let why = tokio::select! {
                     r = bench => return r?,
                     _ = tokio::signal::ctrl_c() => "interrupted",
@@ -219,7 +224,10 @@ fn main() -> Result<()> {
                 for prefix in lb::bench::LAB_PREFIXES {
                     lb::lab::teardown(prefix);
                 }
-                anyhow::bail!("{why}; the bench labs were taken down")
+                // The bench's task may be blocked in a measurement: do not
+                // wait for it (its lab processes die with this one).
+                eprintln!("Error: {why}; the bench labs were taken down");
+                std::process::exit(1)
             })
         }
         Command::Flows {

@@ -37,7 +37,7 @@ pub struct AgentArgs {
     #[arg(long, env = "LB_CT_TCP_TIMEOUT", default_value_t = 21600)]
     pub ct_tcp_timeout: u64,
     /// Idle timeout of TCP entries after a FIN or RST, seconds.
-    #[arg(long, env = "LB_CT_TCP_CLOSING_TIMEOUT", default_value_t = 10)]
+    #[arg(long, env = "LB_CT_TCP_CLOSING_TIMEOUT", default_value_t = 120)]
     pub ct_tcp_closing_timeout: u64,
     /// Idle timeout of UDP conntrack entries, seconds.
     #[arg(long, env = "LB_CT_UDP_TIMEOUT", default_value_t = 60)]

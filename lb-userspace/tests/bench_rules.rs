@@ -1,14 +1,15 @@
 //! The end-to-end bench compares lb with rules shaped like kube-proxy's.
-//! These tests check that those rules do what kube-proxy's do: in a lab
+//! This test checks that those rules do what kube-proxy's do: in a lab
 //! without the agent, a ClusterIP reaches every endpoint of its Service
-//! through the iptables rules and through the nftables rules, and nothing
-//! translates it when they are switched off.
+//! through the iptables rules (from the pod they serve) and through the
+//! nftables rules (from theirs), and nothing translates it for a pod that
+//! neither serves.
 
 mod common;
 
-use std::{collections::BTreeSet, time::Duration};
+use std::{collections::BTreeSet, net::SocketAddr};
 
-use lb::bench::e2e::{self, Mode};
+use lb::bench::e2e;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kube_proxy_shaped_rules_spread_a_cluster_ip_over_its_endpoints() {
@@ -30,48 +31,47 @@ async fn kube_proxy_shaped_rules_spread_a_cluster_ip_over_its_endpoints() {
         .expect("web")
         .clone();
     assert_eq!(web.endpoints.len(), 3);
+    let filler = ports
+        .iter()
+        .find(|p| p.name == "default/filler-4:http")
+        .expect("filler")
+        .clone();
     let node = lab.node_netns(1);
-    e2e::load_rules(&node, &ports).expect("rules load");
-    let vip = std::net::SocketAddr::from((web.cluster_ip, web.port));
-    let client = ("default", "client");
+    let ip = |pod: &str| e2e::pod_ip(&lab, pod).expect("pod address");
+    e2e::load_rules(&node, &ports, ip("client"), ip("client-2")).expect("rules load");
+    // Loading again (the next Service count) keeps one hook, not two.
+    e2e::load_rules(&node, &ports, ip("client"), ip("client-2")).expect("rules reload");
+    let vip = SocketAddr::from((web.cluster_ip, web.port));
 
-    // Switched off, nothing answers on the ClusterIP.
-    assert!(common::request(&lab, client, vip).await.is_err());
+    // A pod neither rule set serves gets no answer on the ClusterIP.
+    assert!(common::request(&lab, ("default", "direct"), vip)
+        .await
+        .is_err());
 
-    for mode in [Mode::Iptables, Mode::Nftables] {
-        e2e::switch(&node, mode, true).expect("switch on");
-        let (answers, failures) = common::burst(&lab, client, vip, 30).await;
-        e2e::switch(&node, mode, false).expect("switch off");
-        assert!(failures.is_empty(), "{mode:?}: {failures:?}");
+    for client in ["client", "client-2"] {
+        let (answers, failures) = common::burst(&lab, ("default", client), vip, 30).await;
+        assert!(failures.is_empty(), "{client}: {failures:?}");
         let pods: BTreeSet<&String> = answers.keys().collect();
-        assert_eq!(pods.len(), 3, "{mode:?}: answers from {answers:?}");
+        assert_eq!(pods.len(), 3, "{client}: answers from {answers:?}");
         // A one-endpoint Service goes to its one pod.
-        let filler = ports
-            .iter()
-            .find(|p| p.name == "default/filler-4:http")
-            .expect("filler");
-        e2e::switch(&node, mode, true).expect("switch on");
         let answer = common::request(
             &lab,
-            client,
-            std::net::SocketAddr::from((filler.cluster_ip, 80)),
+            ("default", client),
+            SocketAddr::from((filler.cluster_ip, 80)),
         )
-        .await;
-        e2e::switch(&node, mode, false).expect("switch off");
-        let pod_ip = lab
-            .store
-            .list(lb::lab::kinds::Kind::Pod, Some("default"))
-            .0
-            .into_iter()
-            .find(|p| p["metadata"]["name"].as_str() == answer.as_deref().ok())
-            .and_then(|p| p["status"]["podIP"].as_str().map(String::from));
+        .await
+        .expect("filler answers");
         assert_eq!(
-            pod_ip.as_deref(),
-            Some(filler.endpoints[0].ip().to_string().as_str()),
-            "{mode:?}: {answer:?}"
+            ip(&answer),
+            *filler.endpoints[0].ip(),
+            "{client}: answered by {answer}"
         );
     }
-    // Off again: back to no answer.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(common::request(&lab, client, vip).await.is_err());
+    let hooks = lb::netns::command_in(&node, "iptables", false)
+        .expect("iptables")
+        .args(["-t", "nat", "-S", "PREROUTING"])
+        .output()
+        .expect("iptables -S");
+    let hooks = String::from_utf8_lossy(&hooks.stdout);
+    assert_eq!(hooks.matches("KUBE-SERVICES").count(), 1, "{hooks}");
 }

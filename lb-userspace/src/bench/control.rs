@@ -143,9 +143,12 @@ fn propagation(lab: &Lab, s: &Settings) -> Result<Vec<Duration>> {
                 break;
             }
             if started.elapsed() > Duration::from_secs(30) {
+                let log = std::fs::read_to_string(lab.log_path("agent-node-1")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
                 bail!(
-                    "svc-{i} ({}): still {now} backends 30 s after the change",
-                    SocketAddr::from((vip, 80))
+                    "svc-{i} ({}): still {now} backends 30 s after the change; the agent's log ends:\n{}",
+                    SocketAddr::from((vip, 80)),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                 );
             }
             std::thread::sleep(Duration::from_micros(200));

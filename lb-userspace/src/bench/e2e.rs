@@ -2,7 +2,8 @@
 //! ClusterIP, translated by lb's data path, by rules shaped like
 //! kube-proxy's iptables and nftables modes, and not at all (straight to a
 //! pod: the floor). Two labs run side by side: one with the agent, one
-//! without it where the rules are loaded and switched on in turn. Every
+//! without it where both rule sets are loaded, each taken only by its own
+//! client pod (matched by source address). Every
 //! repetition measures every mode back to back, so ratios are taken within
 //! one repetition.
 
@@ -130,7 +131,12 @@ pub async fn run(
         wait_programmed(&with_agent, base_s + added, None, Duration::from_secs(600))?;
         let lb_took = started.elapsed();
         have = have.max(n);
-        let (iptables, nftables) = load_rules(&rules_node, &service_ports(&with_rules))?;
+        let (iptables, nftables) = load_rules(
+            &rules_node,
+            &service_ports(&with_rules),
+            pod_ip(&with_rules, "client")?,
+            pod_ip(&with_rules, "client-2")?,
+        )?;
         eprintln!(
             "       programmed: lb {lb_took:.1?} after the last write, iptables-restore {iptables:.1?}, nft -f {nftables:.1?}"
         );
@@ -165,7 +171,7 @@ pub async fn run(
             ),
             (
                 Mode::Nftables,
-                with_rules.pod_netns("default", "client")?,
+                with_rules.pod_netns("default", "client-2")?,
                 vips(&with_rules),
             ),
             (
@@ -191,12 +197,9 @@ pub async fn run(
             .collect();
         for rep in 0..s.repeats {
             for (k, (mode, netns, to)) in targets.iter().enumerate() {
-                switch(&rules_node, *mode, true)?;
                 let seed = 1 + rep as u64;
-                let measured = measure(s, netns, to, seed)
-                    .with_context(|| format!("{} with {n} Services", mode.name()));
-                switch(&rules_node, *mode, false)?;
-                let (figures, requests, failures) = measured?;
+                let (figures, requests, failures) = measure(s, netns, to, seed)
+                    .with_context(|| format!("{} with {n} Services", mode.name()))?;
                 let row = &mut rows[k];
                 row.reps.push(figures);
                 row.requests += requests;
@@ -320,8 +323,15 @@ pub fn service_ports(lab: &Lab) -> Vec<ServicePort> {
 }
 
 /// Loads (or reloads) both kube-proxy-shaped rule sets for `ports` into
-/// network namespace `netns`, switched off; how long each load took.
-pub fn load_rules(netns: &str, ports: &[ServicePort]) -> Result<(Duration, Duration)> {
+/// network namespace `netns`: the iptables rules for packets from
+/// `iptables_client`, the nftables rules for packets from `nft_client`.
+/// How long each load took.
+pub fn load_rules(
+    netns: &str,
+    ports: &[ServicePort],
+    iptables_client: Ipv4Addr,
+    nft_client: Ipv4Addr,
+) -> Result<(Duration, Duration)> {
     let started = Instant::now();
     load(
         netns,
@@ -330,9 +340,44 @@ pub fn load_rules(netns: &str, ports: &[ServicePort]) -> Result<(Duration, Durat
         &kube_proxy::iptables_restore(ports),
     )?;
     let iptables = started.elapsed();
+    let hooked = netns::command_in(netns, "iptables", true)?
+        .args(["-w", "-t", "nat", "-C", "PREROUTING", "-s"])
+        .arg(format!("{iptables_client}/32"))
+        .args([
+            "-m",
+            "comment",
+            "--comment",
+            "kubernetes service portals",
+            "-j",
+            "KUBE-SERVICES",
+        ])
+        .stderr(std::process::Stdio::null())
+        .status()?
+        .success();
+    if !hooked {
+        load(
+            netns,
+            "iptables-restore",
+            &["--noflush"],
+            &kube_proxy::iptables_hooks(iptables_client),
+        )?;
+    }
     let started = Instant::now();
-    load(netns, "nft", &["-f", "-"], &kube_proxy::nft_script(ports))?;
+    load(
+        netns,
+        "nft",
+        &["-f", "-"],
+        &kube_proxy::nft_script(ports, nft_client),
+    )?;
     Ok((iptables, started.elapsed()))
+}
+
+/// A pod's address.
+pub fn pod_ip(lab: &Lab, name: &str) -> Result<Ipv4Addr> {
+    lab.store.get(Kind::Pod, "default", name)?["status"]["podIP"]
+        .as_str()
+        .and_then(|ip| ip.parse().ok())
+        .with_context(|| format!("pod {name} has no address"))
 }
 
 /// Runs `program args` in network namespace `netns` with `input` on stdin.
@@ -356,44 +401,6 @@ fn load(netns: &str, program: &str, args: &[&str], input: &str) -> Result<()> {
             "{program} {args:?} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-    }
-    Ok(())
-}
-
-/// Switches the rules `mode` needs on (or off) in the rules lab's node.
-pub fn switch(node_netns: &str, mode: Mode, on: bool) -> Result<()> {
-    let run = |program: &str, args: Vec<String>| -> Result<()> {
-        let out = netns::command_in(node_netns, program, true)?
-            .args(&args)
-            .output()
-            .with_context(|| format!("running {program}"))?;
-        if !out.status.success() {
-            bail!(
-                "{program} {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(())
-    };
-    match mode {
-        Mode::Iptables => {
-            for (chain, target) in kube_proxy::IPTABLES_HOOKS {
-                let op = if on { "-A" } else { "-D" };
-                run(
-                    "iptables",
-                    ["-w", "-t", "nat", op, chain, "-j", target]
-                        .map(String::from)
-                        .to_vec(),
-                )?;
-            }
-        }
-        Mode::Nftables => {
-            for args in kube_proxy::nft_switch(on) {
-                run("nft", args)?;
-            }
-        }
-        Mode::Floor | Mode::LbPodToPod | Mode::Lb => {}
     }
     Ok(())
 }

@@ -186,13 +186,19 @@ pub fn iptables_restore(services: &[ServicePort]) -> String {
     o
 }
 
-/// The jumps from the built-in chains that switch the iptables rules on
-/// (`iptables -t nat -A ...`) and off (`-D`).
-pub const IPTABLES_HOOKS: [(&str, &str); 3] = [
-    ("PREROUTING", "KUBE-SERVICES"),
-    ("OUTPUT", "KUBE-SERVICES"),
-    ("POSTROUTING", "KUBE-POSTROUTING"),
-];
+/// The jumps from the built-in chains into the rules, for iptables-restore
+/// --noflush, once: only packets from `client` take them. kube-proxy jumps
+/// for every packet; the bench matches the source so that the iptables and
+/// the nftables rules can sit in one node at once, each serving its own
+/// client pod, with nothing to switch between measurements.
+pub fn iptables_hooks(client: Ipv4Addr) -> String {
+    format!(
+        "*nat\n\
+         -A PREROUTING -s {client}/32 -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n\
+         COMMIT\n"
+    )
+}
 
 /// The nftables table.
 pub const NFT_TABLE: &str = "kube-proxy";
@@ -219,19 +225,20 @@ fn nft_endpoint_chain(sp: &ServicePort, ep: &SocketAddrV4) -> String {
 
 /// A script for `nft -f`: deletes an older table of that name (it is
 /// created first, so the delete never fails), then writes the whole table.
-/// The base chain `nat-prerouting` is left empty: [`nft_switch`] adds the
-/// jump to `services`, so the rules can be switched on and off.
-pub fn nft_script(services: &[ServicePort]) -> String {
+/// Only packets from `client` jump to `services` (see [`iptables_hooks`]).
+pub fn nft_script(services: &[ServicePort], client: Ipv4Addr) -> String {
     let t = NFT_TABLE;
     let mut o = format!("table ip {t}\ndelete table ip {t}\ntable ip {t} {{\n");
     o.push_str(
         "  comment \"rules shaped like kube-proxy's nftables mode\"\n\
          \x20 chain mark-for-masquerade {\n    meta mark set meta mark | 0x4000\n  }\n\
          \x20 chain masquerading {\n    meta mark & 0x4000 == 0 return\n    meta mark set meta mark ^ 0x4000\n    masquerade fully-random\n  }\n\
-         \x20 chain nat-prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n  }\n\
-         \x20 chain nat-output {\n    type nat hook output priority -100; policy accept;\n  }\n\
          \x20 chain nat-postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n    jump masquerading\n  }\n\
          \x20 chain services {\n    ip daddr . meta l4proto . th dport vmap @service-ips\n  }\n",
+    );
+    let _ = writeln!(
+        o,
+        "  chain nat-prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n    ip saddr {client} jump services\n  }}"
     );
     o.push_str("  map service-ips {\n    type ipv4_addr . inet_proto . inet_service : verdict\n");
     if !services.is_empty() {
@@ -281,23 +288,6 @@ pub fn nft_script(services: &[ServicePort]) -> String {
     }
     o.push_str("}\n");
     o
-}
-
-/// `nft` arguments that switch the nftables rules on or off.
-pub fn nft_switch(on: bool) -> Vec<Vec<String>> {
-    let t = NFT_TABLE;
-    let words = |s: String| s.split_whitespace().map(str::to_string).collect();
-    if on {
-        vec![
-            words(format!("add rule ip {t} nat-prerouting jump services")),
-            words(format!("add rule ip {t} nat-output jump services")),
-        ]
-    } else {
-        vec![
-            words(format!("flush chain ip {t} nat-prerouting")),
-            words(format!("flush chain ip {t} nat-output")),
-        ]
-    }
 }
 
 #[cfg(test)]
@@ -361,7 +351,7 @@ mod tests {
 
     #[test]
     fn nftables_rules_have_kube_proxys_shape() {
-        let text = nft_script(&[web()]);
+        let text = nft_script(&[web()], Ipv4Addr::new(10, 244, 1, 9));
         let chain = nft_service_chain(&web());
         assert!(chain.starts_with("service-") && chain.ends_with("-default/web/tcp/http"));
         assert!(text.contains(&format!("10.96.0.10 . tcp . 80 : goto {chain},")));
@@ -370,17 +360,12 @@ mod tests {
         for ep in &web().endpoints {
             assert!(text.contains(&format!("meta l4proto tcp dnat to {ep}")));
         }
-        // Switched off as written: the prerouting chain jumps nowhere.
-        let prerouting = text
-            .split("chain nat-prerouting {")
-            .nth(1)
-            .and_then(|s| s.split('}').next())
-            .unwrap_or_default();
-        assert!(!prerouting.contains("jump"));
-        assert_eq!(
-            nft_switch(true)[0].join(" "),
-            "add rule ip kube-proxy nat-prerouting jump services"
-        );
+        // Only the bench's own client takes the rules.
+        assert!(text.contains(
+            "type nat hook prerouting priority dstnat; policy accept;\n    ip saddr 10.244.1.9 jump services"
+        ));
+        assert!(iptables_hooks(Ipv4Addr::new(10, 244, 1, 9))
+            .contains("-A PREROUTING -s 10.244.1.9/32 -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"));
     }
 
     #[test]
@@ -425,10 +410,15 @@ mod tests {
     fn a_service_without_endpoints_has_no_endpoint_choice() {
         let mut sp = web();
         sp.endpoints.clear();
-        let nft = nft_script(&[sp.clone()]);
+        let nft = nft_script(&[sp.clone()], Ipv4Addr::new(10, 244, 1, 9));
         assert!(!nft.contains("numgen"));
         let ipt = iptables_restore(&[sp]);
         assert!(!ipt.contains("KUBE-SEP"));
-        assert_eq!(nft_script(&[]).matches("elements").count(), 0);
+        assert_eq!(
+            nft_script(&[], Ipv4Addr::new(10, 244, 1, 9))
+                .matches("elements")
+                .count(),
+            0
+        );
     }
 }

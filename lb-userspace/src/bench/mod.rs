@@ -70,7 +70,10 @@ impl Plan {
         maglev_flows: 1_000_000,
         maglev_trials: 5,
         e2e: e2e::Settings {
-            service_counts: &[10, 1_000, 10_000, 30_000],
+            // 30,000 is not run yet: iptables-restore and `nft -f` of
+            // kube-proxy-shaped rules for 10,000 Services already take
+            // 25 s and 50 s here, and the run must stay under 20 minutes.
+            service_counts: &[10, 1_000, 10_000],
             repeats: 3,
             sequential: 1_000,
             workers: 4,

@@ -40,12 +40,27 @@ pub struct Maps {
     maglev_written: BTreeMap<u16, Vec<u32>>,
     /// rev-NAT id -> the Service's Maglev table (an inner array map).
     pub maglev: HashOfMaps<MapData, u32, Array<MapData, u32>>,
+    /// The kernel's id of the MAGLEV map, to open more handles on it.
+    maglev_id: u32,
 }
 
 /// SNAT source ports: above Linux's default ephemeral range (32768-60999),
 /// so SNATed flows never collide with the node's own connections.
 pub const SNAT_PORT_MIN: u16 = 61000;
 pub const SNAT_PORT_COUNT: u16 = 4500;
+
+/// The MAGLEV map of the loaded object, without taking it.
+fn take_maglev(ebpf: &Ebpf) -> Result<&aya::maps::Map> {
+    ebpf.map(map_names::MAGLEV)
+        .context("map MAGLEV missing from the object")
+}
+
+fn map_id(map: &aya::maps::Map) -> Result<u32> {
+    let aya::maps::Map::HashOfMaps(data) = map else {
+        anyhow::bail!("MAGLEV is not a hash of maps");
+    };
+    Ok(data.info()?.id())
+}
 
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
     ebpf.take_map(name)
@@ -59,6 +74,7 @@ impl Maps {
             backends: take(ebpf, map_names::BACKENDS)?.try_into()?,
             conntrack: take(ebpf, map_names::CONNTRACK)?.try_into()?,
             metrics: take(ebpf, map_names::METRICS)?.try_into()?,
+            maglev_id: map_id(take_maglev(ebpf)?)?,
             maglev: take(ebpf, map_names::MAGLEV)?.try_into()?,
             maglev_written: BTreeMap::new(),
             node: take(ebpf, map_names::NODE)?.try_into()?,
@@ -82,6 +98,7 @@ impl Maps {
             backends: Map::HashMap(open(map_names::BACKENDS)?).try_into()?,
             conntrack: Map::LruHashMap(open(map_names::CONNTRACK)?).try_into()?,
             metrics: Map::PerCpuArray(open(map_names::METRICS)?).try_into()?,
+            maglev_id: map_id(&Map::HashOfMaps(open(map_names::MAGLEV)?))?,
             maglev: Map::HashOfMaps(open(map_names::MAGLEV)?).try_into()?,
             maglev_written: BTreeMap::new(),
             node: Map::Array(open(map_names::NODE)?).try_into()?,
@@ -126,7 +143,39 @@ impl Maps {
 
     /// Applies operations in the order given (the planner orders them).
     pub fn apply(&mut self, ops: &[MapOp]) -> Result<()> {
-        for op in ops {
+        let mut rest = ops;
+        while let Some(op) = rest.first() {
+            // A run of table swaps (the planner writes them together) goes
+            // at once: see `put_maglev_tables`.
+            let run = rest
+                .iter()
+                .take_while(|o| matches!(o, MapOp::PutMaglev(..)))
+                .count();
+            if run > 1 {
+                let tables: Vec<(u16, &Vec<u32>)> = rest[..run]
+                    .iter()
+                    .filter_map(|o| match o {
+                        MapOp::PutMaglev(id, t) => Some((*id, t)),
+                        _ => None,
+                    })
+                    .collect();
+                for (id, _) in &tables {
+                    self.maglev_written.remove(id);
+                }
+                let done = put_maglev_tables(self.maglev_id, &tables);
+                for ((id, table), ok) in tables.iter().zip(&done) {
+                    if ok.is_ok() {
+                        self.maglev_written.insert(*id, (*table).clone());
+                    }
+                }
+                if let Some((i, Err(e))) = done.into_iter().enumerate().find(|(_, r)| r.is_err()) {
+                    return Err(e)
+                        .with_context(|| format!("writing the Maglev table of {}", tables[i].0));
+                }
+                rest = &rest[run..];
+                continue;
+            }
+            rest = &rest[1..];
             match op {
                 MapOp::PutBackend(id, b) => self.backends.insert(id, b, 0),
                 MapOp::PutService(k, v) => self.services.insert(k, v, 0),
@@ -183,6 +232,58 @@ impl Maps {
         }
         Ok(out)
     }
+}
+
+/// Writes many tables at once. Swapping an inner map in makes the kernel
+/// wait for an RCU grace period (milliseconds) before the update returns,
+/// so one after another 10,000 Services would take minutes; from several
+/// threads, each with its own handle on the map, the waits overlap.
+fn put_maglev_tables(
+    outer_id: u32,
+    tables: &[(u16, &Vec<u32>)],
+) -> Vec<Result<(), aya::maps::MapError>> {
+    const THREADS: usize = 16;
+    let chunk = tables.len().div_ceil(THREADS).max(1);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = tables
+            .chunks(chunk)
+            .map(|part| {
+                s.spawn(move || {
+                    let outer = MapData::from_id(outer_id).and_then(|d| {
+                        HashOfMaps::<MapData, u32, Array<MapData, u32>>::try_from(
+                            aya::maps::Map::HashOfMaps(d),
+                        )
+                    });
+                    match outer {
+                        Ok(mut outer) => part
+                            .iter()
+                            .map(|(id, table)| put_maglev(&mut outer, *id, table))
+                            .collect::<Vec<_>>(),
+                        Err(e) => {
+                            let msg = e.to_string();
+                            part.iter()
+                                .map(|_| {
+                                    Err(aya::maps::MapError::InvalidName {
+                                        name: format!("MAGLEV (id {outer_id}): {msg}"),
+                                    })
+                                })
+                                .collect()
+                        }
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| {
+                w.join().unwrap_or_else(|_| {
+                    vec![Err(aya::maps::MapError::InvalidName {
+                        name: "MAGLEV writer thread panicked".into(),
+                    })]
+                })
+            })
+            .collect()
+    })
 }
 
 /// Cilium's create-fill-swap: a new inner table, filled completely, then
