@@ -44,10 +44,11 @@ pub fn end_to_end(o: &mut String, r: &Results) {
     let _ = writeln!(
         o,
         "Two labs run side by side on this machine, one node each, with three \
-         echo pods, Service `web` in front of them and two client pods: one \
+         echo pods, Service `web` in front of them and three client pods: one \
          with the agent (lb), one without it, where rules shaped like \
-         kube-proxy's are loaded into the node's network namespace and \
-         switched on in turn (iptables-restore: KUBE-SERVICES, KUBE-SVC-* with \
+         kube-proxy's are loaded into the node's network namespace, each \
+         rule set taken only by its own client pod, matched by source \
+         address (iptables-restore: KUBE-SERVICES, KUBE-SVC-* with \
          `statistic random`, KUBE-SEP-* DNAT; `nft -f`: a `service-ips` verdict \
          map, `numgen random` into endpoint chains). Up to each count, more \
          Services are added through the lab's API, each with one endpoint (an \
@@ -66,7 +67,7 @@ pub fn end_to_end(o: &mut String, r: &Results) {
          repetition sends {seq} requests one after another per mode, then \
          runs {w} clients for {d:?} for the rate; the modes run back to back \
          within a repetition, {reps} repetitions. Pod-to-pod traffic (the \
-         floor, straight to a pod's address) comes from the second client \
+         floor, straight to a pod's address) comes from a third client \
          pod, so its connections never share a 5-tuple with the ClusterIP \
          ones. Figures are the median over repetitions (min–max); ratios are \
          taken per repetition against the floor of the same lab run.\n",
