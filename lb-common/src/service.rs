@@ -136,3 +136,25 @@ pub const fn maglev_table_size(backends: usize) -> u32 {
         MAGLEV_TABLE_SIZE_LARGE
     }
 }
+
+/// The hash that picks a flow's Maglev entry: Murmur3's finaliser applied
+/// field by field over the 5-tuple (fields in network byte order, as in the
+/// packet), so that correlated fields (address and port growing together)
+/// do not cancel out. Shared so that userspace (the Maglev benchmark) hashes
+/// flows exactly as the data path does.
+#[inline(always)]
+pub fn flow_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> u32 {
+    let mut h = fmix(saddr ^ 0x9e37_79b9);
+    h = fmix(h ^ daddr);
+    h = fmix(h ^ ((u32::from(sport) << 16) | u32::from(dport)));
+    fmix(h ^ u32::from(proto))
+}
+
+#[inline(always)]
+fn fmix(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}

@@ -387,21 +387,8 @@ fn select_by_hash(flow: &Flow, service: &ServiceValue) -> Option<(u32, Backend, 
     Some((backend_id, lookup_backend(backend_id)?, slot))
 }
 
-/// Murmur3's finaliser, applied field by field over the 5-tuple so that
-/// correlated fields (address and port growing together) do not cancel out.
+/// The flow's Maglev hash (`lb_common::service::flow_hash`).
 #[inline(always)]
 pub fn flow_hash(flow: &Flow) -> u32 {
-    let mut h = fmix(flow.saddr ^ 0x9e37_79b9);
-    h = fmix(h ^ flow.daddr);
-    h = fmix(h ^ ((u32::from(flow.sport) << 16) | u32::from(flow.dport)));
-    fmix(h ^ u32::from(flow.proto))
-}
-
-#[inline(always)]
-fn fmix(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
+    lb_common::service::flow_hash(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto)
 }

@@ -32,26 +32,17 @@ fn names(n: usize) -> Vec<String> {
         .collect()
 }
 
-fn fmix(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
-}
-
-/// The hash `lb-ebpf/src/lb.rs` computes, of flow `i`: a client among
-/// 10.244.0.0/16 with some source port, to 10.96.0.10:80/TCP (fields in
-/// network byte order, as the program reads them).
+/// The data path's hash of flow `i`: a client among 10.244.0.0/16 with
+/// some source port, to 10.96.0.10:80/TCP (network byte order, as the
+/// program reads them).
 fn flow_hash(i: u32) -> u32 {
-    let saddr = (0x0af4_0000u32 + (i >> 8)).to_be();
-    let daddr = 0x0a60_000au32.to_be();
-    let sport = (32768 + (i & 0xff) as u16 * 97).to_be();
-    let dport = 80u16.to_be();
-    let mut h = fmix(saddr ^ 0x9e37_79b9);
-    h = fmix(h ^ daddr);
-    h = fmix(h ^ ((u32::from(sport) << 16) | u32::from(dport)));
-    fmix(h ^ 6)
+    lb_common::service::flow_hash(
+        (0x0af4_0000u32 + (i >> 8)).to_be(),
+        0x0a60_000au32.to_be(),
+        (32768 + (i & 0xff) as u16 * 97).to_be(),
+        80u16.to_be(),
+        lb_common::PROTO_TCP,
+    )
 }
 
 pub fn movement(backends: usize, flows: usize, trials: usize) -> Movement {
