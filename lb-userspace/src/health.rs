@@ -4,6 +4,7 @@
 //! when it has none, so that a cloud load balancer sends traffic only to
 //! nodes that can serve it locally (as kube-proxy does).
 
+use std::borrow::Borrow;
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::{Arc, RwLock},
@@ -26,13 +27,14 @@ pub struct HealthCheck {
 }
 
 /// The health check ports this node must serve, and what each reports.
-pub fn health_checks(
-    services: &[Service],
-    slices: &[EndpointSlice],
+pub fn health_checks<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
+    services: &[S],
+    slices: &[E],
     node: &NodeContext,
 ) -> BTreeMap<u16, HealthCheck> {
     let mut out = BTreeMap::new();
     for svc in services {
+        let svc: &Service = svc.borrow();
         let Some(spec) = svc.spec.as_ref() else {
             continue;
         };
@@ -51,6 +53,7 @@ pub fn health_checks(
         let name = svc.metadata.name.clone().unwrap_or_default();
         let addrs: BTreeSet<&String> = slices
             .iter()
+            .map(|s| s.borrow())
             .filter(|s| s.metadata.namespace.as_deref() == Some(&ns))
             .filter(|s| {
                 s.metadata

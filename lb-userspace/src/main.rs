@@ -75,6 +75,9 @@ enum Command {
         /// Run only these parts (the report leaves the others out).
         #[arg(long, value_enum, value_delimiter = ',')]
         only: Vec<lb::bench::Part>,
+        /// Service counts for the end-to-end part, instead of the plan's.
+        #[arg(long, value_delimiter = ',')]
+        e2e_services: Vec<usize>,
     },
     /// NetworkPolicy tools.
     Policy {
@@ -196,12 +199,22 @@ fn main() -> Result<()> {
             print!("{}", lb::inspect::run(&pin_dir, what, output)?);
             Ok(())
         }
-        Command::Bench { out, quick, only } => {
-            let plan = if quick {
+        Command::Bench {
+            out,
+            quick,
+            only,
+            e2e_services,
+        } => {
+            let mut plan = if quick {
                 lb::bench::Plan::QUICK
             } else {
                 lb::bench::Plan::FULL
             };
+            if !e2e_services.is_empty() {
+                // The plan holds static slices; this one lives as long as
+                // the program anyway.
+                plan.e2e.service_counts = e2e_services.leak();
+            }
             let exe = std::env::current_exe()?;
             rt.block_on(async {
                 let mut term =

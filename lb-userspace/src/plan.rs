@@ -21,6 +21,9 @@ use crate::{
     translate::{BackendAddr, DesiredService},
 };
 
+/// One Maglev table: a backend slot per entry.
+pub type MaglevTable = std::sync::Arc<Vec<u32>>;
+
 /// What the service, backend and Maglev maps hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapState {
@@ -29,7 +32,9 @@ pub struct MapState {
     /// Maglev tables by rev-NAT id: one backend slot (1..=count) per entry.
     /// For the maps, the contents are what this agent wrote (it does not
     /// read 16381-entry tables back); a table it did not write is empty here.
-    pub maglev: BTreeMap<u16, Vec<u32>>,
+    /// Shared, not copied: with 10,000 Services a pass would otherwise copy
+    /// and compare 40 MB of tables that did not change.
+    pub maglev: BTreeMap<u16, MaglevTable>,
     /// loadBalancerSourceRanges: (rev-NAT id, prefix (network byte order), length).
     pub source_ranges: BTreeSet<(u16, u32, u8)>,
 }
@@ -39,7 +44,7 @@ pub enum MapOp {
     PutBackend(u32, Backend),
     PutService(ServiceKey, ServiceValue),
     /// Replace a Service's whole Maglev table at once (create, fill, swap).
-    PutMaglev(u16, Vec<u32>),
+    PutMaglev(u16, MaglevTable),
     DeleteMaglev(u16),
     PutSourceRange(u16, u32, u8),
     DeleteSourceRange(u16, u32, u8),
@@ -204,7 +209,7 @@ pub fn desired_state(current: &MapState, desired: &[DesiredService]) -> MapState
                 .filter(|t| t.len() == size && current_slots(current, &master) == slots);
             let table = match written {
                 Some(t) => t.clone(),
-                None => maglev_slots(backends, &slots),
+                None => MaglevTable::new(maglev_slots(backends, &slots)),
             };
             out.maglev.insert(rev_nat_id, table);
         }

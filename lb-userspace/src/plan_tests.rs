@@ -56,7 +56,12 @@ fn apply_checked(mut state: MapState, ops: &[MapOp]) -> MapState {
         }
         // Every slot a Maglev table names holds a backend that exists.
         for (k, v) in state.services.iter().filter(|(k, _)| k.slot == 0) {
-            for slot in state.maglev.get(&v.rev_nat_id).into_iter().flatten() {
+            for slot in state
+                .maglev
+                .get(&v.rev_nat_id)
+                .into_iter()
+                .flat_map(|t| t.iter())
+            {
                 let sk = ServiceKey {
                     slot: *slot as u16,
                     ..*k

@@ -2,6 +2,7 @@
 //! functions, no I/O. Objects that cannot be translated are reported one by
 //! one and left out; everything else is still translated.
 
+use std::borrow::Borrow;
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
@@ -290,9 +291,12 @@ fn parse_ipv4_list<'a>(
 /// EndpointSlices by (namespace, Service name), so each Service finds its
 /// own without a scan of all of them (10,000 Services would make that
 /// quadratic).
-pub fn slices_by_service(slices: &[EndpointSlice]) -> BTreeMap<(&str, &str), Vec<&EndpointSlice>> {
+pub fn slices_by_service<E: Borrow<EndpointSlice>>(
+    slices: &[E],
+) -> BTreeMap<(&str, &str), Vec<&EndpointSlice>> {
     let mut out: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
     for s in slices {
+        let s: &EndpointSlice = s.borrow();
         let Some(service) = s
             .metadata
             .labels
@@ -309,26 +313,32 @@ pub fn slices_by_service(slices: &[EndpointSlice]) -> BTreeMap<(&str, &str), Vec
 
 /// Translates Services and EndpointSlices into the frontends to program on
 /// `node`: ClusterIPs, NodePorts on the node's addresses, LoadBalancer
-/// ingress addresses and external IPs.
-pub fn translate(
-    services: &[Service],
-    slices: &[EndpointSlice],
+/// ingress addresses and external IPs. Takes the objects or shared
+/// references to them (the agent's caches hold `Arc`s; copying 10,000
+/// Services and their slices on every change costs more than translating).
+pub fn translate<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
+    services: &[S],
+    slices: &[E],
     node: &NodeContext,
 ) -> Translation {
     let mut t = Translation::default();
     let slices_by_service = slices_by_service(slices);
     // Oldest first, as a conflict goes to the Service that was there first.
-    let mut services: Vec<&Service> = services.iter().collect();
-    services.sort_by(|a, b| {
-        let key = |s: &Service| {
-            (
-                s.metadata.creation_timestamp.as_ref().map(|t| t.0),
-                s.metadata.namespace.clone(),
-                s.metadata.name.clone(),
-            )
-        };
-        key(a).cmp(&key(b))
-    });
+    let mut services: Vec<&Service> = services.iter().map(|s| s.borrow()).collect();
+    fn age_order(
+        s: &Service,
+    ) -> (
+        Option<k8s_openapi::jiff::Timestamp>,
+        Option<&str>,
+        Option<&str>,
+    ) {
+        (
+            s.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            s.metadata.namespace.as_deref(),
+            s.metadata.name.as_deref(),
+        )
+    }
+    services.sort_by(|a, b| age_order(a).cmp(&age_order(b)));
     for svc in services {
         let object = name_of("Service", &svc.metadata);
         let Some(spec) = svc.spec.as_ref() else {

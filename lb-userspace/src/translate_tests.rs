@@ -498,7 +498,7 @@ fn a_bad_source_range_leaves_out_the_load_balancer_addresses_only() {
         addrs: vec!["172.18.0.11".parse().unwrap()],
         ..Default::default()
     };
-    let good = translate(&[lb(&["172.18.0.0/24"])], &[], &node);
+    let good = translate(&[lb(&["172.18.0.0/24"])], &[] as &[EndpointSlice], &node);
     let kinds: Vec<(String, u16)> = good
         .services
         .iter()
@@ -520,7 +520,11 @@ fn a_bad_source_range_leaves_out_the_load_balancer_addresses_only() {
     );
     assert!(lb_frontend.flags & lb_common::service::SERVICE_F_SOURCE_RANGES != 0);
 
-    let bad = translate(&[lb(&["172.18.0.0/24", "not-a-cidr"])], &[], &node);
+    let bad = translate(
+        &[lb(&["172.18.0.0/24", "not-a-cidr"])],
+        &[] as &[EndpointSlice],
+        &node,
+    );
     assert_eq!(
         bad.services.len(),
         2,

@@ -70,10 +70,7 @@ impl Plan {
         maglev_flows: 1_000_000,
         maglev_trials: 5,
         e2e: e2e::Settings {
-            // 30,000 is not run yet: iptables-restore and `nft -f` of
-            // kube-proxy-shaped rules for 10,000 Services already take
-            // 25 s and 50 s here, and the run must stay under 20 minutes.
-            service_counts: &[10, 1_000, 10_000],
+            service_counts: &[10, 1_000, 10_000, 30_000],
             repeats: 3,
             sequential: 1_000,
             workers: 4,
@@ -119,6 +116,8 @@ pub struct Results {
     pub control: control::Results,
     pub plan: Plan,
     pub took: std::time::Duration,
+    /// How long each part took, in the order run.
+    pub parts: Vec<(Part, std::time::Duration)>,
 }
 
 /// The bench's labs: end to end with the agent, with kube-proxy-shaped
@@ -132,6 +131,17 @@ pub enum Part {
     EndToEnd,
     Control,
     Maglev,
+}
+
+impl Part {
+    pub fn title(self) -> &'static str {
+        match self {
+            Part::Datapath => "data path",
+            Part::EndToEnd => "end to end",
+            Part::Control => "control path",
+            Part::Maglev => "Maglev",
+        }
+    }
 }
 
 /// Runs the `parts` of `plan` (every part when empty) and writes the report
@@ -150,15 +160,29 @@ pub async fn run(plan: Plan, parts: &[Part], out_dir: &Path, lb_binary: &Path) -
         control: Default::default(),
         plan,
         took: Default::default(),
+        parts: Vec::new(),
+    };
+    let mut part_started = std::time::Instant::now();
+    let mut done = |part: Part, results: &mut Results| {
+        let took = part_started.elapsed();
+        eprintln!(
+            "bench: {part:?} took {took:.1?} ({:.0?} since the start)",
+            started.elapsed()
+        );
+        results.parts.push((part, took));
+        part_started = std::time::Instant::now();
     };
     if wanted(Part::Datapath) {
         datapath_part(&plan, &mut results)?;
+        done(Part::Datapath, &mut results);
     }
     if wanted(Part::EndToEnd) {
         results.e2e = e2e::run(&plan.e2e, LAB_PREFIXES[0], LAB_PREFIXES[1], lb_binary).await?;
+        done(Part::EndToEnd, &mut results);
     }
     if wanted(Part::Control) {
         results.control = control::run(&plan.control, LAB_PREFIXES[2], lb_binary).await?;
+        done(Part::Control, &mut results);
     }
     if wanted(Part::Maglev) {
         for n in [10, 100] {
@@ -168,6 +192,7 @@ pub async fn run(plan: Plan, parts: &[Part], out_dir: &Path, lb_binary: &Path) -
                 .push(maglev::movement(n, plan.maglev_flows, plan.maglev_trials));
             results.build.push(maglev::build_time(n, 20));
         }
+        done(Part::Maglev, &mut results);
     }
     results.took = started.elapsed();
     report::write(&results, out_dir)

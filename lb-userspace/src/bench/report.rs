@@ -40,8 +40,12 @@ pub fn write(r: &Results, out_dir: &Path) -> Result<()> {
     let _ = writeln!(o, "# Benchmarks\n");
     let _ = writeln!(
         o,
-        "Written by `cargo xtask bench` (took {:.0} s). Machine: {}.\n",
+        "Written by `cargo xtask bench` (took {:.0} s{}). Machine: {}.\n",
         r.took.as_secs_f64(),
+        r.parts
+            .iter()
+            .map(|(part, took)| format!(", {} {:.0} s", part.title(), took.as_secs_f64()))
+            .collect::<String>(),
         machine()
     );
     let _ = writeln!(

@@ -37,7 +37,7 @@ pub struct Maps {
     /// This node's address and SNAT port range (one entry).
     pub node: Array<MapData, NodeConfig>,
     /// Tables this process wrote, so unchanged ones are not rewritten.
-    maglev_written: BTreeMap<u16, Vec<u32>>,
+    maglev_written: BTreeMap<u16, crate::plan::MaglevTable>,
     /// rev-NAT id -> the Service's Maglev table (an inner array map).
     pub maglev: HashOfMaps<MapData, u32, Array<MapData, u32>>,
     /// The kernel's id of the MAGLEV map, to open more handles on it.
@@ -152,7 +152,7 @@ impl Maps {
                 .take_while(|o| matches!(o, MapOp::PutMaglev(..)))
                 .count();
             if run > 1 {
-                let tables: Vec<(u16, &Vec<u32>)> = rest[..run]
+                let tables: Vec<(u16, &crate::plan::MaglevTable)> = rest[..run]
                     .iter()
                     .filter_map(|o| match o {
                         MapOp::PutMaglev(id, t) => Some((*id, t)),
@@ -240,7 +240,7 @@ impl Maps {
 /// threads, each with its own handle on the map, the waits overlap.
 fn put_maglev_tables(
     outer_id: u32,
-    tables: &[(u16, &Vec<u32>)],
+    tables: &[(u16, &crate::plan::MaglevTable)],
 ) -> Vec<Result<(), aya::maps::MapError>> {
     const THREADS: usize = 16;
     let chunk = tables.len().div_ceil(THREADS).max(1);
