@@ -4,8 +4,8 @@
 //! when it has none, so that a cloud load balancer sends traffic only to
 //! nodes that can serve it locally (as kube-proxy does).
 
-use std::borrow::Borrow;
 use std::{
+    borrow::Borrow,
     collections::{BTreeMap, BTreeSet},
     sync::{Arc, RwLock},
 };
@@ -15,7 +15,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde_json::json;
 use tokio::task::JoinHandle;
 
-use crate::translate::{NodeContext, SERVICE_NAME_LABEL};
+use crate::translate::{slices_by_service, NodeContext};
 
 /// What one health check port reports.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -33,6 +33,7 @@ pub fn health_checks<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
     node: &NodeContext,
 ) -> BTreeMap<u16, HealthCheck> {
     let mut out = BTreeMap::new();
+    let mut by_service = None;
     for svc in services {
         let svc: &Service = svc.borrow();
         let Some(spec) = svc.spec.as_ref() else {
@@ -51,17 +52,14 @@ pub fn health_checks<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
         }
         let ns = svc.metadata.namespace.clone().unwrap_or_default();
         let name = svc.metadata.name.clone().unwrap_or_default();
-        let addrs: BTreeSet<&String> = slices
-            .iter()
-            .map(|s| s.borrow())
-            .filter(|s| s.metadata.namespace.as_deref() == Some(&ns))
-            .filter(|s| {
-                s.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                    == Some(&name)
-            })
+        // Indexed once, on the first Service that needs it (most clusters
+        // have none, and this runs on every pass of the agent).
+        let own = by_service
+            .get_or_insert_with(|| slices_by_service(slices))
+            .get(&(ns.as_str(), name.as_str()));
+        let addrs: BTreeSet<&String> = own
+            .into_iter()
+            .flatten()
             .flat_map(|s| s.endpoints.iter().flatten())
             .filter(|e| node.name.is_some() && e.node_name == node.name)
             .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
@@ -139,6 +137,7 @@ impl HealthServers {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::translate::SERVICE_NAME_LABEL;
 
     #[test]
     fn only_load_balancers_with_local_policy_get_a_health_check_counting_local_ready_endpoints() {

@@ -2,8 +2,8 @@
 //! functions, no I/O. Objects that cannot be translated are reported one by
 //! one and left out; everything else is still translated.
 
-use std::borrow::Borrow;
 use std::{
+    borrow::Borrow,
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
 };
