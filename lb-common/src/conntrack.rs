@@ -17,6 +17,11 @@
 //! client to restore as destination (reply entry, keyed by the backend's
 //! reply to `node:snat_port`). Zero when there is no SNAT.
 
+/// Entries of the CONNTRACK LRU (two per connection, closed ones kept
+/// 120 s): Linux's nf_conntrack_max on a large node. At 65,536 the
+/// end-to-end bench filled it and evicted live connections' reply entries.
+pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
+
 pub const CT_FORWARD: u8 = 0;
 pub const CT_REPLY: u8 = 1;
 /// Flows admitted by NetworkPolicy, keyed by the 5-tuple as the local pod

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     backend::Backend,
-    conntrack::{ConntrackEntry, ConntrackKey},
+    conntrack::{ConntrackEntry, ConntrackKey, CONNTRACK_MAX_ENTRIES},
     metrics::{reason, Counter},
     node::NodeConfig,
     policy::{EndpointInfo, FlowEvent, IpcacheKey, PolicyEntry, PolicyKey},
@@ -36,13 +36,11 @@ pub static BACKENDS: HashMap<u32, Backend, { BACKENDS_MAX_ENTRIES as usize }, NO
     HashMap::new();
 
 /// 5-tuple -> NAT state of a load-balanced flow. LRU so that a full table
-/// evicts the oldest flows instead of refusing new ones. Two entries per
-/// connection, closed ones kept 120 s: 262,144 (Linux's nf_conntrack_max
-/// on a large node) holds a node opening 1,000 connections a second; at
-/// 65,536 the end-to-end bench filled it and evicted live connections'
-/// reply entries, whose packets then went back untranslated.
+/// evicts the oldest flows instead of refusing new ones (size: see
+/// `CONNTRACK_MAX_ENTRIES`).
 #[btf_map]
-pub static CONNTRACK: LruHashMap<ConntrackKey, ConntrackEntry, 262144> = LruHashMap::new();
+pub static CONNTRACK: LruHashMap<ConntrackKey, ConntrackEntry, { CONNTRACK_MAX_ENTRIES as usize }> =
+    LruHashMap::new();
 
 /// Per-CPU counters by reason (see `lb_common::metrics::reason`).
 #[btf_map]

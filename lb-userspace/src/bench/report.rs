@@ -81,7 +81,8 @@ pub fn write(r: &Results, out_dir: &Path) -> Result<()> {
          programs at most 65,535 frontends (rev-NAT ids are 16 bits), so the \
          100,000 column measures the map at that size, beyond what the agent \
          would write. New flows come from ever new client ports, so conntrack \
-         (an LRU of 262,144 entries) runs full and evicts, as on a busy node.\n"
+         (an LRU of {} entries) runs full and evicts, as on a busy node.\n",
+        lb_common::conntrack::CONNTRACK_MAX_ENTRIES
     );
     let _ = write!(o, "| nanoseconds per packet |");
     for n in r.plan.service_counts {
