@@ -230,12 +230,12 @@ fn nft_endpoint_chain(sp: &ServicePort, ep: &SocketAddrV4) -> String {
     )
 }
 
-/// A script for `nft -f` that makes the table without Services: deletes an
+/// The part of [`nft_script`] that makes the table without Services: deletes an
 /// older table of that name (it is created first, so the delete never
 /// fails), then writes the hooks, the helper chains and an empty
 /// `service-ips` map. Only packets from `client` jump to `services` (see
 /// [`iptables_restore`]).
-pub fn nft_table(client: Ipv4Addr) -> String {
+fn nft_table(client: Ipv4Addr) -> String {
     let t = NFT_TABLE;
     let mut o = format!("table ip {t}\ndelete table ip {t}\ntable ip {t} {{\n");
     o.push_str(
@@ -253,10 +253,10 @@ pub fn nft_table(client: Ipv4Addr) -> String {
     o
 }
 
-/// A script for `nft -f` that adds `services` to the table [`nft_table`]
-/// made: each Service's chain and its endpoints' chains, then its element
+/// The part of [`nft_script`] that adds `services` to the table
+/// [`nft_table`] made: each Service's chain and its endpoints' chains, then its element
 /// in `service-ips`. Empty when there are no Services.
-pub fn nft_services(services: &[ServicePort]) -> String {
+fn nft_services(services: &[ServicePort]) -> String {
     let t = NFT_TABLE;
     if services.is_empty() {
         return String::new();
@@ -316,7 +316,8 @@ pub fn nft_services(services: &[ServicePort]) -> String {
     o
 }
 
-/// The whole rule set as one script (one transaction).
+/// A script for `nft -f`: the whole rule set, one transaction (as
+/// kube-proxy's full sync).
 pub fn nft_script(services: &[ServicePort], client: Ipv4Addr) -> String {
     nft_table(client) + &nft_services(services)
 }
