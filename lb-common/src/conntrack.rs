@@ -17,10 +17,33 @@
 //! client to restore as destination (reply entry, keyed by the backend's
 //! reply to `node:snat_port`). Zero when there is no SNAT.
 
-/// Entries of the CONNTRACK LRU (two per connection, closed ones kept
-/// 120 s): Linux's nf_conntrack_max on a large node. At 65,536 the
-/// end-to-end bench filled it and evicted live connections' reply entries.
-pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
+/// Entries of the CONNTRACK LRU: two per connection, closed ones kept
+/// `CLOSED_HOLD_NS`. At 5,000 new connections a second that is 610,000
+/// entries; Cilium's default TCP table is 524,288. At 65,536 the end-to-end
+/// bench filled it and evicted live connections' reply entries. Live
+/// entries evicted anyway show as `ct_miss_midflow` and `reply_miss`.
+pub const CONNTRACK_MAX_ENTRIES: u32 = 524_288;
+
+/// How long a closed TCP connection's tuple stays its own when the backend
+/// closed first: the backend's socket sits in TIME_WAIT for 60 s
+/// (TCP_TIMEWAIT_LEN), and takes a SYN on its tuple for a new connection
+/// only with a sequence number or TCP timestamp beyond the old one's. Only
+/// the same client 4-tuple guarantees that (Linux 6.18 draws both ISN and
+/// timestamp offset per 4-tuple: measured in the churn test's capture, a
+/// tuple given to another client port was answered with the old
+/// connection's ACK, and the client reset and resent its SYN). One second
+/// of margin.
+pub const CLOSED_HOLD_NS: u64 = 61_000_000_000;
+
+/// A closed connection's tuple that the backend did not close first (it
+/// was reset, or the client sent the first FIN) has no TIME_WAIT socket at
+/// the backend: it may go to a new connection this long after its last
+/// packet (time for a lost last ACK to be answered by a resent FIN).
+pub const NO_TIME_WAIT_HOLD_NS: u64 = 2_000_000_000;
+
+/// A UDP tuple may go to another flow after this long without a packet
+/// (Linux conntrack's timeout of a UDP flow: 30 s).
+pub const UDP_REUSE_NS: u64 = 30_000_000_000;
 
 pub const CT_FORWARD: u8 = 0;
 pub const CT_REPLY: u8 = 1;
@@ -65,13 +88,23 @@ pub struct ConntrackEntry {
     pub snat_port: u16,
     /// SNAT address (network byte order), see the module documentation.
     pub snat_addr: u32,
-    pub pad0: u32,
+    /// Sequence number of the SYN that opened the connection (as in the
+    /// packet): a SYN with the same number is a retransmission and keeps
+    /// the translation; another one opens a new connection on the tuple.
+    pub syn_seq: u32,
 }
 
 /// The flow came through a frontend from outside the node (XDP).
 pub const CT_F_EXTERNAL: u16 = 1 << 0;
-/// A TCP FIN or RST was seen in this entry's direction: the connection is
-/// closing and the entry expires after the short closing timeout.
+/// A TCP FIN or RST was seen in either direction (both entries of the
+/// connection are marked): the connection is closing and its entries
+/// expire after the closing timeout.
 pub const CT_F_CLOSING: u16 = 1 << 1;
+/// A TCP RST was seen: the backend's socket is gone, so the tuple is free
+/// soon (no TIME_WAIT to meet).
+pub const CT_F_RESET: u16 = 1 << 2;
+/// The backend sent the connection's first FIN: its socket sits in
+/// TIME_WAIT for 60 s once the connection is closed.
+pub const CT_F_BACKEND_CLOSED_FIRST: u16 = 1 << 3;
 
 crate::user_pod!(ConntrackKey, ConntrackEntry);

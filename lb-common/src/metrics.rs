@@ -21,7 +21,25 @@ pub mod reason {
     pub const DROP_SOURCE_RANGE: u32 = 7;
     /// A new flow that NetworkPolicy does not allow.
     pub const DROP_POLICY: u32 = 8;
-    pub const COUNT: u32 = 9;
+    /// A new flow found no free SNAT tuple in `SNAT_TRIES` tries (dropped;
+    /// the client retransmits its SYN).
+    pub const SNAT_ALLOC_FAILED: u32 = 9;
+    /// Tuples tried beyond the first when allocating a source port (SNAT,
+    /// or a new client port on a clash): how crowded the ranges are.
+    pub const SNAT_RETRIES: u32 = 10;
+    /// A closed connection's tuple was given to a new one (a clash resolved
+    /// safely: see `lb_common::conntrack::CLOSED_HOLD_NS`).
+    pub const TUPLE_REUSED: u32 = 11;
+    /// A SYN met a closed (or another connection's) entry on its 5-tuple and
+    /// replaced it, as Linux conntrack does.
+    pub const CT_REOPENED: u32 = 12;
+    /// A TCP packet other than a SYN to a frontend found no entry: its
+    /// connection's entry was evicted while live (or predates the agent).
+    pub const CT_MISS_MIDFLOW: u32 = 13;
+    /// A packet to this node's SNAT port range found no entry: an SNATed
+    /// connection's reply entry was evicted while live.
+    pub const REPLY_MISS: u32 = 14;
+    pub const COUNT: u32 = 15;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "new_flow",
@@ -33,6 +51,12 @@ pub mod reason {
         "ct_insert_failed",
         "drop_source_range",
         "drop_policy",
+        "snat_alloc_failed",
+        "snat_retries",
+        "tuple_reused",
+        "ct_reopened",
+        "ct_miss_midflow",
+        "reply_miss",
     ];
 }
 

@@ -13,4 +13,13 @@ pub struct NodeConfig {
     pub snat_port_count: u16,
 }
 
+/// The SNAT port range (NodePort and LoadBalancer flows with
+/// `externalTrafficPolicy: Cluster`): every port below the NodePort range
+/// (30000-32767) and the ephemeral ports (32768-60999), so the node's own
+/// connections never take one. A tuple is unique per backend, so each
+/// backend has the whole range. Cluster-wide: a node admits peers' flows
+/// from this range as judged by NetworkPolicy at the entry node.
+pub const SNAT_PORT_MIN: u16 = 1024;
+pub const SNAT_PORT_COUNT: u16 = 30000 - 1024;
+
 crate::user_pod!(NodeConfig);

@@ -3,12 +3,18 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     backend::Backend,
-    conntrack::{ConntrackEntry, ConntrackKey, CT_FORWARD, CT_F_CLOSING, CT_REPLY},
+    conntrack::{
+        ConntrackEntry, ConntrackKey, CLOSED_HOLD_NS, CT_FORWARD, CT_F_BACKEND_CLOSED_FIRST,
+        CT_F_CLOSING, CT_F_RESET, CT_REPLY, NO_TIME_WAIT_HOLD_NS, UDP_REUSE_NS,
+    },
+    metrics::reason,
+    PROTO_TCP,
 };
 
 use crate::{
     maps::CONNTRACK,
-    packet::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    metrics::count,
+    packet::{Flow, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 #[inline(always)]
@@ -32,19 +38,6 @@ pub fn forward_key(flow: &Flow) -> ConntrackKey {
     )
 }
 
-/// Key of the entry for replies of `flow`, as they leave `backend`.
-#[inline(always)]
-fn reply_key_for(flow: &Flow, backend: &Backend) -> ConntrackKey {
-    key(
-        backend.addr,
-        flow.saddr,
-        backend.port,
-        flow.sport,
-        flow.proto,
-        CT_REPLY,
-    )
-}
-
 /// Key under which a packet would be found if it is a reply.
 #[inline(always)]
 pub fn reply_key(flow: &Flow) -> ConntrackKey {
@@ -53,8 +46,51 @@ pub fn reply_key(flow: &Flow) -> ConntrackKey {
     )
 }
 
-/// Looks up the entry of `flow`'s packet under `key`, marks it as seen now,
-/// and as closing when the packet carries a TCP FIN or RST.
+/// The client an entry's connection belongs to: its address and port as
+/// the client sent them.
+#[inline(always)]
+fn client_of(key: &ConntrackKey, entry: &ConntrackEntry) -> (u32, u16) {
+    match (key.direction == CT_FORWARD, entry.snat_addr != 0) {
+        (true, _) => (key.saddr, key.sport),
+        (false, true) => (entry.snat_addr, entry.snat_port),
+        (false, false) => (key.daddr, key.dport),
+    }
+}
+
+/// The other entry of the same connection: the reply entry of a forward
+/// entry, and the forward entry of a reply entry.
+#[inline(always)]
+fn peer_key(k: &ConntrackKey, entry: &ConntrackEntry) -> ConntrackKey {
+    if k.direction == CT_FORWARD {
+        // Replies leave the backend towards the (SNAT) source.
+        let (to, to_port) = if entry.snat_addr != 0 {
+            (entry.snat_addr, entry.snat_port)
+        } else {
+            (k.saddr, k.sport)
+        };
+        key(
+            entry.nat_addr,
+            to,
+            entry.nat_port,
+            to_port,
+            k.proto,
+            CT_REPLY,
+        )
+    } else {
+        let (client, client_port) = client_of(k, entry);
+        key(
+            client,
+            entry.nat_addr,
+            client_port,
+            entry.nat_port,
+            k.proto,
+            CT_FORWARD,
+        )
+    }
+}
+
+/// Looks up the entry of `flow`'s packet under `key` and marks it as seen
+/// now, and as closing when the packet carries a TCP FIN or RST.
 #[inline(always)]
 pub fn lookup(key: &ConntrackKey, flow: &Flow) -> Option<ConntrackEntry> {
     let entry = CONNTRACK.get_ptr_mut(key)?;
@@ -62,30 +98,71 @@ pub fn lookup(key: &ConntrackKey, flow: &Flow) -> Option<ConntrackEntry> {
     // once, and a concurrent writer can at worst make last_seen slightly stale.
     unsafe {
         (*entry).last_seen_ns = bpf_ktime_get_ns();
-        if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-            (*entry).flags |= CT_F_CLOSING;
-        }
+        (*entry).flags |= close_flags(flow, (*entry).flags, false);
         Some(*entry)
     }
 }
 
-/// A SYN without ACK starts a connection, so its backend is chosen again
-/// rather than taken from the entry. A client that reuses a closed
-/// connection's source port (within the closing timeout, or before its
-/// close was seen) must not follow the old connection to its backend, which
-/// may be terminating and refuse or vanish once its process exits. Selection
-/// is a hash of the flow (Maglev), so a retransmitted SYN lands where the
-/// first one did while the Service's backends stay the same. Packets of
-/// established connections keep their backend through the entry.
+/// `lookup` for the entries of a translated connection. Once it closes,
+/// both its entries are marked and stamped by the packets of either
+/// direction: the reply entry is what holds the tuple at the backend
+/// (`claim`), and must know when the connection's last packet passed.
+/// Costs a second lookup only on the few packets from the first FIN on.
 #[inline(always)]
-pub fn reopens(_entry: &ConntrackEntry, flow: &Flow) -> bool {
-    opens_connection(flow)
+pub fn lookup_translated(k: &ConntrackKey, flow: &Flow) -> Option<ConntrackEntry> {
+    let entry = CONNTRACK.get_ptr_mut(k)?;
+    // SAFETY: as in `lookup`.
+    unsafe {
+        let now = bpf_ktime_get_ns();
+        let closing = close_flags(flow, (*entry).flags, k.direction == CT_REPLY);
+        (*entry).last_seen_ns = now;
+        (*entry).flags |= closing;
+        let copy = *entry;
+        if copy.flags & CT_F_CLOSING != 0 {
+            if let Some(peer) = CONNTRACK.get_ptr_mut(peer_key(k, &copy)) {
+                (*peer).last_seen_ns = now;
+                (*peer).flags |= closing;
+            }
+        }
+        Some(copy)
+    }
+}
+
+/// The `CT_F_*` flags a packet sets on an entry with flags `had`: closing
+/// on FIN or RST, reset on RST, and, when the connection's first FIN comes
+/// from the backend (`from_backend`), that the backend will hold TIME_WAIT.
+#[inline(always)]
+fn close_flags(flow: &Flow, had: u16, from_backend: bool) -> u16 {
+    let mut flags = 0;
+    if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        flags |= CT_F_CLOSING;
+    }
+    if flow.tcp_flags & TCP_RST != 0 {
+        flags |= CT_F_RESET;
+    }
+    if flow.tcp_flags & TCP_FIN != 0 && had & CT_F_CLOSING == 0 && from_backend {
+        flags |= CT_F_BACKEND_CLOSED_FIRST;
+    }
+    flags
+}
+
+/// A SYN without ACK that is not a retransmission of the one that opened
+/// the entry's connection starts a new connection on its 5-tuple, as Linux
+/// conntrack replaces a closed entry: its backend is chosen again rather
+/// than taken from the entry. A client that reuses a closed connection's
+/// source port (or one whose close was never seen) must not follow the old
+/// connection to its backend, which may be terminating. A retransmitted
+/// SYN (same sequence number) keeps the translation of the first, or the
+/// client's ACK would reach a backend (or SNAT port) that never saw it.
+#[inline(always)]
+pub fn reopens(entry: &ConntrackEntry, flow: &Flow) -> bool {
+    opens_connection(flow) && (entry.flags & CT_F_CLOSING != 0 || entry.syn_seq != flow.tcp_seq)
 }
 
 /// A TCP SYN without ACK: the first packet of a connection.
 #[inline(always)]
 pub fn opens_connection(flow: &Flow) -> bool {
-    flow.proto == lb_common::PROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    flow.proto == PROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
 /// A connection straight to a pod (no Service) whose 5-tuple is that of an
@@ -103,27 +180,101 @@ pub fn forget_translated_reply(flow: &Flow) {
     }
 }
 
-/// Whether `flow`, translated to `backend` with source port `port`, would
-/// take a 5-tuple that another translated flow holds (its reply entry
-/// restores another frontend or another client port). None of `flow`'s
-/// own entries count.
+/// Whether a new connection may have a tuple at the backend.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// No connection holds it, or the flow's own earlier one does.
+    Free,
+    /// A closed connection held it and may safely give it up.
+    Reused,
+    /// A live connection holds it, or a closed one the backend may still
+    /// remember (TIME_WAIT).
+    Taken,
+}
+
+/// Whether `flow` may have the tuple whose reply entry is `k` (the backend
+/// answering to `k.daddr:k.dport`). The flow's own earlier connection (the
+/// same client address and port, the same frontend) may always: the
+/// client's sequence numbers and timestamps on one 4-tuple only grow, so
+/// the backend takes the new SYN even in TIME_WAIT. Another connection's
+/// tuple is given up `CLOSED_HOLD_NS` after its last packet when the
+/// backend closed it first (its TIME_WAIT is over), `NO_TIME_WAIT_HOLD_NS`
+/// after it when it was reset or the client closed first; a UDP flow's
+/// after `UDP_REUSE_NS` without a packet.
 #[inline(always)]
-pub fn translated_tuple_taken(flow: &Flow, backend: &Backend, port: u16) -> bool {
-    let k = key(
-        backend.addr,
-        flow.saddr,
-        backend.port,
-        port,
-        flow.proto,
-        CT_REPLY,
-    );
-    let Some(entry) = CONNTRACK.get_ptr(k) else {
-        return false;
+pub fn claim(k: &ConntrackKey, flow: &Flow) -> Claim {
+    let Some(held) = CONNTRACK.get_ptr(k) else {
+        return Claim::Free;
     };
-    // SAFETY: fields copied out at once.
-    let e = unsafe { *entry };
-    let client_port = if e.snat_addr == 0 { port } else { e.snat_port };
-    !(e.nat_addr == flow.daddr && e.nat_port == flow.dport && client_port == flow.sport)
+    // SAFETY: copied out at once.
+    let held = unsafe { *held };
+    let (client, client_port) = client_of(k, &held);
+    if held.nat_addr == flow.daddr
+        && held.nat_port == flow.dport
+        && client == flow.saddr
+        && client_port == flow.sport
+    {
+        return Claim::Free;
+    }
+    let idle = unsafe { bpf_ktime_get_ns() }.saturating_sub(held.last_seen_ns);
+    let hold = if flow.proto != PROTO_TCP {
+        UDP_REUSE_NS
+    } else if held.flags & CT_F_CLOSING == 0 {
+        return Claim::Taken;
+    } else if held.flags & (CT_F_RESET | CT_F_BACKEND_CLOSED_FIRST) == CT_F_BACKEND_CLOSED_FIRST {
+        CLOSED_HOLD_NS
+    } else {
+        NO_TIME_WAIT_HOLD_NS
+    };
+    if idle >= hold {
+        Claim::Reused
+    } else {
+        Claim::Taken
+    }
+}
+
+/// Ports tried for a new flow's source before giving up (Cilium's
+/// `SNAT_COLLISION_RETRIES`).
+pub const PORT_TRIES: u32 = 128;
+
+/// A source port in `min..min + count` for `flow` translated to `backend`
+/// from address `src`, whose tuple at the backend (`claim`) is free. The
+/// ports are tried in an order drawn from the flow's hash (a start and a
+/// stride, as Linux NAT starts from a hash), so a client port reused for a
+/// new connection, or a retransmitted SYN, finds its own tuple again
+/// before any other; the strides of different flows spread them over the
+/// range. Counts extra tries and tuples reused.
+#[inline(always)]
+pub fn free_port<P: Packet>(
+    ctx: &P,
+    flow: &Flow,
+    backend: &Backend,
+    src: u32,
+    (min, count_ports): (u16, u16),
+    hash: u32,
+) -> Option<u16> {
+    if count_ports == 0 {
+        return None;
+    }
+    let span = u32::from(count_ports);
+    let stride = (hash >> 16) | 1;
+    for i in 0..PORT_TRIES {
+        if i > 0 {
+            count(ctx, reason::SNAT_RETRIES);
+        }
+        let offset = hash.wrapping_add(i.wrapping_mul(stride)) % span;
+        let port = min.wrapping_add(offset as u16).to_be();
+        let k = key(backend.addr, src, backend.port, port, flow.proto, CT_REPLY);
+        match claim(&k, flow) {
+            Claim::Free => return Some(port),
+            Claim::Reused => {
+                count(ctx, reason::TUPLE_REUSED);
+                return Some(port);
+            }
+            Claim::Taken => {}
+        }
+    }
+    None
 }
 
 /// Where a new flow goes: its backend, and the source to give it (SNAT).
@@ -150,7 +301,7 @@ impl NewFlow<'_> {
             flags: self.flags,
             snat_addr: self.snat.0,
             snat_port: self.snat.1,
-            pad0: 0,
+            syn_seq: 0,
         }
     }
 }
@@ -163,6 +314,11 @@ pub fn create(flow: &Flow, new: &NewFlow) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
     let forward = ConntrackEntry {
         last_seen_ns: now,
+        syn_seq: if opens_connection(flow) {
+            flow.tcp_seq
+        } else {
+            0
+        },
         ..new.forward()
     };
     let snat = new.snat.0 != 0;
@@ -173,29 +329,10 @@ pub fn create(flow: &Flow, new: &NewFlow) -> Result<(), i32> {
         snat_port: if snat { flow.sport } else { 0 },
         ..forward
     };
-    let reply_key = if snat {
-        key(
-            new.backend.addr,
-            new.snat.0,
-            new.backend.port,
-            new.snat.1,
-            flow.proto,
-            CT_REPLY,
-        )
-    } else {
-        reply_key_for(flow, new.backend)
-    };
+    let forward_k = forward_key(flow);
+    let reply_k = peer_key(&forward_k, &forward);
     // Reply entry first: once the forward entry exists, packets may reach the
     // backend and its answers must already find their way back.
-    CONNTRACK.insert(reply_key, reply, 0)?;
-    CONNTRACK.insert(forward_key(flow), forward, 0)
-}
-
-/// Whether a reply entry for `backend` answering to `node:port` exists
-/// (an SNAT port in use).
-#[inline(always)]
-pub fn snat_port_taken(backend: &Backend, node: u32, port: u16, proto: u8) -> bool {
-    CONNTRACK
-        .get_ptr(key(backend.addr, node, backend.port, port, proto, CT_REPLY))
-        .is_some()
+    CONNTRACK.insert(reply_k, reply, 0)?;
+    CONNTRACK.insert(forward_k, forward, 0)
 }

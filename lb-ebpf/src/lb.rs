@@ -5,7 +5,7 @@ use aya_ebpf::{btf_maps::lpm_trie::Key, helpers::bpf_ktime_get_ns, programs::TcC
 use aya_log_ebpf::info;
 use lb_common::{
     backend::Backend,
-    conntrack::ConntrackEntry,
+    conntrack::{ConntrackEntry, ConntrackKey, CT_REPLY},
     metrics::reason,
     service::{
         AffinityKey, AffinityValue, ServiceKey, ServiceValue, SourceRange, SERVICE_F_AFFINITY,
@@ -14,12 +14,12 @@ use lb_common::{
 };
 
 use crate::{
-    conntrack::{self, NewFlow},
+    conntrack::{self, Claim, NewFlow},
     logging,
     maps::{AFFINITY, BACKENDS, MAGLEV, SERVICES, SOURCE_RANGES},
     metrics::count,
     nat::{self, Side},
-    packet::{self, Flow, Parsed},
+    packet::{self, Flow, Packet, Parsed},
     policy, reject,
 };
 
@@ -36,16 +36,17 @@ pub fn from_pod(ctx: &TcContext) -> Result<i32, i32> {
 
     // A backend answering a flow that this node translated: restore the
     // frontend as source (and the client as destination if it was SNATed).
-    if let Some(entry) = conntrack::lookup(&conntrack::reply_key(&flow), &flow) {
+    if let Some(entry) = conntrack::lookup_translated(&conntrack::reply_key(&flow), &flow) {
         reverse_nat(ctx, &flow, &entry)?;
         count(ctx, reason::REVERSE_NAT);
         return Ok(PASS);
     }
 
-    if let Some(entry) = conntrack::lookup(&conntrack::forward_key(&flow), &flow) {
-        if keeps_backend(&entry, &flow) {
+    let tracked = conntrack::lookup_translated(&conntrack::forward_key(&flow), &flow);
+    if let Some(entry) = &tracked {
+        if keeps_backend(ctx, entry, &flow) {
             egress_policy(ctx, &flow, entry.nat_addr, entry.nat_port)?;
-            dnat_snat(ctx, &flow, &entry)?;
+            dnat_snat(ctx, &flow, entry)?;
             count(ctx, reason::FORWARDED);
             return Ok(PASS);
         }
@@ -58,6 +59,9 @@ pub fn from_pod(ctx: &TcContext) -> Result<i32, i32> {
         conntrack::forget_translated_reply(&flow);
         return Ok(PASS);
     };
+    if tracked.is_none() {
+        count_midflow_miss(ctx, &flow);
+    }
     if !source_allowed(&flow, &service) {
         if logging::enabled() {
             info!(
@@ -107,7 +111,7 @@ pub fn from_pod(ctx: &TcContext) -> Result<i32, i32> {
         (flow.daddr, flow.sport)
     } else {
         egress_policy(ctx, &flow, backend.addr, backend.port)?;
-        match free_source_port(&flow, &backend) {
+        match free_source_port(ctx, &flow, &backend) {
             Some(port) => (flow.saddr, port),
             None => (0, 0),
         }
@@ -220,7 +224,7 @@ pub fn to_pod(ctx: &TcContext) -> Result<i32, i32> {
         count(ctx, reason::DROP_POLICY);
         return Err(DROP);
     }
-    let Some(entry) = conntrack::lookup(&conntrack::reply_key(&flow), &flow) else {
+    let Some(entry) = conntrack::lookup_translated(&conntrack::reply_key(&flow), &flow) else {
         return Ok(PASS);
     };
     reverse_nat(ctx, &flow, &entry)?;
@@ -267,10 +271,25 @@ fn lookup_backend(id: u32) -> Option<Backend> {
 }
 
 /// A packet of a tracked flow goes to the flow's backend while that backend
-/// exists, unless it opens a new connection on a closed one's 5-tuple.
+/// exists, unless it opens a new connection on the 5-tuple (counted).
 #[inline(always)]
-pub fn keeps_backend(entry: &ConntrackEntry, flow: &Flow) -> bool {
-    backend_still_there(entry) && !conntrack::reopens(entry, flow)
+pub fn keeps_backend<P: Packet>(ctx: &P, entry: &ConntrackEntry, flow: &Flow) -> bool {
+    if conntrack::reopens(entry, flow) {
+        count(ctx, reason::CT_REOPENED);
+        return false;
+    }
+    backend_still_there(entry)
+}
+
+/// A TCP packet other than a SYN to a frontend, with no entry: the entry
+/// of its connection was evicted while it was live (or the connection
+/// predates the agent). It is translated by hash as a new flow would be,
+/// which keeps it on its backend while the backends are the same.
+#[inline(always)]
+pub fn count_midflow_miss<P: Packet>(ctx: &P, flow: &Flow) {
+    if flow.proto == lb_common::PROTO_TCP && !conntrack::opens_connection(flow) {
+        count(ctx, reason::CT_MISS_MIDFLOW);
+    }
 }
 
 /// A tracked flow keeps its backend while that backend exists with the same
@@ -337,34 +356,43 @@ pub fn select_backend(flow: &Flow, service: &ServiceValue) -> Option<(u32, Backe
     Some((id, backend))
 }
 
-/// Source ports tried when a translated 5-tuple is taken.
-const REMAP_TRIES: u32 = 8;
-const REMAP_PORT_BASE: u32 = 32768;
-const REMAP_PORT_SPAN: u32 = 28232;
+/// Where a pod's source port is moved to when its translated tuple is
+/// taken: the pod's own ephemeral range, which it uses for connections
+/// anyway.
+const REMAP_PORTS: (u16, u16) = (32768, 28232);
 
-/// When the translated 5-tuple (client, port -> backend) is already another
-/// translated flow's (the client reused its source port for another
-/// Service with the same backend, or that flow's entries have not expired),
-/// a free source port for this one, as Linux NAT picks one on a tuple
-/// clash: otherwise the backend could not tell the two apart (its
+/// When the translated 5-tuple (client, port -> backend) is held by
+/// another translated connection that the backend may still remember (the
+/// client reused its source port for another Service with the same
+/// backend, within the backend's TIME_WAIT), a free source port for this
+/// one, as Linux NAT picks one on a tuple clash: otherwise the backend's
 /// TIME_WAIT socket of the old connection answers the new SYN with a stale
-/// ACK, and the client waits a second to retry). None: the tuple is free
-/// (or no free port was found; the entry is then taken over).
+/// ACK, and the client waits a second to retry. None: the tuple is free
+/// (or no free port was found; the entry is then taken over, counted).
 #[inline(always)]
-fn free_source_port(flow: &Flow, backend: &Backend) -> Option<u16> {
-    if !conntrack::translated_tuple_taken(flow, backend, flow.sport) {
-        return None;
-    }
-    // Deterministic, so that a retransmitted SYN takes the same port.
-    let h = flow_hash(flow);
-    for i in 0..REMAP_TRIES {
-        let port =
-            (REMAP_PORT_BASE + h.wrapping_add(i.wrapping_mul(7919)) % REMAP_PORT_SPAN) as u16;
-        if !conntrack::translated_tuple_taken(flow, backend, port.to_be()) {
-            return Some(port.to_be());
+fn free_source_port(ctx: &TcContext, flow: &Flow, backend: &Backend) -> Option<u16> {
+    let k = ConntrackKey {
+        saddr: backend.addr,
+        daddr: flow.saddr,
+        sport: backend.port,
+        dport: flow.sport,
+        proto: flow.proto,
+        direction: CT_REPLY,
+        pad0: 0,
+    };
+    match conntrack::claim(&k, flow) {
+        Claim::Free => return None,
+        Claim::Reused => {
+            count(ctx, reason::TUPLE_REUSED);
+            return None;
         }
+        Claim::Taken => {}
     }
-    None
+    let port = conntrack::free_port(ctx, flow, backend, flow.saddr, REMAP_PORTS, flow_hash(flow));
+    if port.is_none() {
+        count(ctx, reason::SNAT_ALLOC_FAILED);
+    }
+    port
 }
 
 /// Backend id, backend and slot chosen by the flow's hash.

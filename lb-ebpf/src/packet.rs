@@ -60,6 +60,9 @@ pub struct Flow {
     pub proto: u8,
     /// TCP flags (0 for UDP).
     pub tcp_flags: u8,
+    /// TCP sequence number as in the packet (0 for UDP): tells a
+    /// retransmitted SYN from a new connection on the same 5-tuple.
+    pub tcp_seq: u32,
     /// Offset of the L4 header from the start of the frame.
     pub l4_off: usize,
 }
@@ -160,13 +163,16 @@ pub fn parse<P: Packet>(ctx: &P) -> Parsed {
     let Some(dport) = read::<u16, P>(ctx, l4_off + 2) else {
         return Parsed::Malformed;
     };
-    let tcp_flags = if proto == PROTO_TCP {
+    let (tcp_flags, tcp_seq) = if proto == PROTO_TCP {
         let Some(f) = read::<u8, P>(ctx, l4_off + 13) else {
             return Parsed::Malformed;
         };
-        f
+        let Some(seq) = read::<u32, P>(ctx, l4_off + 4) else {
+            return Parsed::Malformed;
+        };
+        (f, seq)
     } else {
-        0
+        (0, 0)
     };
     Parsed::Flow(Flow {
         saddr,
@@ -175,6 +181,7 @@ pub fn parse<P: Packet>(ctx: &P) -> Parsed {
         dport,
         proto,
         tcp_flags,
+        tcp_seq,
         l4_off,
     })
 }

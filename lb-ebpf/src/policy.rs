@@ -179,7 +179,9 @@ pub fn admit_at_entry(flow: &Flow) -> bool {
 /// A flow another node SNATed from its reserved port range: that node's
 /// XDP already judged the client (`admit_at_entry`). Nodes trust each other
 /// here as Cilium's trust the identity in a tunnel header; the range lies
-/// above the ephemeral ports, so the nodes' own connections never use it.
+/// below the NodePort range and the ephemeral ports, so the nodes' own
+/// connections do not come from it (the agent warns if a node's ephemeral
+/// range overlaps it).
 #[inline(always)]
 fn judged_at_entry_node(flow: &Flow) -> bool {
     let Some(node) = NODE.get(0) else {

@@ -13,7 +13,10 @@ use lb_common::{
 
 use crate::{
     conntrack::{self, NewFlow},
-    lb::{flow_hash, keeps_backend, lookup_service, select_backend, source_allowed},
+    lb::{
+        count_midflow_miss, flow_hash, keeps_backend, lookup_service, select_backend,
+        source_allowed,
+    },
     maps::NODE,
     metrics::count,
     nat::{rewrite_direct, Side},
@@ -23,8 +26,6 @@ use crate::{
 
 const PASS: u32 = XDP_PASS;
 const DROP: u32 = aya_ebpf::bindings::xdp_action::XDP_DROP;
-/// How many SNAT ports are tried before a new flow is given up.
-const SNAT_TRIES: u32 = 8;
 
 #[inline(always)]
 pub fn uplink(ctx: &XdpContext) -> Result<u32, u32> {
@@ -32,24 +33,29 @@ pub fn uplink(ctx: &XdpContext) -> Result<u32, u32> {
         return Ok(PASS);
     };
 
-    if let Some(entry) = conntrack::lookup(&conntrack::reply_key(&flow), &flow) {
+    if let Some(entry) = conntrack::lookup_translated(&conntrack::reply_key(&flow), &flow) {
         rewrite_both(ctx, &flow, Side::Source, &entry)?;
         count(ctx, reason::REVERSE_NAT);
         return Ok(PASS);
     }
-    if let Some(entry) = conntrack::lookup(&conntrack::forward_key(&flow), &flow) {
-        if keeps_backend(&entry, &flow) {
-            rewrite_both(ctx, &flow, Side::Destination, &entry)?;
+    let tracked = conntrack::lookup_translated(&conntrack::forward_key(&flow), &flow);
+    if let Some(entry) = &tracked {
+        if keeps_backend(ctx, entry, &flow) {
+            rewrite_both(ctx, &flow, Side::Destination, entry)?;
             count(ctx, reason::FORWARDED);
             return Ok(PASS);
         }
     }
 
     let Some(service) = lookup_service(&flow, 0) else {
+        count_reply_miss(ctx, &flow);
         return Ok(PASS);
     };
     if service.flags & SERVICE_F_CLUSTER_IP != 0 {
         return Ok(PASS);
+    }
+    if tracked.is_none() {
+        count_midflow_miss(ctx, &flow);
     }
     if !source_allowed(&flow, &service) {
         count(ctx, reason::DROP_SOURCE_RANGE);
@@ -66,8 +72,8 @@ pub fn uplink(ctx: &XdpContext) -> Result<u32, u32> {
     let snat = if service.flags & SERVICE_F_LOCAL != 0 {
         (0, 0)
     } else {
-        snat_source(&flow, &backend).ok_or_else(|| {
-            count(ctx, reason::DROP_REWRITE_FAILED);
+        snat_source(ctx, &flow, &backend).ok_or_else(|| {
+            count(ctx, reason::SNAT_ALLOC_FAILED);
             DROP
         })?
     };
@@ -137,19 +143,29 @@ fn rewrite_both(
 
 /// The node's address and a free port for the flow's new source.
 #[inline(always)]
-fn snat_source(flow: &Flow, backend: &Backend) -> Option<(u32, u16)> {
+fn snat_source(ctx: &XdpContext, flow: &Flow, backend: &Backend) -> Option<(u32, u16)> {
     let node = NODE.get(0)?;
-    if node.addr == 0 || node.snat_port_count == 0 {
+    if node.addr == 0 {
         return None;
     }
-    let hash = flow_hash(flow);
-    for i in 0..SNAT_TRIES {
-        let offset =
-            (hash.wrapping_add(i.wrapping_mul(0x9e37_79b1))) % u32::from(node.snat_port_count);
-        let port = (node.snat_port_min.wrapping_add(offset as u16)).to_be();
-        if !conntrack::snat_port_taken(backend, node.addr, port, flow.proto) {
-            return Some((node.addr, port));
-        }
+    let range = (node.snat_port_min, node.snat_port_count);
+    let port = conntrack::free_port(ctx, flow, backend, node.addr, range, flow_hash(flow))?;
+    Some((node.addr, port))
+}
+
+/// A packet to this node's SNAT range that no entry restores: the reply
+/// entry of an SNATed connection was evicted while it was live (the node's
+/// stack answers it with a reset). SYNs are someone else's new connection.
+#[inline(always)]
+fn count_reply_miss(ctx: &XdpContext, flow: &Flow) {
+    if conntrack::opens_connection(flow) {
+        return;
     }
-    None
+    let Some(node) = NODE.get(0) else {
+        return;
+    };
+    let offset = u16::from_be(flow.dport).wrapping_sub(node.snat_port_min);
+    if flow.daddr == node.addr && offset < node.snat_port_count {
+        count(ctx, reason::REPLY_MISS);
+    }
 }

@@ -318,8 +318,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             }
             _ = ct_sweep.tick() => {
                 match crate::conntrack::sweep(&mut dp.maps, &cfg.ct_timeouts) {
-                    Ok((live, 0)) => tracing::trace!(live, "conntrack sweep"),
-                    Ok((live, removed)) => tracing::debug!(live, removed, "conntrack sweep removed idle entries"),
+                    Ok((summary, removed)) => {
+                        tracing::debug!(live = summary.total(), removed, "conntrack sweep");
+                        stats.lock().conntrack = Some(summary);
+                    }
                     Err(e) => tracing::warn!("conntrack sweep: {e:#}"),
                 }
                 continue;

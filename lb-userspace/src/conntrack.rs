@@ -7,23 +7,28 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use lb_common::{
-    conntrack::{ConntrackEntry, ConntrackKey, CT_F_CLOSING},
+    conntrack::{
+        ConntrackEntry, ConntrackKey, CLOSED_HOLD_NS, CT_FORWARD, CT_F_BACKEND_CLOSED_FIRST,
+        CT_F_CLOSING, CT_F_EXTERNAL, CT_F_RESET, CT_REPLY, NO_TIME_WAIT_HOLD_NS,
+    },
     PROTO_TCP,
 };
+use serde::Serialize;
 
 use crate::datapath::Maps;
 
 /// How long an entry may be idle, by protocol and state: 6 hours for
-/// established TCP and 60 seconds for UDP (Cilium's); 120 seconds once a
-/// FIN or RST was seen, Linux conntrack's TIME_WAIT, which outlasts the
-/// backend's own TIME_WAIT socket (60 s): while the entry exists, a new
-/// connection through another Service that would reuse the closed one's
-/// 5-tuple at the backend is given another source port (see the data
-/// path's `free_source_port`), instead of meeting that socket.
+/// established TCP and 60 seconds for UDP (Cilium's); 61 seconds once a
+/// FIN was seen, the data path's longest hold of a closed tuple
+/// (`lb_common::conntrack::CLOSED_HOLD_NS`: the backend's TIME_WAIT and a
+/// second; the data path decides itself when a tuple is free, so the
+/// sweep only has to outlast that); 10 seconds after a RST (late packets
+/// still find their translation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
     pub tcp_established: Duration,
     pub tcp_closing: Duration,
+    pub tcp_reset: Duration,
     pub udp: Duration,
 }
 
@@ -31,7 +36,8 @@ impl Default for Timeouts {
     fn default() -> Self {
         Self {
             tcp_established: Duration::from_secs(6 * 3600),
-            tcp_closing: Duration::from_secs(120),
+            tcp_closing: Duration::from_nanos(CLOSED_HOLD_NS),
+            tcp_reset: Duration::from_secs(10),
             udp: Duration::from_secs(60),
         }
     }
@@ -40,12 +46,92 @@ impl Default for Timeouts {
 /// Whether an entry last seen at `entry.last_seen_ns` has expired at `now_ns`
 /// (both CLOCK_MONOTONIC, as bpf_ktime_get_ns).
 pub fn expired(key: &ConntrackKey, entry: &ConntrackEntry, now_ns: u64, t: &Timeouts) -> bool {
-    let limit = match (key.proto, entry.flags & CT_F_CLOSING != 0) {
-        (PROTO_TCP, true) => t.tcp_closing,
-        (PROTO_TCP, false) => t.tcp_established,
+    let limit = match (key.proto, State::of(key, entry)) {
+        (PROTO_TCP, State::Reset) => t.tcp_reset.min(t.tcp_closing),
+        (PROTO_TCP, State::Closing) => t.tcp_closing,
+        (PROTO_TCP, _) => t.tcp_established,
         _ => t.udp,
     };
     now_ns.saturating_sub(entry.last_seen_ns) > limit.as_nanos() as u64
+}
+
+/// What an entry is, for the summary and the timeouts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    Established,
+    Closing,
+    Reset,
+    /// A NetworkPolicy entry (an admitted flow), not a translation.
+    Policy,
+}
+
+impl State {
+    pub fn of(key: &ConntrackKey, entry: &ConntrackEntry) -> Self {
+        if key.direction != CT_FORWARD && key.direction != CT_REPLY {
+            State::Policy
+        } else if entry.flags & CT_F_RESET != 0 {
+            State::Reset
+        } else if entry.flags & CT_F_CLOSING != 0 {
+            State::Closing
+        } else {
+            State::Established
+        }
+    }
+}
+
+/// Conntrack entries by kind and state, and the SNAT tuples held: what
+/// `/metrics` and `lb inspect conntrack --summary` show.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    pub tcp_established: usize,
+    pub tcp_closing: usize,
+    pub tcp_reset: usize,
+    pub udp: usize,
+    pub policy: usize,
+    /// Connections from outside SNATed to this node whose tuple no new
+    /// connection may take yet (live, or closed within `CLOSED_HOLD_NS`):
+    /// at most the SNAT range's size per backend.
+    pub snat_tuples_held: usize,
+    /// The most tuples held towards one backend (address and port).
+    pub snat_tuples_held_max_backend: usize,
+}
+
+impl Summary {
+    pub fn total(&self) -> usize {
+        self.tcp_established + self.tcp_closing + self.tcp_reset + self.udp + self.policy
+    }
+}
+
+/// Counts `entries` by state (pure; `now_ns` as `bpf_ktime_get_ns`).
+pub fn summarize(entries: &[(ConntrackKey, ConntrackEntry)], now_ns: u64) -> Summary {
+    let mut s = Summary::default();
+    let mut per_backend = std::collections::HashMap::<(u32, u16), usize>::new();
+    for (k, e) in entries {
+        let state = State::of(k, e);
+        match (state, k.proto) {
+            (State::Policy, _) => s.policy += 1,
+            (_, p) if p != PROTO_TCP => s.udp += 1,
+            (State::Established, _) => s.tcp_established += 1,
+            (State::Closing, _) => s.tcp_closing += 1,
+            (State::Reset, _) => s.tcp_reset += 1,
+        }
+        let snat_reply =
+            k.direction == CT_REPLY && e.flags & CT_F_EXTERNAL != 0 && e.snat_addr != 0;
+        let idle = now_ns.saturating_sub(e.last_seen_ns);
+        // As the data path's `claim` gives tuples up.
+        let held = match state {
+            State::Established => true,
+            State::Closing if e.flags & CT_F_BACKEND_CLOSED_FIRST != 0 => idle < CLOSED_HOLD_NS,
+            State::Closing | State::Reset => idle < NO_TIME_WAIT_HOLD_NS,
+            State::Policy => false,
+        };
+        if snat_reply && held {
+            s.snat_tuples_held += 1;
+            *per_backend.entry((k.saddr, k.sport)).or_default() += 1;
+        }
+    }
+    s.snat_tuples_held_max_backend = per_backend.values().copied().max().unwrap_or(0);
+    s
 }
 
 /// The clock bpf_ktime_get_ns reads.
@@ -55,24 +141,25 @@ pub fn monotonic_ns() -> Result<u64> {
     Ok(ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64)
 }
 
-/// Removes expired entries; returns (entries left, entries removed).
-pub fn sweep(maps: &mut Maps, t: &Timeouts) -> Result<(usize, usize)> {
+/// Removes expired entries; returns the summary of those left and the
+/// number removed.
+pub fn sweep(maps: &mut Maps, t: &Timeouts) -> Result<(Summary, usize)> {
     let now = monotonic_ns()?;
     let mut stale = Vec::new();
-    let mut live = 0;
+    let mut live = Vec::new();
     for item in maps.conntrack.iter() {
         // An entry may vanish (LRU) between listing and reading: skip it.
         let Ok((k, v)) = item else { continue };
         if expired(&k, &v, now, t) {
             stale.push(k);
         } else {
-            live += 1;
+            live.push((k, v));
         }
     }
     for k in &stale {
         let _ = maps.conntrack.remove(k);
     }
-    Ok((live, stale.len()))
+    Ok((summarize(&live, now), stale.len()))
 }
 
 #[cfg(test)]
@@ -85,6 +172,7 @@ mod tests {
         let t = Timeouts {
             tcp_established: Duration::from_secs(100),
             tcp_closing: Duration::from_secs(10),
+            tcp_reset: Duration::from_secs(2),
             udp: Duration::from_secs(30),
         };
         let s = 1_000_000_000u64;
@@ -94,6 +182,8 @@ mod tests {
             (PROTO_TCP, 0, 101, true),
             (PROTO_TCP, CT_F_CLOSING, 9, false),
             (PROTO_TCP, CT_F_CLOSING, 11, true),
+            (PROTO_TCP, CT_F_CLOSING | CT_F_RESET, 1, false),
+            (PROTO_TCP, CT_F_CLOSING | CT_F_RESET, 3, true),
             (PROTO_UDP, 0, 29, false),
             (PROTO_UDP, 0, 31, true),
         ];
@@ -119,5 +209,62 @@ mod tests {
             ..Default::default()
         };
         assert!(!expired(&ConntrackKey::default(), &entry, 4 * s, &t));
+    }
+
+    #[test]
+    fn summary_counts_states_and_the_snat_tuples_held() {
+        let s = 1_000_000_000u64;
+        let now = 1000 * s;
+        let node = 0x0a00_0001;
+        let entry = |dir, proto, flags, snat_addr, backend: u32, idle: u64| {
+            (
+                ConntrackKey {
+                    saddr: backend,
+                    sport: 80,
+                    daddr: node,
+                    proto,
+                    direction: dir,
+                    ..Default::default()
+                },
+                ConntrackEntry {
+                    last_seen_ns: now - idle * s,
+                    flags,
+                    snat_addr,
+                    ..Default::default()
+                },
+            )
+        };
+        let (ext, tw) = (CT_F_EXTERNAL, CT_F_BACKEND_CLOSED_FIRST);
+        let (closing, reset, policy) = (
+            CT_F_CLOSING,
+            CT_F_CLOSING | CT_F_RESET,
+            lb_common::conntrack::CT_POLICY_EGRESS,
+        );
+        // (direction, protocol, flags, snat, backend, idle s)
+        let entries = [
+            entry(CT_FORWARD, PROTO_TCP, 0, 0, 1, 0),
+            entry(CT_REPLY, PROTO_TCP, ext, 7, 1, 0), // live: held
+            entry(CT_REPLY, PROTO_TCP, ext | closing | tw, 7, 1, 30), // TIME_WAIT: held
+            entry(CT_REPLY, PROTO_TCP, ext | closing | tw, 7, 2, 62), // over: free
+            entry(CT_REPLY, PROTO_TCP, ext | closing, 7, 2, 3), // no TIME_WAIT: free
+            entry(CT_REPLY, PROTO_TCP, ext | reset, 7, 2, 3), // reset: free
+            entry(CT_REPLY, PROTO_TCP, 0, 0, 2, 0),   // from a pod: no SNAT
+            entry(CT_FORWARD, lb_common::PROTO_UDP, 0, 0, 3, 0),
+            entry(policy, PROTO_TCP, 0, 0, 3, 0),
+        ];
+        let got = summarize(&entries, now);
+        assert_eq!(
+            got,
+            Summary {
+                tcp_established: 3,
+                tcp_closing: 3,
+                tcp_reset: 1,
+                udp: 1,
+                policy: 1,
+                snat_tuples_held: 2,
+                snat_tuples_held_max_backend: 2,
+            }
+        );
+        assert_eq!(got.total(), entries.len());
     }
 }

@@ -235,6 +235,9 @@ pub fn conntrack_view(
             if e.flags & CT_F_CLOSING != 0 {
                 flags.push("closing");
             }
+            if e.flags & lb_common::conntrack::CT_F_RESET != 0 {
+                flags.push("reset");
+            }
             ConntrackView {
                 source: format!("{}:{}", ip(k.saddr), u16::from_be(k.sport)),
                 destination: format!("{}:{}", ip(k.daddr), u16::from_be(k.dport)),
@@ -446,8 +449,73 @@ fn emit<T: Serialize>(
     })
 }
 
+/// Which conntrack entries `lb inspect conntrack` shows.
+#[derive(Clone, Copy, Debug, Default, clap::Args)]
+pub struct ConntrackFilter {
+    /// Only entries with this address on either side (or as NAT/SNAT address).
+    #[arg(long)]
+    pub addr: Option<Ipv4Addr>,
+    /// Only entries with this port on either side (or as NAT/SNAT port).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Show at most this many entries.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Counts by state and the SNAT tuples held, instead of the entries.
+    #[arg(long)]
+    pub summary: bool,
+}
+
+impl ConntrackFilter {
+    /// Whether the entry names the filter's address and port anywhere.
+    pub fn matches(&self, k: &ConntrackKey, e: &ConntrackEntry) -> bool {
+        let addrs = [k.saddr, k.daddr, e.nat_addr, e.snat_addr];
+        let ports = [k.sport, k.dport, e.nat_port, e.snat_port];
+        self.addr
+            .is_none_or(|a| addrs.contains(&u32::from(a).to_be()))
+            && self.port.is_none_or(|p| ports.contains(&p.to_be()))
+    }
+}
+
+/// The conntrack table, filtered, or its summary.
+fn conntrack(maps: &crate::datapath::Maps, output: Output, f: ConntrackFilter) -> Result<String> {
+    let entries = maps
+        .conntrack
+        .iter()
+        .collect::<Result<Vec<_>, _>>()
+        .context("reading the conntrack map")?;
+    let now = monotonic_ns();
+    if f.summary {
+        return emit(output, &crate::conntrack::summarize(&entries, now), |s| {
+            render_conntrack_summary(s)
+        });
+    }
+    let chosen: Vec<_> = entries
+        .into_iter()
+        .filter(|(k, e)| f.matches(k, e))
+        .collect();
+    let mut views = conntrack_view(&chosen, now);
+    views.truncate(f.limit.unwrap_or(usize::MAX));
+    emit(output, &views, |v| render_conntrack(v))
+}
+
+pub fn render_conntrack_summary(s: &crate::conntrack::Summary) -> String {
+    format!(
+        "entries            {}\n  tcp established  {}\n  tcp closing      {}\n  tcp reset        {}\n  udp              {}\n  policy           {}\nsnat tuples held   {} (at most {} towards one backend, of {} ports)\n",
+        s.total(),
+        s.tcp_established,
+        s.tcp_closing,
+        s.tcp_reset,
+        s.udp,
+        s.policy,
+        s.snat_tuples_held,
+        s.snat_tuples_held_max_backend,
+        lb_common::node::SNAT_PORT_COUNT,
+    )
+}
+
 /// Reads the maps pinned in `pin_dir` and renders `what`.
-pub fn run(pin_dir: &Path, what: What, output: Output) -> Result<String> {
+pub fn run(pin_dir: &Path, what: What, output: Output, ct: ConntrackFilter) -> Result<String> {
     let maps = crate::datapath::Maps::open_pinned(pin_dir)
         .with_context(|| format!("is an agent running with --pin-dir {}?", pin_dir.display()))?;
     match what {
@@ -457,16 +525,7 @@ pub fn run(pin_dir: &Path, what: What, output: Output) -> Result<String> {
         What::Backends => emit(output, &backends_view(&maps.state()?), |v| {
             render_backends(v)
         }),
-        What::Conntrack => {
-            let entries = maps
-                .conntrack
-                .iter()
-                .collect::<Result<Vec<_>, _>>()
-                .context("reading the conntrack map")?;
-            emit(output, &conntrack_view(&entries, monotonic_ns()), |v| {
-                render_conntrack(v)
-            })
-        }
+        What::Conntrack => conntrack(&maps, output, ct),
         What::Policy => emit(
             output,
             &policy_view(&crate::datapath::policy_maps::current(&maps)?),

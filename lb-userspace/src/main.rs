@@ -62,6 +62,8 @@ enum Command {
         /// Where the agent pinned its maps.
         #[arg(long, env = "LB_PIN_DIR", default_value = "/sys/fs/bpf/lb")]
         pin_dir: PathBuf,
+        #[command(flatten)]
+        conntrack: lb::inspect::ConntrackFilter,
     },
     /// Measure the data path and write BENCHMARKS.md and a plot (`cargo
     /// xtask bench` runs it from a release build).
@@ -195,8 +197,9 @@ fn main() -> Result<()> {
             what,
             output,
             pin_dir,
+            conntrack,
         } => {
-            print!("{}", lb::inspect::run(&pin_dir, what, output)?);
+            print!("{}", lb::inspect::run(&pin_dir, what, output, conntrack)?);
             Ok(())
         }
         Command::Bench {

@@ -35,6 +35,8 @@ pub struct AgentStats {
     /// last programmed (removed or changed by hand, or lost).
     pub drift_repairs: u64,
     pub syncs: u64,
+    /// Conntrack entries by state, as of the last sweep.
+    pub conntrack: Option<crate::conntrack::Summary>,
     sync_buckets: [u64; SYNC_BUCKETS.len()],
     sync_sum: f64,
     pub ready: bool,
@@ -205,6 +207,9 @@ pub fn render(st: &AgentStats, dp: Option<&DatapathFigures>) -> String {
         "lb_sync_duration_seconds_bucket{{le=\"+Inf\"}} {}\nlb_sync_duration_seconds_sum {}\nlb_sync_duration_seconds_count {}",
         st.syncs, st.sync_sum, st.syncs
     );
+    if let Some(ct) = &st.conntrack {
+        render_conntrack(&mut o, ct);
+    }
     if let Some(dp) = dp {
         let _ = writeln!(
             o,
@@ -237,6 +242,34 @@ pub fn render(st: &AgentStats, dp: Option<&DatapathFigures>) -> String {
     o
 }
 
+/// Conntrack entries by state and the SNAT tuples held (from the sweep).
+fn render_conntrack(o: &mut String, ct: &crate::conntrack::Summary) {
+    let _ = writeln!(
+        o,
+        "# HELP lb_conntrack_entries_by_state Conntrack entries at the last sweep, by protocol and state.\n# TYPE lb_conntrack_entries_by_state gauge"
+    );
+    for (state, n) in [
+        ("tcp_established", ct.tcp_established),
+        ("tcp_closing", ct.tcp_closing),
+        ("tcp_reset", ct.tcp_reset),
+        ("udp", ct.udp),
+        ("policy", ct.policy),
+    ] {
+        let _ = writeln!(o, "lb_conntrack_entries_by_state{{state=\"{state}\"}} {n}");
+    }
+    let _ = writeln!(
+        o,
+        "# HELP lb_snat_tuples_held SNAT tuples no new connection may take yet (live, or closed within the backend's TIME_WAIT).\n# TYPE lb_snat_tuples_held gauge\nlb_snat_tuples_held {}",
+        ct.snat_tuples_held
+    );
+    let _ = writeln!(
+        o,
+        "# HELP lb_snat_tuples_held_max_backend The most SNAT tuples held towards one backend (the range holds {} per backend).\n# TYPE lb_snat_tuples_held_max_backend gauge\nlb_snat_tuples_held_max_backend {}",
+        lb_common::node::SNAT_PORT_COUNT,
+        ct.snat_tuples_held_max_backend
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,7 +280,12 @@ mod tests {
         st.observe_sync(Duration::from_millis(3));
         st.observe_sync(Duration::from_millis(30));
         st.error("map_write");
+        st.conntrack = Some(crate::conntrack::Summary {
+            tcp_closing: 4,
+            ..Default::default()
+        });
         let text = render(&st, None);
+        assert!(text.contains("lb_conntrack_entries_by_state{state=\"tcp_closing\"} 4"));
         assert!(text.contains("lb_sync_duration_seconds_bucket{le=\"0.005\"} 1"));
         assert!(text.contains("lb_sync_duration_seconds_bucket{le=\"0.05\"} 2"));
         assert!(text.contains("lb_sync_duration_seconds_bucket{le=\"+Inf\"} 2"));

@@ -18,6 +18,7 @@ pub struct Frame {
 pub const ETH_HLEN: usize = 14;
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
 fn fold(mut sum: u32) -> u16 {
@@ -73,11 +74,17 @@ impl Frame {
 
     /// `build`, with these TCP flags.
     pub fn build_with_flags(&self, payload: &[u8], tcp_flags: u8) -> Vec<u8> {
+        self.build_tcp(payload, tcp_flags, 1000)
+    }
+
+    /// `build`, with these TCP flags and sequence number (a SYN with
+    /// another number than an earlier one opens another connection).
+    pub fn build_tcp(&self, payload: &[u8], tcp_flags: u8, seq: u32) -> Vec<u8> {
         let mut l4 = Vec::new();
         l4.extend_from_slice(&self.sport.to_be_bytes());
         l4.extend_from_slice(&self.dport.to_be_bytes());
         if self.proto == PROTO_TCP {
-            l4.extend_from_slice(&1000u32.to_be_bytes()); // seq
+            l4.extend_from_slice(&seq.to_be_bytes());
             l4.extend_from_slice(&0u32.to_be_bytes()); // ack
             l4.extend_from_slice(&[0x50, tcp_flags]); // data offset 5, flags
             l4.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]); // window, csum, urg

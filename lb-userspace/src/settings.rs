@@ -36,8 +36,10 @@ pub struct AgentArgs {
     /// Idle timeout of established TCP conntrack entries, seconds.
     #[arg(long, env = "LB_CT_TCP_TIMEOUT", default_value_t = 21600)]
     pub ct_tcp_timeout: u64,
-    /// Idle timeout of TCP entries after a FIN or RST, seconds.
-    #[arg(long, env = "LB_CT_TCP_CLOSING_TIMEOUT", default_value_t = 120)]
+    /// Idle timeout of TCP entries after a FIN, seconds (after a RST: 10 s,
+    /// or this if shorter). The data path holds a closed tuple 61 s (the
+    /// backend's TIME_WAIT) whatever this says.
+    #[arg(long, env = "LB_CT_TCP_CLOSING_TIMEOUT", default_value_t = 61)]
     pub ct_tcp_closing_timeout: u64,
     /// Idle timeout of UDP conntrack entries, seconds.
     #[arg(long, env = "LB_CT_UDP_TIMEOUT", default_value_t = 60)]
@@ -75,6 +77,7 @@ impl AgentArgs {
             ct_timeouts: crate::conntrack::Timeouts {
                 tcp_established: Duration::from_secs(self.ct_tcp_timeout),
                 tcp_closing: Duration::from_secs(self.ct_tcp_closing_timeout),
+                tcp_reset: Duration::from_secs(10),
                 udp: Duration::from_secs(self.ct_udp_timeout),
             },
             ct_sweep: Duration::from_secs(self.ct_sweep_seconds.max(1)),

@@ -273,9 +273,9 @@ async fn a_udp_flow_moves_to_a_live_backend_as_soon_as_its_pod_is_gone() {
     sock.connect(dns).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
     let ask = |sock: &std::net::UdpSocket| -> std::io::Result<String> {
-        sock.send(b"ping\n")?;
+        common::retry_eintr(|| sock.send(b"ping\n"))?;
         let mut buf = [0u8; 256];
-        let n = sock.recv(&mut buf)?;
+        let n = common::retry_eintr(|| sock.recv(&mut buf))?;
         Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
     };
     let first = ask(&sock).unwrap();

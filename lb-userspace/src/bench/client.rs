@@ -4,7 +4,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -43,8 +43,24 @@ impl Picker {
 /// Connects, sends a GET, reads the answer to its end. The answer must be a
 /// 200 with a body (the echo pod's name).
 fn request(addr: SocketAddr) -> Result<Sample> {
+    request_from(None, addr)
+}
+
+/// A connection from `source` (any port), or from the routed address.
+fn connect_from(source: Option<Ipv4Addr>, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let Some(source) = source else {
+        return TcpStream::connect_timeout(&addr, TIMEOUT);
+    };
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    s.bind(&SocketAddr::from((source, 0)).into())?;
+    s.connect_timeout(&addr.into(), TIMEOUT)?;
+    Ok(s.into())
+}
+
+/// `request`, from the address `source` of the client's namespace.
+fn request_from(source: Option<Ipv4Addr>, addr: SocketAddr) -> Result<Sample> {
     let started = Instant::now();
-    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    let mut s = connect_from(source, addr)?;
     let connect = started.elapsed();
     s.set_read_timeout(Some(TIMEOUT))?;
     s.set_nodelay(true)?;
@@ -127,6 +143,92 @@ pub fn concurrent(
                 match request(addr) {
                     Ok(s) => out.samples.push(s),
                     Err(e) => out.failures.push(format!("{addr}: {e:#}")),
+                }
+            }
+            out
+        })?);
+    }
+    let started = Instant::now();
+    std::thread::sleep(duration);
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Outcome::default();
+    for h in handles {
+        let out = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+        all.samples.extend(out.samples);
+        all.failures.extend(out.failures);
+    }
+    all.elapsed = started.elapsed();
+    Ok(all)
+}
+
+/// A DNS-like query: a new UDP socket (a new source port) per query, one
+/// datagram, one answer (the echo pod's name).
+fn query_from(source: Option<Ipv4Addr>, addr: SocketAddr) -> Result<Sample> {
+    let started = Instant::now();
+    let sock = std::net::UdpSocket::bind((source.unwrap_or(Ipv4Addr::UNSPECIFIED), 0))?;
+    sock.set_read_timeout(Some(TIMEOUT))?;
+    sock.connect(addr)?;
+    sock.send(b"query\n")?;
+    let mut buf = [0u8; 512];
+    let n = loop {
+        match sock.recv(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => break r?,
+        }
+    };
+    if n == 0 {
+        bail!("{addr} answered an empty datagram");
+    }
+    let total = started.elapsed();
+    Ok(Sample {
+        connect: total,
+        total,
+    })
+}
+
+/// What a churn client sends: a TCP request per connection, or a UDP query
+/// per socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Churn {
+    Tcp,
+    Udp,
+}
+
+/// Churn: one client per address in `sources` (None: the namespace's own),
+/// in namespace `netns`, each opening a new connection (or socket) per
+/// request without pause for `duration`, to the targets in turn; all their
+/// samples together. What users' clients do to a NodePort or a ClusterIP.
+pub fn churn(
+    netns: &str,
+    kind: Churn,
+    sources: &[Option<Ipv4Addr>],
+    targets: Vec<SocketAddr>,
+    duration: Duration,
+) -> Result<Outcome> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let targets = Arc::new(targets);
+    let mut handles = Vec::new();
+    for (w, source) in sources.iter().copied().enumerate() {
+        let (stop, targets) = (stop.clone(), targets.clone());
+        handles.push(netns::spawn_in(netns, move || {
+            let mut out = Outcome::default();
+            let mut next = w;
+            while !stop.load(Ordering::Relaxed) {
+                let addr = targets[next % targets.len()];
+                next += 1;
+                let res = match kind {
+                    Churn::Tcp => request_from(source, addr),
+                    Churn::Udp => query_from(source, addr),
+                };
+                match res {
+                    Ok(s) => out.samples.push(s),
+                    Err(e) => out.failures.push(format!(
+                        "{}{addr} after {:?}: {e:#}",
+                        source.map(|s| format!("{s} -> ")).unwrap_or_default(),
+                        out.samples.len()
+                    )),
                 }
             }
             out

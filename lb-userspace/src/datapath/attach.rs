@@ -136,6 +136,7 @@ pub fn attach_uplink(
     // network namespace of whoever opens it: this one.
     let sysctl = proc_sys_net.join("ipv4/conf/all/accept_local");
     std::fs::write(&sysctl, "1").with_context(|| format!("setting {}", sysctl.display()))?;
+    warn_if_ephemeral_ports_overlap_snat(proc_sys_net);
     let pin = links_dir.join(format!("{ifname}_xdp"));
     let prog = dp.xdp()?;
     if pin.exists() {
@@ -158,4 +159,32 @@ pub fn attach_uplink(
     link.pin(&pin)
         .with_context(|| format!("pinning {}", pin.display()))?;
     Ok(())
+}
+
+/// The node's own connections take their source ports from
+/// `ip_local_port_range`; one of them in the SNAT range could meet an SNATed
+/// flow's tuple at a backend (and a peer would trust it as judged).
+fn warn_if_ephemeral_ports_overlap_snat(proc_sys_net: &Path) {
+    use lb_common::node::{SNAT_PORT_COUNT, SNAT_PORT_MIN};
+    let path = proc_sys_net.join("ipv4/ip_local_port_range");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return;
+    };
+    let mut it = text
+        .split_whitespace()
+        .filter_map(|w| w.parse::<u32>().ok());
+    let (Some(lo), Some(hi)) = (it.next(), it.next()) else {
+        return;
+    };
+    let (snat_lo, snat_hi) = (
+        u32::from(SNAT_PORT_MIN),
+        u32::from(SNAT_PORT_MIN) + u32::from(SNAT_PORT_COUNT) - 1,
+    );
+    if lo <= snat_hi && snat_lo <= hi {
+        tracing::warn!(
+            "the node's ephemeral ports ({lo}-{hi}, {}) overlap the SNAT range ({snat_lo}-{snat_hi}): \
+             its own connections may clash with SNATed NodePort flows",
+            path.display()
+        );
+    }
 }

@@ -44,10 +44,8 @@ pub struct Maps {
     maglev_id: u32,
 }
 
-/// SNAT source ports: above Linux's default ephemeral range (32768-60999),
-/// so SNATed flows never collide with the node's own connections.
-pub const SNAT_PORT_MIN: u16 = 61000;
-pub const SNAT_PORT_COUNT: u16 = 4500;
+/// SNAT source ports (see `lb_common::node`).
+pub use lb_common::node::{SNAT_PORT_COUNT, SNAT_PORT_MIN};
 
 /// The MAGLEV map of the loaded object, without taking it.
 fn take_maglev(ebpf: &Ebpf) -> Result<&aya::maps::Map> {

@@ -11,6 +11,7 @@ pub mod kubelet;
 pub mod manifests;
 pub mod net;
 pub mod objects;
+pub mod rollout;
 pub mod store;
 pub mod workloads;
 
@@ -463,9 +464,13 @@ pub fn kubeconfig(port: u16) -> String {
 /// second, as it watches processes too; the others only read the store, so
 /// they skip a store that has not changed (each pass copies every object
 /// it reads, and with 30,000 Services idle passes took most of a core).
+/// The Deployment controller also runs every half second while a pod is
+/// becoming available (Ready, not yet for minReadySeconds): time, not the
+/// store, moves that rollout on.
 async fn controllers(store: Store, kubelet: Kubelet) {
     let mut events = store.subscribe();
     let mut seen = None;
+    let mut becoming_available = false;
     loop {
         tokio::select! {
             r = events.recv() => if matches!(r, Err(tokio::sync::broadcast::error::RecvError::Closed)) { return },
@@ -476,8 +481,10 @@ async fn controllers(store: Store, kubelet: Kubelet) {
         let rv = store.current_rv();
         let changed = seen != Some(rv);
         seen = Some(rv);
+        if changed || becoming_available {
+            becoming_available = workloads::reconcile_deployments(&store);
+        }
         if changed {
-            workloads::reconcile_deployments(&store);
             workloads::reconcile_replicasets(&store);
         }
         kubelet.reconcile();

@@ -1,8 +1,10 @@
 //! Small helpers over JSON objects shared by the lab's controllers.
 
+use std::time::Duration;
+
 use serde_json::{json, Value};
 
-use super::store::meta_str;
+use super::store::{meta_str, parse_rfc3339};
 
 pub fn is_terminating(obj: &Value) -> bool {
     !obj["metadata"]["deletionTimestamp"].is_null()
@@ -13,6 +15,28 @@ pub fn pod_ready(pod: &Value) -> bool {
         cs.iter()
             .any(|c| c["type"] == "Ready" && c["status"] == "True")
     })
+}
+
+/// Since when (seconds since the epoch) the pod has been Ready, if it is:
+/// the Ready condition's lastTransitionTime, set by the kubelet.
+pub fn ready_since(pod: &Value) -> Option<u64> {
+    let ready = pod["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Ready" && c["status"] == "True")?;
+    parse_rfc3339(ready["lastTransitionTime"].as_str()?)
+}
+
+/// Ready for longer than `min_ready_secs` at `now` (time since the epoch),
+/// as Kubernetes' `IsPodAvailable`: with `minReadySeconds` 0 a Ready pod is
+/// available at once; otherwise its Ready condition's lastTransitionTime
+/// (whole seconds) plus `minReadySeconds` must be before `now`.
+pub fn pod_available(pod: &Value, min_ready_secs: u64, now: Duration) -> bool {
+    if !pod_ready(pod) {
+        return false;
+    }
+    min_ready_secs == 0
+        || ready_since(pod).is_some_and(|since| Duration::from_secs(since + min_ready_secs) < now)
 }
 
 /// Every `key: value` of `selector` is among `labels`; an empty selector
@@ -66,4 +90,42 @@ pub fn random_suffix(len: usize) -> String {
             ALPHABET[(x % ALPHABET.len() as u64) as usize] as char
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(ready: &str, since: Option<&str>) -> Value {
+        let mut c = json!({"type": "Ready", "status": ready});
+        if let Some(t) = since {
+            c["lastTransitionTime"] = json!(t);
+        }
+        json!({"status": {"conditions": [{"type": "PodScheduled", "status": "True"}, c]}})
+    }
+
+    #[test]
+    fn a_pod_is_available_once_it_has_been_ready_for_min_ready_seconds() {
+        // 2026-01-04T10:20:30Z.
+        let t = 1_767_522_030;
+        let at = |secs: u64, millis: u64| Duration::from_millis(secs * 1000 + millis);
+        let since = Some("2026-01-04T10:20:30Z");
+        for (pod, min_ready, now, available) in [
+            (pod("False", since), 0, at(t + 60, 0), false),
+            (pod("True", since), 0, at(t, 0), true),
+            (pod("True", None), 0, at(t, 0), true),
+            (pod("True", since), 5, at(t + 4, 999), false),
+            // Exactly minReadySeconds is not yet "before now".
+            (pod("True", since), 5, at(t + 5, 0), false),
+            (pod("True", since), 5, at(t + 5, 1), true),
+            (pod("True", None), 5, at(t + 60, 0), false),
+            (pod("True", Some("garbage")), 5, at(t + 60, 0), false),
+        ] {
+            assert_eq!(
+                pod_available(&pod, min_ready, now),
+                available,
+                "{pod} with minReadySeconds {min_ready} at {now:?}"
+            );
+        }
+    }
 }

@@ -375,6 +375,11 @@ pub fn now_rfc3339() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    rfc3339(secs)
+}
+
+/// Seconds since the epoch as the API writes times: whole seconds, UTC.
+pub fn rfc3339(secs: u64) -> String {
     // Civil date from days since epoch (Howard Hinnant's algorithm).
     let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
     let z = days + 719_468;
@@ -392,4 +397,61 @@ pub fn now_rfc3339() -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+/// The whole seconds since the epoch of a UTC time as `rfc3339` writes it
+/// (a fraction of a second, if any, is dropped, as the API drops it).
+pub fn parse_rfc3339(s: &str) -> Option<u64> {
+    let (date, time) = s.strip_suffix('Z')?.split_once('T')?;
+    let num = |t: &str| t.parse::<i64>().ok();
+    let mut ymd = date.splitn(3, '-').map(num);
+    let (y, m, d) = (ymd.next()??, ymd.next()??, ymd.next()??);
+    let time = time.split_once('.').map_or(time, |(whole, _)| whole);
+    let mut hms = time.splitn(3, ':').map(num);
+    let (hh, mm, ss) = (hms.next()??, hms.next()??, hms.next()??);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 60 {
+        return None;
+    }
+    // Days since epoch from the civil date (the inverse of `rfc3339`'s).
+    let y = y - i64::from(m <= 2);
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days * 86_400 + hh * 3600 + mm * 60 + ss).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_written_and_read_back_in_whole_seconds() {
+        for (secs, text) in [
+            (0, "1970-01-01T00:00:00Z"),
+            (951_782_400, "2000-02-29T00:00:00Z"),
+            (951_868_800, "2000-03-01T00:00:00Z"),
+            (1_767_522_030, "2026-01-04T10:20:30Z"),
+            (4_107_542_399, "2100-02-28T23:59:59Z"),
+        ] {
+            assert_eq!(rfc3339(secs), text);
+            assert_eq!(parse_rfc3339(text), Some(secs), "{text}");
+        }
+        assert_eq!(
+            parse_rfc3339("2026-01-04T10:20:30.999Z"),
+            Some(1_767_522_030)
+        );
+        for bad in [
+            "",
+            "2026-01-04",
+            "2026-01-04T10:20:30",
+            "2026-13-04T10:20:30Z",
+            "2026-01-04T10:61:30Z",
+            "2026-01-04T10:20:30+01:00",
+            "x026-01-04T10:20:30Z",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad:?}");
+        }
+    }
 }

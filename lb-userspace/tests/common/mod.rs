@@ -192,6 +192,22 @@ pub fn io_kind(err: &anyhow::Error) -> Option<std::io::ErrorKind> {
         .map(|e| e.kind())
 }
 
+/// Makes a blocking socket call again when a signal interrupted it (EINTR,
+/// `ErrorKind::Interrupted`). A signal caught in the test process (tokio's
+/// SIGCHLD handler, which the lab's `ip` commands can bring in, for one)
+/// may land on a test's thread during the call, and a call on a socket with
+/// a timeout is not restarted then, even under SA_RESTART. std retries in
+/// its loops (`read_to_end`, `read_line`, `write_all`, `connect_timeout`),
+/// not in single calls such as `UdpSocket::recv` or `send`.
+pub fn retry_eintr<T>(mut call: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    loop {
+        match call() {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            result => return result,
+        }
+    }
+}
+
 /// Clients sending requests without pause (each from inside a network
 /// namespace, to an address), counting answers and failures until stopped.
 pub struct Load {

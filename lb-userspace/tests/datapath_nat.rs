@@ -1,0 +1,216 @@
+//! NAT and conntrack under churn, on crafted packets (BPF_PROG_TEST_RUN):
+//! retransmitted and reopening SYNs, when a closed connection's SNAT tuple
+//! may go to a new one, and the counters of what could not be done. The
+//! SNAT range is narrowed to one port so each clash is certain. Needs root.
+
+mod dp;
+
+use std::time::Duration;
+
+use dp::*;
+use lb::{
+    datapath::{Datapath, PROG_FROM_POD},
+    packet::{Frame, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
+use lb_common::{
+    conntrack::{
+        CT_FORWARD, CT_F_BACKEND_CLOSED_FIRST, CT_F_CLOSING, CT_F_RESET, CT_REPLY,
+        NO_TIME_WAIT_HOLD_NS,
+    },
+    node::NodeConfig,
+    service::SERVICE_F_NODE_PORT,
+    PROTO_TCP,
+};
+
+const BACKEND: &str = "10.244.2.5";
+const OTHER_CLIENT: &str = "172.18.0.101";
+const XDP_DROP: u32 = 1;
+/// The one SNAT port of these tests.
+const SNAT_PORT: u16 = 20000;
+
+/// A NodePort with one remote backend, and a one-port SNAT range.
+fn nodeport_with_one_snat_port() -> Datapath {
+    let mut dp = datapath_with(&[frontend(
+        NODE_IP,
+        30080,
+        SERVICE_F_NODE_PORT,
+        &[(BACKEND, 8080)],
+    )]);
+    let addr: std::net::Ipv4Addr = NODE_IP.parse().unwrap();
+    let cfg = NodeConfig {
+        addr: u32::from(addr).to_be(),
+        snat_port_min: SNAT_PORT,
+        snat_port_count: 1,
+    };
+    dp.maps.node.set(0, cfg, 0).unwrap();
+    dp
+}
+
+/// A client's SYN (sequence number `seq`) to the NodePort from outside:
+/// the verdict and the frame as forwarded.
+fn syn(dp: &mut Datapath, client: &str, port: u16, seq: u32) -> (u32, Option<Frame>) {
+    let (verdict, out) = run_xdp(
+        dp,
+        &Frame::tcp(client, port, NODE_IP, 30080).build_tcp(b"", TCP_SYN, seq),
+    );
+    (verdict, Frame::parse(&out).ok())
+}
+
+/// The backend's packet with `flags` to the SNAT port, as restored.
+fn from_backend(dp: &mut Datapath, flags: u8) -> Frame {
+    let (verdict, out) = run_xdp(
+        dp,
+        &Frame::tcp(BACKEND, 8080, NODE_IP, SNAT_PORT).build_with_flags(b"", flags),
+    );
+    assert_eq!(verdict, XDP_PASS);
+    Frame::parse(&out).unwrap()
+}
+
+fn client_packet(dp: &mut Datapath, client: &str, port: u16, flags: u8) -> u32 {
+    run_xdp(
+        dp,
+        &Frame::tcp(client, port, NODE_IP, 30080).build_with_flags(b"", flags),
+    )
+    .0
+}
+
+fn reply_flags(dp: &Datapath) -> u16 {
+    let key = ct_key(BACKEND, 8080, NODE_IP, SNAT_PORT, PROTO_TCP, CT_REPLY);
+    dp.maps.conntrack.get(&key, 0).unwrap().flags
+}
+
+/// Long enough for a tuple without TIME_WAIT at the backend to be free.
+fn past_the_short_hold() {
+    std::thread::sleep(Duration::from_nanos(NO_TIME_WAIT_HOLD_NS) + Duration::from_millis(100));
+}
+
+#[test]
+fn a_retransmitted_syn_keeps_its_snat_port_and_backend() {
+    let mut dp = nodeport_with_one_snat_port();
+    let (v, first) = syn(&mut dp, OUTSIDE, 50000, 7);
+    assert_eq!(v, XDP_PASS);
+    let first = first.expect("valid checksums");
+    assert_eq!(first.sport, SNAT_PORT);
+    // Before, the first SYN's own reply entry made the port look taken: the
+    // retransmission left from another port (or, here, was dropped).
+    let (v, again) = syn(&mut dp, OUTSIDE, 50000, 7);
+    assert_eq!(v, XDP_PASS, "a retransmitted SYN passes");
+    assert_eq!(again, Some(first), "with the same translation");
+    assert_eq!(counter(&dp, "snat_alloc_failed"), 0);
+    assert_eq!(counter(&dp, "ct_reopened"), 0);
+}
+
+#[test]
+fn a_closed_snat_tuple_goes_to_another_connection_only_once_the_backend_forgot_it() {
+    let mut dp = nodeport_with_one_snat_port();
+    assert_eq!(syn(&mut dp, OUTSIDE, 50000, 7).0, XDP_PASS);
+
+    // The one tuple is live: another client's SYN finds no port.
+    assert_eq!(syn(&mut dp, OTHER_CLIENT, 50000, 9).0, XDP_DROP);
+    assert_eq!(counter(&dp, "snat_alloc_failed"), 1);
+    assert!(counter(&dp, "snat_retries") >= 127, "every try was made");
+
+    // The backend closes first (it will sit in TIME_WAIT); the client
+    // answers with its FIN. Both entries know, whichever side sent it.
+    assert_eq!(
+        from_backend(&mut dp, TCP_FIN | TCP_ACK),
+        Frame::tcp(NODE_IP, 30080, OUTSIDE, 50000)
+    );
+    assert_eq!(
+        client_packet(&mut dp, OUTSIDE, 50000, TCP_FIN | TCP_ACK),
+        XDP_PASS
+    );
+    let fwd = ct_key(OUTSIDE, 50000, NODE_IP, 30080, PROTO_TCP, CT_FORWARD);
+    assert_ne!(
+        dp.maps.conntrack.get(&fwd, 0).unwrap().flags & CT_F_CLOSING,
+        0
+    );
+    assert_eq!(
+        reply_flags(&dp) & (CT_F_CLOSING | CT_F_BACKEND_CLOSED_FIRST),
+        CT_F_CLOSING | CT_F_BACKEND_CLOSED_FIRST
+    );
+
+    // Within the backend's TIME_WAIT no other connection may have it, not
+    // even the same client's from another port: its SYN's sequence number
+    // and timestamp are unrelated to the old connection's, and the backend
+    // would answer it with the old connection's ACK.
+    past_the_short_hold();
+    assert_eq!(syn(&mut dp, OTHER_CLIENT, 50000, 9).0, XDP_DROP);
+    assert_eq!(syn(&mut dp, OUTSIDE, 50002, 11).0, XDP_DROP);
+    assert_eq!(counter(&dp, "tuple_reused"), 0);
+
+    // The same client 4-tuple may: a new connection on it (another
+    // sequence number) replaces the closed one's entries.
+    let (v, out) = syn(&mut dp, OUTSIDE, 50000, 1_000_000);
+    assert_eq!(v, XDP_PASS);
+    assert_eq!(out.unwrap().sport, SNAT_PORT, "its own tuple again");
+    assert_eq!(counter(&dp, "ct_reopened"), 1);
+    let entry = dp.maps.conntrack.get(&fwd, 0).unwrap();
+    assert_eq!(entry.flags & CT_F_CLOSING, 0, "a fresh entry");
+    assert_eq!(entry.syn_seq, 1_000_000u32.to_be());
+
+    // This time the client closes first: no TIME_WAIT at the backend, so
+    // the tuple is free shortly after the last packet.
+    client_packet(&mut dp, OUTSIDE, 50000, TCP_FIN | TCP_ACK);
+    from_backend(&mut dp, TCP_FIN | TCP_ACK);
+    assert_eq!(
+        reply_flags(&dp) & (CT_F_CLOSING | CT_F_BACKEND_CLOSED_FIRST),
+        CT_F_CLOSING
+    );
+    assert_eq!(
+        syn(&mut dp, OTHER_CLIENT, 50000, 9).0,
+        XDP_DROP,
+        "not at once"
+    );
+    past_the_short_hold();
+    let (v, out) = syn(&mut dp, OTHER_CLIENT, 50000, 9);
+    assert_eq!(v, XDP_PASS, "another client takes the closed tuple");
+    assert_eq!(out.unwrap().sport, SNAT_PORT);
+    assert_eq!(counter(&dp, "tuple_reused"), 1);
+    assert_eq!(
+        from_backend(&mut dp, TCP_SYN | TCP_ACK),
+        Frame::tcp(NODE_IP, 30080, OTHER_CLIENT, 50000),
+        "the backend's answers go to the new connection"
+    );
+
+    // A reset (here after the backend's FIN) frees it the same way.
+    from_backend(&mut dp, TCP_FIN | TCP_ACK);
+    client_packet(&mut dp, OTHER_CLIENT, 50000, TCP_RST);
+    assert_ne!(reply_flags(&dp) & CT_F_RESET, 0);
+    past_the_short_hold();
+    assert_eq!(syn(&mut dp, OUTSIDE, 50002, 11).0, XDP_PASS);
+    assert_eq!(counter(&dp, "tuple_reused"), 2);
+}
+
+#[test]
+fn packets_whose_entries_were_evicted_are_counted() {
+    let mut dp = nodeport_with_one_snat_port();
+    // A backend's answer to an SNAT port nobody holds.
+    let (v, _) = run_xdp(
+        &mut dp,
+        &Frame::tcp(BACKEND, 8080, NODE_IP, SNAT_PORT).build_with_flags(b"", TCP_ACK),
+    );
+    assert_eq!(v, XDP_PASS, "left to the node's stack");
+    assert_eq!(counter(&dp, "reply_miss"), 1);
+    // From outside: an ACK of a connection the table no longer has.
+    assert_eq!(client_packet(&mut dp, OUTSIDE, 50000, TCP_ACK), XDP_PASS);
+    assert_eq!(counter(&dp, "ct_miss_midflow"), 1);
+    // From a pod: an ACK to a ClusterIP without an entry; translated by
+    // hash all the same.
+    let mut dp = datapath_with(&[service(80, PROTO_TCP, &[("10.244.1.2", 8080)])]);
+    let (v, out) = run(
+        &mut dp,
+        PROG_FROM_POD,
+        &Frame::tcp(CLIENT, 40000, VIP, 80).build_with_flags(b"GET", TCP_ACK),
+    );
+    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(Frame::parse(&out).unwrap().dst.to_string(), "10.244.1.2");
+    assert_eq!(counter(&dp, "ct_miss_midflow"), 1);
+    // SYNs are new connections, not misses.
+    run(
+        &mut dp,
+        PROG_FROM_POD,
+        &Frame::tcp(CLIENT, 40001, VIP, 80).build(b""),
+    );
+    assert_eq!(counter(&dp, "ct_miss_midflow"), 1);
+}

@@ -1,0 +1,319 @@
+//! Churn: clients outside the cluster open a new connection per request,
+//! without pause, through NodePorts of both traffic policies on both nodes,
+//! from one address and from sixteen, and a DNS-like client sends UDP
+//! queries from a new port each. No request may fail, and no SYN may be
+//! retransmitted: a retransmission means a SYN was dropped (no SNAT port)
+//! or met a backend's TIME_WAIT socket of an older connection (a clash).
+//! `LB_CHURN_SECONDS` shortens the phases (60 s each by default).
+
+mod common;
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use lb::{
+    bench::client::{churn, quantile, Churn, Outcome},
+    lab::{net, Lab},
+};
+
+/// Data-path counters that must stay at 0 under churn.
+const MUST_STAY_ZERO: [&str; 6] = [
+    "snat_alloc_failed",
+    "ct_miss_midflow",
+    "reply_miss",
+    "drop_rewrite_failed",
+    "ct_insert_failed",
+    "drop_policy",
+];
+/// Counters printed for what they tell of the run.
+const REPORTED: [&str; 4] = ["new_flow", "snat_retries", "tuple_reused", "ct_reopened"];
+
+fn phase_length() -> Duration {
+    let secs = std::env::var("LB_CHURN_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    Duration::from_secs(secs)
+}
+
+/// Kernel TCP counters of a namespace (`nstat`), by name.
+fn nstat(netns: &str, names: &[&str]) -> Vec<u64> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", netns, "nstat", "-asz"])
+        .output()
+        .expect("nstat (iproute2)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    names
+        .iter()
+        .map(|name| {
+            text.lines()
+                .find_map(|l| {
+                    let mut words = l.split_whitespace();
+                    (words.next() == Some(*name))
+                        .then(|| words.next().and_then(|n| n.parse().ok()))
+                        .flatten()
+                })
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
+/// The outside client's SYN retransmissions so far.
+fn syn_retransmissions(netns: &str) -> u64 {
+    nstat(netns, &["TcpExtTCPSynRetrans"])[0]
+}
+
+/// What the servers saw that makes a client retransmit a SYN: a full
+/// accept queue, or a SYN a TIME_WAIT socket did not take (PAWS); summed
+/// over the web pods.
+const SERVER_COUNTERS: [&str; 4] = [
+    "TcpExtListenOverflows",
+    "TcpExtListenDrops",
+    "TcpExtPAWSEstab",
+    "TcpExtTCPTimeWaitOverflow",
+];
+
+fn server_counters(lab: &Lab) -> Vec<u64> {
+    let mut sums = vec![0; SERVER_COUNTERS.len()];
+    for pod in lab.pods_named("default", "web-") {
+        let name = lb::lab::store::meta_str(&pod, "name").to_string();
+        let Ok(netns) = lab.pod_netns("default", &name) else {
+            continue;
+        };
+        for (sum, n) in sums.iter_mut().zip(nstat(&netns, &SERVER_COUNTERS)) {
+            *sum += n;
+        }
+    }
+    sums
+}
+
+/// Packets the lab's interfaces dropped, by namespace and interface (only
+/// those that dropped any): `ip -s link`.
+fn link_drops(lab: &Lab) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    for ns in lb::lab::net::lab_namespaces(&lab.prefix) {
+        let Ok(o) = std::process::Command::new("ip")
+            .args(["-n", &ns, "-j", "-s", "link"])
+            .output()
+        else {
+            continue;
+        };
+        let Ok(links) = serde_json::from_slice::<serde_json::Value>(&o.stdout) else {
+            continue;
+        };
+        for l in links.as_array().into_iter().flatten() {
+            let stats = &l["stats64"];
+            let dropped = ["rx", "tx"]
+                .iter()
+                .map(|d| stats[d]["dropped"].as_u64().unwrap_or(0))
+                .sum::<u64>();
+            if dropped > 0 {
+                out.push((
+                    format!("{ns}/{}", l["ifname"].as_str().unwrap_or("?")),
+                    dropped,
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// The data path's packet counters of both nodes, summed.
+async fn counters(lab: &Lab) -> Vec<(&'static str, f64)> {
+    let mut sums = Vec::new();
+    for name in MUST_STAY_ZERO.iter().chain(REPORTED.iter()) {
+        let mut sum = 0.0;
+        for node in 1..=2 {
+            let (_, scrape) = common::agent_http(lab, node, "/metrics")
+                .await
+                .expect("agent /metrics");
+            let line = format!("lb_datapath_packets_total{{reason=\"{name}\"}}");
+            sum += common::metric(&scrape, &line).unwrap_or(0.0);
+        }
+        sums.push((*name, sum));
+    }
+    sums
+}
+
+/// One line of figures for a client group's outcome.
+fn describe(what: &str, o: &Outcome) -> String {
+    let mut ms: Vec<f64> = o
+        .samples
+        .iter()
+        .map(|s| s.total.as_secs_f64() * 1000.0)
+        .collect();
+    format!(
+        "{what}: {} requests ({:.0}/s), {} failed, p50 {:.2} ms, p99 {:.2} ms",
+        o.samples.len() + o.failures.len(),
+        o.samples.len() as f64 / o.elapsed.as_secs_f64().max(1e-9),
+        o.failures.len(),
+        quantile(&mut ms, 0.5),
+        quantile(&mut ms, 0.99),
+    )
+}
+
+/// A group of churn clients: its name, what they send, their source
+/// addresses (one client each) and the targets they go round.
+type Group = (String, Churn, Vec<Option<Ipv4Addr>>, Vec<SocketAddr>);
+
+/// Runs every group of clients at once for `length`; their outcomes.
+async fn run_at_once(
+    netns: &str,
+    groups: Vec<Group>,
+    length: Duration,
+) -> Vec<(String, Outcome)> {
+    let handles: Vec<_> = groups
+        .into_iter()
+        .map(|(name, kind, sources, targets)| {
+            let netns = netns.to_string();
+            let h = tokio::task::spawn_blocking(move || {
+                churn(&netns, kind, &sources, targets, length).expect("churn clients")
+            });
+            (name, h)
+        })
+        .collect();
+    let mut out = Vec::new();
+    for (name, h) in handles {
+        out.push((name, h.await.expect("churn group")));
+    }
+    out
+}
+
+fn on_both_nodes(port: u16) -> Vec<SocketAddr> {
+    (1..=2)
+        .map(|i| SocketAddr::new(net::node_ip(i).into(), port))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sustained_churn_through_nodeports_loses_no_connection() {
+    let lab = common::lab_with('k', common::test_manifests("churn"), 2).await;
+    let ext = lab.ext_netns();
+    // Sixteen client addresses on the outside client's interface.
+    let sixteen: Vec<Ipv4Addr> = (101..=116).map(|i| Ipv4Addr::new(172, 18, 0, i)).collect();
+    for a in &sixteen {
+        let status = std::process::Command::new("ip")
+            .args(["-n", &ext, "addr", "add", &format!("{a}/24"), "dev", "eth0"])
+            .status()
+            .expect("ip addr add");
+        assert!(status.success(), "adding {a} to {ext}");
+    }
+    let (cluster, local, dns) = (
+        on_both_nodes(30080),
+        on_both_nodes(30081),
+        on_both_nodes(30053),
+    );
+    for node in 1..=2 {
+        common::wait_backends_on(&lab, node, cluster[node - 1], 4).await;
+    }
+    for addr in cluster.iter().chain(&local) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while lb::echo::http_get_in(&ext, *addr, Duration::from_secs(2)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{addr} never answered"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    for addr in &dns {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while lb::echo::udp_request_in(&ext, *addr, Duration::from_secs(1)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{addr} never answered UDP"
+            );
+        }
+    }
+
+    let length = phase_length();
+    let sixteen: Vec<Option<Ipv4Addr>> = sixteen.into_iter().map(Some).collect();
+    let phases = [
+        (
+            "one client address",
+            vec![
+                (
+                    "Cluster".to_string(),
+                    Churn::Tcp,
+                    vec![None],
+                    cluster.clone(),
+                ),
+                ("Local".to_string(), Churn::Tcp, vec![None], local.clone()),
+            ],
+        ),
+        (
+            "sixteen client addresses, and UDP queries",
+            vec![
+                (
+                    "Cluster".to_string(),
+                    Churn::Tcp,
+                    sixteen.clone(),
+                    cluster.clone(),
+                ),
+                (
+                    "Local".to_string(),
+                    Churn::Tcp,
+                    sixteen.clone(),
+                    local.clone(),
+                ),
+                (
+                    "UDP (Cluster)".to_string(),
+                    Churn::Udp,
+                    vec![None],
+                    dns.clone(),
+                ),
+            ],
+        ),
+    ];
+    let mut problems = Vec::new();
+    for (phase, groups) in phases {
+        let (syn_before, ct_before) = (syn_retransmissions(&ext), counters(&lab).await);
+        let servers_before = server_counters(&lab);
+        let outcomes = run_at_once(&ext, groups, length).await;
+        let syn_retrans = syn_retransmissions(&ext) - syn_before;
+        let ct_after = counters(&lab).await;
+        eprintln!("churn, {phase}, {length:?}:");
+        for (name, o) in &outcomes {
+            eprintln!("  {}", describe(name, o));
+            if !o.failures.is_empty() {
+                problems.push(format!(
+                    "{phase}, {name}: {} failed, first: {:?}",
+                    o.failures.len(),
+                    &o.failures[..o.failures.len().min(5)]
+                ));
+            }
+        }
+        let deltas: Vec<(&str, f64)> = ct_after
+            .iter()
+            .zip(&ct_before)
+            .map(|((name, a), (_, b))| (*name, a - b))
+            .collect();
+        let servers: Vec<(&str, u64)> = SERVER_COUNTERS
+            .iter()
+            .copied()
+            .zip(
+                server_counters(&lab)
+                    .iter()
+                    .zip(&servers_before)
+                    .map(|(a, b)| a - b),
+            )
+            .collect();
+        eprintln!("  client SYN retransmissions: {syn_retrans}; data path: {deltas:?}; servers: {servers:?}; link drops so far: {:?}", link_drops(&lab));
+        if syn_retrans != 0 {
+            problems.push(format!("{phase}: {syn_retrans} SYN retransmissions"));
+        }
+        for (name, d) in &deltas {
+            if MUST_STAY_ZERO.contains(name) && *d != 0.0 {
+                problems.push(format!("{phase}: {name} counted {d}"));
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "{problems:#?}\nnode 1's agent:\n{}\nnode 2's agent:\n{}",
+        common::agent_log_tail(&lab, 1, 20),
+        common::agent_log_tail(&lab, 2, 20)
+    );
+}
