@@ -17,12 +17,15 @@
 //! client to restore as destination (reply entry, keyed by the backend's
 //! reply to `node:snat_port`). Zero when there is no SNAT.
 
-/// Entries of the CONNTRACK LRU: two per connection, closed ones kept
-/// `CLOSED_HOLD_NS`. At 5,000 new connections a second that is 610,000
-/// entries; Cilium's default TCP table is 524,288. At 65,536 the end-to-end
-/// bench filled it and evicted live connections' reply entries. Live
-/// entries evicted anyway show as `ct_miss_midflow` and `reply_miss`.
-pub const CONNTRACK_MAX_ENTRIES: u32 = 524_288;
+/// Entries of the CONNTRACK LRU: two per connection; once it is closed, the
+/// forward entry goes after the agent's closing timeout (10 s) and the
+/// reply entry, the tuple's guard, after `CLOSED_HOLD_NS`. At 6,000 new
+/// connections a second through one node that is about 500,000 entries,
+/// which the churn test reaches on two cores; an LRU that fills evicts
+/// guards (then `tuple_clash`) and live entries (`ct_miss_midflow`,
+/// `reply_miss`). About 100 MB per node, preallocated (LRU maps are);
+/// Linux's nf_conntrack_max on a large node is 262,144 of larger entries.
+pub const CONNTRACK_MAX_ENTRIES: u32 = 1_048_576;
 
 /// How long a closed TCP connection's tuple stays its own when the backend
 /// closed first: the backend's socket sits in TIME_WAIT for 60 s
@@ -31,9 +34,11 @@ pub const CONNTRACK_MAX_ENTRIES: u32 = 524_288;
 /// the same client 4-tuple guarantees that (Linux 6.18 draws both ISN and
 /// timestamp offset per 4-tuple: measured in the churn test's capture, a
 /// tuple given to another client port was answered with the old
-/// connection's ACK, and the client reset and resent its SYN). One second
-/// of margin.
-pub const CLOSED_HOLD_NS: u64 = 61_000_000_000;
+/// connection's ACK, and the client reset and resent its SYN). The 60 s
+/// run on the kernel's timer wheel, which fires a timer that far out up to
+/// one granularity of its level late: 4.1 s at HZ=1000, 5.1 s at HZ=100
+/// (at 61 s, tuples were still met in TIME_WAIT, `tuple_clash`). 66 s.
+pub const CLOSED_HOLD_NS: u64 = 66_000_000_000;
 
 /// A closed connection's tuple that the backend did not close first (it
 /// was reset, or the client sent the first FIN) has no TIME_WAIT socket at
@@ -106,5 +111,7 @@ pub const CT_F_RESET: u16 = 1 << 2;
 /// The backend sent the connection's first FIN: its socket sits in
 /// TIME_WAIT for 60 s once the connection is closed.
 pub const CT_F_BACKEND_CLOSED_FIRST: u16 = 1 << 3;
+/// The backend has answered (set on the reply entry by its first packet).
+pub const CT_F_ANSWERED: u16 = 1 << 4;
 
 crate::user_pod!(ConntrackKey, ConntrackEntry);

@@ -39,7 +39,11 @@ pub mod reason {
     /// A packet to this node's SNAT port range found no entry: an SNATed
     /// connection's reply entry was evicted while live.
     pub const REPLY_MISS: u32 = 14;
-    pub const COUNT: u32 = 15;
+    /// A backend answered a new connection's SYN with an ACK, not a SYN-ACK:
+    /// it holds an older connection on the tuple (TIME_WAIT). The client
+    /// resets it and resends its SYN. What tuple reuse must never cause.
+    pub const TUPLE_CLASH: u32 = 15;
+    pub const COUNT: u32 = 16;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "new_flow",
@@ -57,6 +61,7 @@ pub mod reason {
         "ct_reopened",
         "ct_miss_midflow",
         "reply_miss",
+        "tuple_clash",
     ];
 }
 

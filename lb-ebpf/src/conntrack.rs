@@ -4,8 +4,9 @@ use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     backend::Backend,
     conntrack::{
-        ConntrackEntry, ConntrackKey, CLOSED_HOLD_NS, CT_FORWARD, CT_F_BACKEND_CLOSED_FIRST,
-        CT_F_CLOSING, CT_F_RESET, CT_REPLY, NO_TIME_WAIT_HOLD_NS, UDP_REUSE_NS,
+        ConntrackEntry, ConntrackKey, CLOSED_HOLD_NS, CT_FORWARD, CT_F_ANSWERED,
+        CT_F_BACKEND_CLOSED_FIRST, CT_F_CLOSING, CT_F_RESET, CT_REPLY, NO_TIME_WAIT_HOLD_NS,
+        UDP_REUSE_NS,
     },
     metrics::reason,
     PROTO_TCP,
@@ -103,29 +104,53 @@ pub fn lookup(key: &ConntrackKey, flow: &Flow) -> Option<ConntrackEntry> {
     }
 }
 
-/// `lookup` for the entries of a translated connection. Once it closes,
+/// `lookup` for the entries of a translated connection; the copy returned
+/// has the time of the packet before this one. Once the connection closes,
 /// both its entries are marked and stamped by the packets of either
 /// direction: the reply entry is what holds the tuple at the backend
 /// (`claim`), and must know when the connection's last packet passed.
 /// Costs a second lookup only on the few packets from the first FIN on.
+/// The backend's first answer is checked for a clash (`TUPLE_CLASH`).
 #[inline(always)]
-pub fn lookup_translated(k: &ConntrackKey, flow: &Flow) -> Option<ConntrackEntry> {
+pub fn lookup_translated<P: Packet>(
+    ctx: &P,
+    k: &ConntrackKey,
+    flow: &Flow,
+) -> Option<ConntrackEntry> {
     let entry = CONNTRACK.get_ptr_mut(k)?;
     // SAFETY: as in `lookup`.
     unsafe {
         let now = bpf_ktime_get_ns();
-        let closing = close_flags(flow, (*entry).flags, k.direction == CT_REPLY);
+        let from_backend = k.direction == CT_REPLY;
+        let mut flags = close_flags(flow, (*entry).flags, from_backend);
+        if from_backend && (*entry).flags & CT_F_ANSWERED == 0 {
+            flags |= CT_F_ANSWERED;
+            if answers_syn_with_ack(&*entry, flow) {
+                count(ctx, reason::TUPLE_CLASH);
+            }
+        }
+        // The copy keeps the previous packet's time (`reopens` reads it).
+        let mut copy = *entry;
         (*entry).last_seen_ns = now;
-        (*entry).flags |= closing;
-        let copy = *entry;
+        (*entry).flags |= flags;
+        copy.flags |= flags;
         if copy.flags & CT_F_CLOSING != 0 {
             if let Some(peer) = CONNTRACK.get_ptr_mut(peer_key(k, &copy)) {
                 (*peer).last_seen_ns = now;
-                (*peer).flags |= closing;
+                (*peer).flags |= flags & !CT_F_ANSWERED;
             }
         }
         Some(copy)
     }
+}
+
+/// The backend's first packet of a connection opened by a SYN is a bare
+/// ACK: the SYN met an older connection's socket on the tuple.
+#[inline(always)]
+fn answers_syn_with_ack(entry: &ConntrackEntry, flow: &Flow) -> bool {
+    flow.proto == PROTO_TCP
+        && entry.syn_seq != 0
+        && flow.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK
 }
 
 /// The `CT_F_*` flags a packet sets on an entry with flags `had`: closing
@@ -154,8 +179,14 @@ fn close_flags(flow: &Flow, had: u16, from_backend: bool) -> u16 {
 /// connection to its backend, which may be terminating. A retransmitted
 /// SYN (same sequence number) keeps the translation of the first, or the
 /// client's ACK would reach a backend (or SNAT port) that never saw it.
+/// A UDP flow silent for `UDP_REUSE_NS` is a new one too: its tuple at the
+/// backend may have gone to another flow since (`claim`).
 #[inline(always)]
 pub fn reopens(entry: &ConntrackEntry, flow: &Flow) -> bool {
+    if flow.proto != PROTO_TCP {
+        let idle = unsafe { bpf_ktime_get_ns() }.saturating_sub(entry.last_seen_ns);
+        return idle >= UDP_REUSE_NS;
+    }
     opens_connection(flow) && (entry.flags & CT_F_CLOSING != 0 || entry.syn_seq != flow.tcp_seq)
 }
 

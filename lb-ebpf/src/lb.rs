@@ -36,13 +36,13 @@ pub fn from_pod(ctx: &TcContext) -> Result<i32, i32> {
 
     // A backend answering a flow that this node translated: restore the
     // frontend as source (and the client as destination if it was SNATed).
-    if let Some(entry) = conntrack::lookup_translated(&conntrack::reply_key(&flow), &flow) {
+    if let Some(entry) = conntrack::lookup_translated(ctx, &conntrack::reply_key(&flow), &flow) {
         reverse_nat(ctx, &flow, &entry)?;
         count(ctx, reason::REVERSE_NAT);
         return Ok(PASS);
     }
 
-    let tracked = conntrack::lookup_translated(&conntrack::forward_key(&flow), &flow);
+    let tracked = conntrack::lookup_translated(ctx, &conntrack::forward_key(&flow), &flow);
     if let Some(entry) = &tracked {
         if keeps_backend(ctx, entry, &flow) {
             egress_policy(ctx, &flow, entry.nat_addr, entry.nat_port)?;
@@ -224,7 +224,7 @@ pub fn to_pod(ctx: &TcContext) -> Result<i32, i32> {
         count(ctx, reason::DROP_POLICY);
         return Err(DROP);
     }
-    let Some(entry) = conntrack::lookup_translated(&conntrack::reply_key(&flow), &flow) else {
+    let Some(entry) = conntrack::lookup_translated(ctx, &conntrack::reply_key(&flow), &flow) else {
         return Ok(PASS);
     };
     reverse_nat(ctx, &flow, &entry)?;

@@ -17,7 +17,7 @@ use crate::{
         count_midflow_miss, flow_hash, keeps_backend, lookup_service, select_backend,
         source_allowed,
     },
-    maps::NODE,
+    maps::{ENDPOINTS, NODE},
     metrics::count,
     nat::{rewrite_direct, Side},
     packet::{self, Flow},
@@ -33,12 +33,12 @@ pub fn uplink(ctx: &XdpContext) -> Result<u32, u32> {
         return Ok(PASS);
     };
 
-    if let Some(entry) = conntrack::lookup_translated(&conntrack::reply_key(&flow), &flow) {
+    if let Some(entry) = conntrack::lookup_translated(ctx, &conntrack::reply_key(&flow), &flow) {
         rewrite_both(ctx, &flow, Side::Source, &entry)?;
         count(ctx, reason::REVERSE_NAT);
         return Ok(PASS);
     }
-    let tracked = conntrack::lookup_translated(&conntrack::forward_key(&flow), &flow);
+    let tracked = conntrack::lookup_translated(ctx, &conntrack::forward_key(&flow), &flow);
     if let Some(entry) = &tracked {
         if keeps_backend(ctx, entry, &flow) {
             rewrite_both(ctx, &flow, Side::Destination, entry)?;
@@ -153,9 +153,12 @@ fn snat_source(ctx: &XdpContext, flow: &Flow, backend: &Backend) -> Option<(u32,
     Some((node.addr, port))
 }
 
-/// A packet to this node's SNAT range that no entry restores: the reply
-/// entry of an SNATed connection was evicted while it was live (the node's
-/// stack answers it with a reset). SYNs are someone else's new connection.
+/// A pod's packet to this node's SNAT range that no entry restores: the
+/// reply entry of an SNATed connection was evicted while it was live (the
+/// node's stack answers it with a reset). Only from pods (every pod has an
+/// endpoint entry), so that other nodes' traffic to the node's own servers
+/// on those ports does not count; SYNs open connections of their own.
+/// Replies of local backends are not seen here (they pass the pod's tc).
 #[inline(always)]
 fn count_reply_miss(ctx: &XdpContext, flow: &Flow) {
     if conntrack::opens_connection(flow) {
@@ -165,7 +168,10 @@ fn count_reply_miss(ctx: &XdpContext, flow: &Flow) {
         return;
     };
     let offset = u16::from_be(flow.dport).wrapping_sub(node.snat_port_min);
-    if flow.daddr == node.addr && offset < node.snat_port_count {
+    if flow.daddr == node.addr
+        && offset < node.snat_port_count
+        && ENDPOINTS.get_ptr(flow.saddr).is_some()
+    {
         count(ctx, reason::REPLY_MISS);
     }
 }

@@ -18,17 +18,23 @@ use serde::Serialize;
 use crate::datapath::Maps;
 
 /// How long an entry may be idle, by protocol and state: 6 hours for
-/// established TCP and 60 seconds for UDP (Cilium's); 61 seconds once a
-/// FIN was seen, the data path's longest hold of a closed tuple
-/// (`lb_common::conntrack::CLOSED_HOLD_NS`: the backend's TIME_WAIT and a
-/// second; the data path decides itself when a tuple is free, so the
-/// sweep only has to outlast that); 10 seconds after a RST (late packets
-/// still find their translation).
+/// established TCP and 60 seconds for UDP (Cilium's); 66 seconds for the
+/// reply entry of a connection its backend closed first, the data path's
+/// hold of its tuple (`lb_common::conntrack::CLOSED_HOLD_NS`: the
+/// backend's TIME_WAIT, its timer's slack and a second; the data path decides itself when a
+/// tuple is free, so the sweep only has to outlast that); 10 seconds for
+/// the other entries of closed connections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
     pub tcp_established: Duration,
+    /// The reply entry of a connection the backend closed first: it guards
+    /// the tuple while the backend's TIME_WAIT lasts.
+    pub tcp_time_wait: Duration,
+    /// Every other entry of a closed connection (forward entries, reply
+    /// entries without TIME_WAIT at the backend, reset connections): only
+    /// late packets need them. Short, so that closed connections hold one
+    /// entry, not two, and crowd live ones less in the LRU.
     pub tcp_closing: Duration,
-    pub tcp_reset: Duration,
     pub udp: Duration,
 }
 
@@ -36,8 +42,8 @@ impl Default for Timeouts {
     fn default() -> Self {
         Self {
             tcp_established: Duration::from_secs(6 * 3600),
-            tcp_closing: Duration::from_nanos(CLOSED_HOLD_NS),
-            tcp_reset: Duration::from_secs(10),
+            tcp_time_wait: Duration::from_nanos(CLOSED_HOLD_NS),
+            tcp_closing: Duration::from_secs(10),
             udp: Duration::from_secs(60),
         }
     }
@@ -46,9 +52,10 @@ impl Default for Timeouts {
 /// Whether an entry last seen at `entry.last_seen_ns` has expired at `now_ns`
 /// (both CLOCK_MONOTONIC, as bpf_ktime_get_ns).
 pub fn expired(key: &ConntrackKey, entry: &ConntrackEntry, now_ns: u64, t: &Timeouts) -> bool {
+    let time_wait_guard = key.direction == CT_REPLY && entry.flags & CT_F_BACKEND_CLOSED_FIRST != 0;
     let limit = match (key.proto, State::of(key, entry)) {
-        (PROTO_TCP, State::Reset) => t.tcp_reset.min(t.tcp_closing),
-        (PROTO_TCP, State::Closing) => t.tcp_closing,
+        (PROTO_TCP, State::Closing) if time_wait_guard => t.tcp_time_wait.max(t.tcp_closing),
+        (PROTO_TCP, State::Closing | State::Reset) => t.tcp_closing,
         (PROTO_TCP, _) => t.tcp_established,
         _ => t.udp,
     };
@@ -151,13 +158,21 @@ pub fn sweep(maps: &mut Maps, t: &Timeouts) -> Result<(Summary, usize)> {
         // An entry may vanish (LRU) between listing and reading: skip it.
         let Ok((k, v)) = item else { continue };
         if expired(&k, &v, now, t) {
-            stale.push(k);
+            stale.push((k, v.last_seen_ns));
         } else {
             live.push((k, v));
         }
     }
-    for k in &stale {
-        let _ = maps.conntrack.remove(k);
+    for (k, seen) in &stale {
+        // A new connection may have taken the 5-tuple since it was read:
+        // remove the entry only if no packet touched it meanwhile.
+        if maps
+            .conntrack
+            .get(k, 0)
+            .is_ok_and(|v| v.last_seen_ns == *seen)
+        {
+            let _ = maps.conntrack.remove(k);
+        }
     }
     Ok((summarize(&live, now), stale.len()))
 }
@@ -171,25 +186,31 @@ mod tests {
     fn expiry_by_protocol_and_state() {
         let t = Timeouts {
             tcp_established: Duration::from_secs(100),
-            tcp_closing: Duration::from_secs(10),
-            tcp_reset: Duration::from_secs(2),
+            tcp_time_wait: Duration::from_secs(10),
+            tcp_closing: Duration::from_secs(2),
             udp: Duration::from_secs(30),
         };
         let s = 1_000_000_000u64;
-        // (proto, flags, idle seconds, expired?)
+        let tw = CT_F_CLOSING | CT_F_BACKEND_CLOSED_FIRST;
+        // (proto, direction, flags, idle seconds, expired?)
         let cases = [
-            (PROTO_TCP, 0, 99, false),
-            (PROTO_TCP, 0, 101, true),
-            (PROTO_TCP, CT_F_CLOSING, 9, false),
-            (PROTO_TCP, CT_F_CLOSING, 11, true),
-            (PROTO_TCP, CT_F_CLOSING | CT_F_RESET, 1, false),
-            (PROTO_TCP, CT_F_CLOSING | CT_F_RESET, 3, true),
-            (PROTO_UDP, 0, 29, false),
-            (PROTO_UDP, 0, 31, true),
+            (PROTO_TCP, CT_FORWARD, 0, 99, false),
+            (PROTO_TCP, CT_REPLY, 0, 101, true),
+            // The TIME_WAIT guard: the reply entry when the backend closed first.
+            (PROTO_TCP, CT_REPLY, tw, 9, false),
+            (PROTO_TCP, CT_REPLY, tw, 11, true),
+            (PROTO_TCP, CT_FORWARD, tw, 1, false),
+            (PROTO_TCP, CT_FORWARD, tw, 3, true),
+            (PROTO_TCP, CT_REPLY, CT_F_CLOSING, 3, true),
+            (PROTO_TCP, CT_REPLY, tw | CT_F_RESET, 1, false),
+            (PROTO_TCP, CT_REPLY, tw | CT_F_RESET, 3, true),
+            (PROTO_UDP, CT_FORWARD, 0, 29, false),
+            (PROTO_UDP, CT_REPLY, 0, 31, true),
         ];
-        for (proto, flags, idle, want) in cases {
+        for (proto, direction, flags, idle, want) in cases {
             let key = ConntrackKey {
                 proto,
+                direction,
                 ..Default::default()
             };
             let entry = ConntrackEntry {
@@ -200,7 +221,7 @@ mod tests {
             assert_eq!(
                 expired(&key, &entry, (1000 + idle) * s, &t),
                 want,
-                "proto {proto} flags {flags} idle {idle}s"
+                "proto {proto} direction {direction} flags {flags} idle {idle}s"
             );
         }
         // A clock behind the entry (entry written just now) is not expired.
@@ -245,7 +266,7 @@ mod tests {
             entry(CT_FORWARD, PROTO_TCP, 0, 0, 1, 0),
             entry(CT_REPLY, PROTO_TCP, ext, 7, 1, 0), // live: held
             entry(CT_REPLY, PROTO_TCP, ext | closing | tw, 7, 1, 30), // TIME_WAIT: held
-            entry(CT_REPLY, PROTO_TCP, ext | closing | tw, 7, 2, 62), // over: free
+            entry(CT_REPLY, PROTO_TCP, ext | closing | tw, 7, 2, 67), // over: free
             entry(CT_REPLY, PROTO_TCP, ext | closing, 7, 2, 3), // no TIME_WAIT: free
             entry(CT_REPLY, PROTO_TCP, ext | reset, 7, 2, 3), // reset: free
             entry(CT_REPLY, PROTO_TCP, 0, 0, 2, 0),   // from a pod: no SNAT

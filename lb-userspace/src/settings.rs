@@ -36,10 +36,10 @@ pub struct AgentArgs {
     /// Idle timeout of established TCP conntrack entries, seconds.
     #[arg(long, env = "LB_CT_TCP_TIMEOUT", default_value_t = 21600)]
     pub ct_tcp_timeout: u64,
-    /// Idle timeout of TCP entries after a FIN, seconds (after a RST: 10 s,
-    /// or this if shorter). The data path holds a closed tuple 61 s (the
-    /// backend's TIME_WAIT) whatever this says.
-    #[arg(long, env = "LB_CT_TCP_CLOSING_TIMEOUT", default_value_t = 61)]
+    /// Idle timeout of the entries of closed TCP connections, seconds; the
+    /// reply entry of one its backend closed first stays 66 s (the tuple's
+    /// guard while the backend's TIME_WAIT lasts) if this is shorter.
+    #[arg(long, env = "LB_CT_TCP_CLOSING_TIMEOUT", default_value_t = 10)]
     pub ct_tcp_closing_timeout: u64,
     /// Idle timeout of UDP conntrack entries, seconds.
     #[arg(long, env = "LB_CT_UDP_TIMEOUT", default_value_t = 60)]
@@ -76,8 +76,8 @@ impl AgentArgs {
             },
             ct_timeouts: crate::conntrack::Timeouts {
                 tcp_established: Duration::from_secs(self.ct_tcp_timeout),
+                tcp_time_wait: crate::conntrack::Timeouts::default().tcp_time_wait,
                 tcp_closing: Duration::from_secs(self.ct_tcp_closing_timeout),
-                tcp_reset: Duration::from_secs(10),
                 udp: Duration::from_secs(self.ct_udp_timeout),
             },
             ct_sweep: Duration::from_secs(self.ct_sweep_seconds.max(1)),

@@ -101,6 +101,23 @@ fn a_retransmitted_syn_keeps_its_snat_port_and_backend() {
 }
 
 #[test]
+fn a_backend_answering_a_syn_with_an_ack_is_counted_as_a_clash() {
+    let mut dp = nodeport_with_one_snat_port();
+    syn(&mut dp, OUTSIDE, 50000, 7);
+    // An older connection's TIME_WAIT socket on the tuple answers so.
+    from_backend(&mut dp, TCP_ACK);
+    assert_eq!(counter(&dp, "tuple_clash"), 1);
+    // Only the first answer is judged; a SYN-ACK first is no clash.
+    from_backend(&mut dp, TCP_ACK);
+    assert_eq!(counter(&dp, "tuple_clash"), 1);
+    let mut dp = nodeport_with_one_snat_port();
+    syn(&mut dp, OUTSIDE, 50000, 7);
+    from_backend(&mut dp, TCP_SYN | TCP_ACK);
+    from_backend(&mut dp, TCP_ACK);
+    assert_eq!(counter(&dp, "tuple_clash"), 0);
+}
+
+#[test]
 fn a_closed_snat_tuple_goes_to_another_connection_only_once_the_backend_forgot_it() {
     let mut dp = nodeport_with_one_snat_port();
     assert_eq!(syn(&mut dp, OUTSIDE, 50000, 7).0, XDP_PASS);
@@ -121,13 +138,13 @@ fn a_closed_snat_tuple_goes_to_another_connection_only_once_the_backend_forgot_i
         XDP_PASS
     );
     let fwd = ct_key(OUTSIDE, 50000, NODE_IP, 30080, PROTO_TCP, CT_FORWARD);
-    assert_ne!(
-        dp.maps.conntrack.get(&fwd, 0).unwrap().flags & CT_F_CLOSING,
-        0
-    );
     assert_eq!(
         reply_flags(&dp) & (CT_F_CLOSING | CT_F_BACKEND_CLOSED_FIRST),
         CT_F_CLOSING | CT_F_BACKEND_CLOSED_FIRST
+    );
+    assert_ne!(
+        dp.maps.conntrack.get(&fwd, 0).unwrap().flags & CT_F_CLOSING,
+        0
     );
 
     // Within the backend's TIME_WAIT no other connection may have it, not
@@ -148,6 +165,12 @@ fn a_closed_snat_tuple_goes_to_another_connection_only_once_the_backend_forgot_i
     let entry = dp.maps.conntrack.get(&fwd, 0).unwrap();
     assert_eq!(entry.flags & CT_F_CLOSING, 0, "a fresh entry");
     assert_eq!(entry.syn_seq, 1_000_000u32.to_be());
+
+    // A SYN on the open connection's 5-tuple with another sequence number
+    // opens another connection (the client lost the old one): balanced
+    // again, on its own tuple.
+    assert_eq!(syn(&mut dp, OUTSIDE, 50000, 2_000_000).0, XDP_PASS);
+    assert_eq!(counter(&dp, "ct_reopened"), 2);
 
     // This time the client closes first: no TIME_WAIT at the backend, so
     // the tuple is free shortly after the last packet.
@@ -185,7 +208,17 @@ fn a_closed_snat_tuple_goes_to_another_connection_only_once_the_backend_forgot_i
 #[test]
 fn packets_whose_entries_were_evicted_are_counted() {
     let mut dp = nodeport_with_one_snat_port();
-    // A backend's answer to an SNAT port nobody holds.
+    // A backend's answer to an SNAT port nobody holds (from a pod: every
+    // pod has an endpoint entry).
+    let pod: std::net::Ipv4Addr = BACKEND.parse().unwrap();
+    let ep = lb_common::policy::EndpointInfo {
+        endpoint_id: 1,
+        ..Default::default()
+    };
+    dp.maps
+        .endpoints
+        .insert(u32::from(pod).to_be(), ep, 0)
+        .unwrap();
     let (v, _) = run_xdp(
         &mut dp,
         &Frame::tcp(BACKEND, 8080, NODE_IP, SNAT_PORT).build_with_flags(b"", TCP_ACK),
