@@ -11,7 +11,11 @@ use serde_json::Value;
 
 fn lb_inspect(lab: &Lab, what: &str, json: bool) -> String {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lb"));
-    cmd.args(["inspect", what, "--pin-dir"]).arg(lab.pin_dir(1));
+    // `what` may carry flags: "conntrack --summary".
+    cmd.arg("inspect")
+        .args(what.split_whitespace())
+        .arg("--pin-dir")
+        .arg(lab.pin_dir(1));
     if json {
         cmd.args(["-o", "json"]);
     }
@@ -135,6 +139,20 @@ async fn inspect_bpftool_and_metrics_show_the_live_state() {
         .unwrap_or_else(|| panic!("no forward entry {client} -> {vip} in {ct}"));
     assert!(api_ips.contains(flow["nat"].as_str().unwrap()), "{flow}");
     assert!(lb_inspect(&lab, "conntrack", false).contains(&vip.to_string()));
+    // Filtered by the client's address and limited; and summed up by state.
+    let only: Value = serde_json::from_str(&lb_inspect(
+        &lab,
+        &format!("conntrack --addr {client} --limit 1"),
+        true,
+    ))
+    .unwrap();
+    let only = only.as_array().unwrap();
+    assert_eq!(only.len(), 1, "{only:?}");
+    assert!(only[0].to_string().contains(&client), "{only:?}");
+    let summary: Value =
+        serde_json::from_str(&lb_inspect(&lab, "conntrack --summary", true)).unwrap();
+    assert!(summary["tcp_established"].as_u64() >= Some(2), "{summary}");
+    assert!(lb_inspect(&lab, "conntrack --summary", false).contains("snat tuples held"));
 
     // Policy: the demo's allow-api-traffic isolates the api pods for ingress.
     let policy: Value = serde_json::from_str(&lb_inspect(&lab, "policy", true)).unwrap();
@@ -199,7 +217,7 @@ async fn inspect_bpftool_and_metrics_show_the_live_state() {
                 "flags",
                 "snat_port",
                 "snat_addr",
-                "pad0",
+                "syn_seq",
             ],
         ),
         ("ENDPOINTS", &[], &["endpoint_id", "flags"]),
