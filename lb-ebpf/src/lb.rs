@@ -357,9 +357,11 @@ pub fn select_backend(flow: &Flow, service: &ServiceValue) -> Option<(u32, Backe
 }
 
 /// Where a pod's source port is moved to when its translated tuple is
-/// taken: the pod's own ephemeral range, which it uses for connections
-/// anyway.
-const REMAP_PORTS: (u16, u16) = (32768, 28232);
+/// taken: the unprivileged ports below Linux's ephemeral range, which the
+/// pod's own connections never take (so a moved flow cannot meet one of
+/// them at the backend), and which double the tuples a pod has towards
+/// each backend beside the ports its kernel picks.
+const REMAP_PORTS: (u16, u16) = (1024, 31744);
 
 /// When the translated 5-tuple (client, port -> backend) is held by
 /// another translated connection that the backend may still remember (the

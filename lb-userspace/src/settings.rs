@@ -42,7 +42,7 @@ pub struct AgentArgs {
     #[arg(long, env = "LB_CT_TCP_CLOSING_TIMEOUT", default_value_t = 10)]
     pub ct_tcp_closing_timeout: u64,
     /// Idle timeout of UDP conntrack entries, seconds.
-    #[arg(long, env = "LB_CT_UDP_TIMEOUT", default_value_t = 60)]
+    #[arg(long, env = "LB_CT_UDP_TIMEOUT", default_value_t = 30)]
     pub ct_udp_timeout: u64,
     /// Seconds between sweeps of idle conntrack entries.
     #[arg(long, env = "LB_CT_SWEEP_SECONDS", default_value_t = 10)]
@@ -215,7 +215,7 @@ mod tests {
     fn the_file_fills_what_flags_leave_at_their_default() {
         let a = parse(
             &["--pin-dir", "/sys/fs/bpf/from-flag"],
-            "pin-dir: /sys/fs/bpf/from-file\nuplink: ens3\nct-udp-timeout: 30\nmetrics-addr: ''\nbpf-log: true\n",
+            "pin-dir: /sys/fs/bpf/from-file\nuplink: ens3\nct-udp-timeout: 45\nmetrics-addr: ''\nbpf-log: true\n",
         )
         .unwrap();
         assert_eq!(
@@ -224,13 +224,13 @@ mod tests {
             "the flag wins"
         );
         assert_eq!(a.uplink, "ens3");
-        assert_eq!(a.ct_udp_timeout, 30);
+        assert_eq!(a.ct_udp_timeout, 45);
         assert_eq!(a.metrics_addr, "");
         assert_eq!(a.interface_prefix, "veth", "default kept");
         assert!(a.bpf_log);
         let cfg = a.into_config().unwrap();
         assert_eq!(cfg.metrics_addr, None);
-        assert_eq!(cfg.ct_timeouts.udp, Duration::from_secs(30));
+        assert_eq!(cfg.ct_timeouts.udp, Duration::from_secs(45));
     }
 
     #[test]

@@ -206,6 +206,74 @@ fn on_both_nodes(port: u16) -> Vec<SocketAddr> {
         .collect()
 }
 
+/// Runs one phase's client groups at once from `netns` and checks what
+/// the test promises; prints the figures and returns the problems found.
+async fn run_phase(
+    lab: &Lab,
+    netns: &str,
+    phase: &str,
+    groups: Vec<Group>,
+    length: Duration,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    let (syn_before, ct_before) = (syn_retransmissions(netns), counters(lab).await);
+    let servers_before = server_counters(lab);
+    let outcomes = run_at_once(netns, groups, length).await;
+    let syn_retrans = syn_retransmissions(netns) - syn_before;
+    let ct_after = counters(lab).await;
+    eprintln!("churn, {phase}, {length:?}:");
+    for (name, o) in &outcomes {
+        eprintln!("  {}", describe(name, o));
+        if !o.failures.is_empty() {
+            problems.push(format!(
+                "{phase}, {name}: {} failed, first: {:?}",
+                o.failures.len(),
+                &o.failures[..o.failures.len().min(5)]
+            ));
+        }
+    }
+    let deltas: Vec<(&str, f64)> = ct_after
+        .iter()
+        .zip(&ct_before)
+        .map(|((name, a), (_, b))| (*name, a - b))
+        .collect();
+    let servers: Vec<(&str, u64)> = SERVER_COUNTERS
+        .iter()
+        .copied()
+        .zip(
+            server_counters(lab)
+                .iter()
+                .zip(&servers_before)
+                .map(|(a, b)| a - b),
+        )
+        .collect();
+    eprintln!(
+        "  client SYN retransmissions: {syn_retrans}; data path: {deltas:?}; servers: {servers:?}; link drops so far: {:?}; conntrack entries: {}",
+        link_drops(lab),
+        conntrack_fill(lab).await
+    );
+    // Every SYN the client had to resend is one the data path saw meet
+    // an older connection at the backend (a clash, which the client
+    // resolves with a reset and a new SYN a few ms later): none was
+    // dropped for want of a port, or lost. Clashes themselves are an
+    // open defect (a few per 500,000 connections, see README).
+    let clashes = deltas
+        .iter()
+        .find(|(n, _)| *n == "tuple_clash")
+        .map_or(0.0, |(_, d)| *d);
+    if syn_retrans as f64 > clashes {
+        problems.push(format!(
+            "{phase}: {syn_retrans} SYN retransmissions, {clashes} of them clashes"
+        ));
+    }
+    for (name, d) in &deltas {
+        if MUST_STAY_ZERO.contains(name) && *d != 0.0 {
+            problems.push(format!("{phase}: {name} counted {d}"));
+        }
+    }
+    problems
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sustained_churn_through_nodeports_loses_no_connection() {
     let lab = common::lab_with('k', common::test_manifests("churn"), 2).await;
@@ -288,62 +356,73 @@ async fn sustained_churn_through_nodeports_loses_no_connection() {
     ];
     let mut problems = Vec::new();
     for (phase, groups) in phases {
-        let (syn_before, ct_before) = (syn_retransmissions(&ext), counters(&lab).await);
-        let servers_before = server_counters(&lab);
-        let outcomes = run_at_once(&ext, groups, length).await;
-        let syn_retrans = syn_retransmissions(&ext) - syn_before;
-        let ct_after = counters(&lab).await;
-        eprintln!("churn, {phase}, {length:?}:");
-        for (name, o) in &outcomes {
-            eprintln!("  {}", describe(name, o));
-            if !o.failures.is_empty() {
-                problems.push(format!(
-                    "{phase}, {name}: {} failed, first: {:?}",
-                    o.failures.len(),
-                    &o.failures[..o.failures.len().min(5)]
-                ));
-            }
-        }
-        let deltas: Vec<(&str, f64)> = ct_after
-            .iter()
-            .zip(&ct_before)
-            .map(|((name, a), (_, b))| (*name, a - b))
-            .collect();
-        let servers: Vec<(&str, u64)> = SERVER_COUNTERS
-            .iter()
-            .copied()
-            .zip(
-                server_counters(&lab)
-                    .iter()
-                    .zip(&servers_before)
-                    .map(|(a, b)| a - b),
-            )
-            .collect();
-        eprintln!(
-            "  client SYN retransmissions: {syn_retrans}; data path: {deltas:?}; servers: {servers:?}; link drops so far: {:?}; conntrack entries: {}",
-            link_drops(&lab),
-            conntrack_fill(&lab).await
-        );
-        // Every SYN the client had to resend is one the data path saw meet
-        // an older connection at the backend (a clash, which the client
-        // resolves with a reset and a new SYN a few ms later): none was
-        // dropped for want of a port, or lost. Clashes themselves are an
-        // open defect (a few per 500,000 connections, see README).
-        let clashes = deltas
-            .iter()
-            .find(|(n, _)| *n == "tuple_clash")
-            .map_or(0.0, |(_, d)| *d);
-        if syn_retrans as f64 > clashes {
-            problems.push(format!(
-                "{phase}: {syn_retrans} SYN retransmissions, {clashes} of them clashes"
-            ));
-        }
-        for (name, d) in &deltas {
-            if MUST_STAY_ZERO.contains(name) && *d != 0.0 {
-                problems.push(format!("{phase}: {name} counted {d}"));
-            }
+        problems.extend(run_phase(&lab, &ext, phase, groups, length).await);
+    }
+    assert!(
+        problems.is_empty(),
+        "{problems:#?}\nnode 1's agent:\n{}\nnode 2's agent:\n{}",
+        common::agent_log_tail(&lab, 1, 20),
+        common::agent_log_tail(&lab, 2, 20)
+    );
+}
+
+/// ClusterIP Services of the churn test's pods, created through the API.
+const CLUSTER_IPS: usize = 1000;
+
+/// Frontends programmed on node `node`'s maps (the agent's gauge).
+async fn frontends(lab: &Lab, node: usize) -> f64 {
+    let scrape = common::agent_http(lab, node, "/metrics")
+        .await
+        .map(|r| r.1)
+        .unwrap_or_default();
+    common::metric(&scrape, "lb_services").unwrap_or(-1.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sustained_churn_through_a_thousand_cluster_ips_loses_no_connection() {
+    let lab = common::lab_with('q', common::test_manifests("churn"), 2).await;
+    let base = [frontends(&lab, 1).await, frontends(&lab, 2).await];
+    for i in 0..CLUSTER_IPS {
+        let svc = serde_json::json!({
+            "metadata": {"name": format!("churn-{i}"), "namespace": "default"},
+            "spec": {"selector": {"app": "web"}, "ports": [
+                {"name": "http", "port": 80, "targetPort": "http"},
+                {"name": "dns", "port": 53, "targetPort": "dns", "protocol": "UDP"}]}});
+        lab.store
+            .create(lb::lab::kinds::Kind::Service, svc)
+            .expect("service");
+    }
+    // Two frontends (TCP and UDP) per Service, on both nodes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    for (node, base) in [(1, base[0]), (2, base[1])] {
+        let want = base + 2.0 * CLUSTER_IPS as f64;
+        while frontends(&lab, node).await != want {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node {node}: {} frontends, want {want}",
+                frontends(&lab, node).await
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
+    let vips = |port| -> Vec<SocketAddr> {
+        (0..CLUSTER_IPS)
+            .map(|i| common::vip(&lab, &format!("churn-{i}"), port))
+            .collect()
+    };
+    let (tcp, udp) = (vips(80), vips(53));
+    for addr in [tcp[0], tcp[CLUSTER_IPS - 1]] {
+        common::wait_backends(&lab, addr, lb_common::PROTO_TCP, 8).await;
+    }
+    let from = ("default", "client");
+    common::wait_reachable(&lab, from, tcp[0], Duration::from_secs(30)).await;
+    let netns = lab.pod_netns(from.0, from.1).expect("client netns");
+    let groups = vec![
+        ("TCP, 8 clients".to_string(), Churn::Tcp, vec![None; 8], tcp),
+        ("UDP, 2 clients".to_string(), Churn::Udp, vec![None; 2], udp),
+    ];
+    let phase = "a client pod to a thousand ClusterIPs in turn";
+    let problems = run_phase(&lab, &netns, phase, groups, phase_length()).await;
     assert!(
         problems.is_empty(),
         "{problems:#?}\nnode 1's agent:\n{}\nnode 2's agent:\n{}",
