@@ -115,25 +115,39 @@ async fn readyz(State(s): State<Shared>) -> (StatusCode, &'static str) {
 
 async fn metrics(State(s): State<Shared>) -> String {
     let dir = s.pin_dir.clone();
+    // Counting a million conntrack entries takes seconds, longer than a
+    // scrape may: above `COUNT_AT_SCRAPE` the last sweep's count serves.
+    let swept = s
+        .lock()
+        .conntrack
+        .as_ref()
+        .map(crate::conntrack::Summary::total)
+        .filter(|n| *n > COUNT_AT_SCRAPE);
     // Map reads are syscalls; keep them off the async workers.
-    let datapath = tokio::task::spawn_blocking(move || datapath_figures(&dir))
+    let datapath = tokio::task::spawn_blocking(move || datapath_figures(&dir, swept))
         .await
         .ok()
         .flatten();
     render(&s.lock(), datapath.as_ref())
 }
 
-/// Packet counters by reason and the conntrack entry count.
+/// Up to this many conntrack entries (at the last sweep) a scrape counts
+/// them afresh.
+const COUNT_AT_SCRAPE: usize = 100_000;
+
+/// Packet counters by reason and the conntrack entry count (counted, or
+/// the last sweep's when that was above `COUNT_AT_SCRAPE`).
 pub struct DatapathFigures {
     pub counters: BTreeMap<&'static str, lb_common::metrics::Counter>,
     pub conntrack_entries: usize,
 }
 
-fn datapath_figures(dir: &std::path::Path) -> Option<DatapathFigures> {
+fn datapath_figures(dir: &std::path::Path, swept: Option<usize>) -> Option<DatapathFigures> {
     let maps = crate::datapath::Maps::open_pinned(dir).ok()?;
     Some(DatapathFigures {
         counters: maps.counters().ok()?,
-        conntrack_entries: maps.conntrack.keys().filter(Result::is_ok).count(),
+        conntrack_entries: swept
+            .unwrap_or_else(|| maps.conntrack.keys().filter(Result::is_ok).count()),
     })
 }
 

@@ -127,22 +127,32 @@ fn link_drops(lab: &Lab) -> Vec<(String, u64)> {
     out
 }
 
-/// The data path's packet counters of both nodes, summed.
+/// The data path's packet counters of both nodes, summed (one scrape
+/// each).
 async fn counters(lab: &Lab) -> Vec<(&'static str, f64)> {
-    let mut sums = Vec::new();
-    for name in MUST_STAY_ZERO.iter().chain(REPORTED.iter()) {
-        let mut sum = 0.0;
-        for node in 1..=2 {
-            let (_, scrape) = common::agent_http(lab, node, "/metrics")
-                .await
-                .expect("agent /metrics");
-            let line = format!("lb_datapath_packets_total{{reason=\"{name}\"}}");
-            sum += common::metric(&scrape, &line).unwrap_or(0.0);
-        }
-        sums.push((*name, sum));
+    let mut scrapes = Vec::new();
+    for node in 1..=2 {
+        let (_, scrape) = common::agent_http(lab, node, "/metrics")
+            .await
+            .expect("agent /metrics");
+        scrapes.push(scrape);
     }
-    sums
+    MUST_STAY_ZERO
+        .iter()
+        .chain(REPORTED.iter())
+        .map(|name| {
+            let line = format!("lb_datapath_packets_total{{reason=\"{name}\"}}");
+            let sum = scrapes
+                .iter()
+                .map(|s| common::metric(s, &line).unwrap_or(0.0))
+                .sum();
+            (*name, sum)
+        })
+        .collect()
 }
+
+/// The two tests load the machine fully: one at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Each node's conntrack entries now, of the map's capacity.
 async fn conntrack_fill(lab: &Lab) -> String {
@@ -276,6 +286,7 @@ async fn run_phase(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sustained_churn_through_nodeports_loses_no_connection() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let lab = common::lab_with('k', common::test_manifests("churn"), 2).await;
     let ext = lab.ext_netns();
     // Sixteen client addresses on the outside client's interface.
@@ -380,6 +391,7 @@ async fn frontends(lab: &Lab, node: usize) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sustained_churn_through_a_thousand_cluster_ips_loses_no_connection() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let lab = common::lab_with('q', common::test_manifests("churn"), 2).await;
     let base = [frontends(&lab, 1).await, frontends(&lab, 2).await];
     for i in 0..CLUSTER_IPS {

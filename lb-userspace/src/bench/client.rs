@@ -148,19 +148,7 @@ pub fn concurrent(
             out
         })?);
     }
-    let started = Instant::now();
-    std::thread::sleep(duration);
-    stop.store(true, Ordering::Relaxed);
-    let mut all = Outcome::default();
-    for h in handles {
-        let out = h
-            .join()
-            .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
-        all.samples.extend(out.samples);
-        all.failures.extend(out.failures);
-    }
-    all.elapsed = started.elapsed();
-    Ok(all)
+    gather(handles, stop, duration)
 }
 
 /// A DNS-like query: a new UDP socket (a new source port) per query, one
@@ -234,6 +222,16 @@ pub fn churn(
             out
         })?);
     }
+    gather(handles, stop, duration)
+}
+
+/// Lets the client threads run for `duration`, stops them, and puts
+/// their samples together.
+fn gather(
+    handles: Vec<std::thread::JoinHandle<Result<Outcome>>>,
+    stop: Arc<AtomicBool>,
+    duration: Duration,
+) -> Result<Outcome> {
     let started = Instant::now();
     std::thread::sleep(duration);
     stop.store(true, Ordering::Relaxed);

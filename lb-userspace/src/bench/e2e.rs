@@ -370,7 +370,7 @@ pub fn pod_ip(lab: &Lab, name: &str) -> Result<Ipv4Addr> {
 }
 
 /// Runs `program args` in network namespace `netns` with `input` on stdin.
-fn load(netns: &str, program: &str, args: &[&str], input: &str) -> Result<()> {
+pub(super) fn load(netns: &str, program: &str, args: &[&str], input: &str) -> Result<()> {
     use std::io::Write;
     let mut child = netns::command_in(netns, program, true)?
         .args(args)

@@ -5,7 +5,9 @@
 //! address . protocol . port, then `numgen random` into endpoint chains).
 //! Pure text generation; the bench loads it with iptables-restore and
 //! `nft -f` in the lab node's namespace. Only what a ClusterIP to pod
-//! connection meets is generated (no NodePorts, no firewall chains).
+//! connection meets is generated, and for the churn bench the iptables
+//! mode's NodePorts with externalTrafficPolicy Cluster (KUBE-NODEPORTS,
+//! KUBE-EXT); no firewall chains, no Local policy.
 
 use std::{
     fmt::Write as _,
@@ -130,6 +132,11 @@ fn sep_chain(sp: &ServicePort, ep: &SocketAddrV4) -> String {
     format!("KUBE-SEP-{}", chain_hash(&format!("{}tcp{ep}", sp.name)))
 }
 
+fn ext_chain(sp: &ServicePort) -> String {
+    // kube-proxy hashes the same name for KUBE-EXT as for KUBE-SVC.
+    format!("KUBE-EXT-{}", chain_hash(&format!("{}tcp", sp.name)))
+}
+
 /// The whole nat table for iptables-restore (without --noflush: it
 /// replaces the table). Only packets from `client` jump to KUBE-SERVICES:
 /// kube-proxy jumps for every packet; the bench matches the source so that
@@ -140,6 +147,54 @@ fn sep_chain(sp: &ServicePort, ep: &SocketAddrV4) -> String {
 /// iptables-nft 1.8 here is quadratic in that mode (6,000 Services: 8 s
 /// against 1 s), so the bench, alone in the node's nat table, replaces it.
 pub fn iptables_restore(services: &[ServicePort], client: Ipv4Addr) -> String {
+    nat_table(services, Some(client), &[])
+}
+
+/// The whole nat table as [`iptables_restore`], with NodePorts too: each
+/// `(Service port, node port)` of `node_ports` (the Service port also one
+/// of `services`: a NodePort Service has a ClusterIP and its KUBE-SVC
+/// chain) opens on every local address of the node, with
+/// externalTrafficPolicy Cluster. Every packet jumps to KUBE-SERVICES, as
+/// with kube-proxy: outside clients come from anywhere, so there is no
+/// source to match (the nftables rules cannot sit beside these).
+pub fn iptables_restore_with_node_ports(
+    services: &[ServicePort],
+    node_ports: &[(&ServicePort, u16)],
+) -> String {
+    nat_table(services, None, node_ports)
+}
+
+/// kube-proxy's NodePort part for Service port `sp` on `node_port`
+/// (externalTrafficPolicy Cluster): the KUBE-EXT chain's declaration, then
+/// the rules: KUBE-NODEPORTS matches the port and jumps to KUBE-EXT, which
+/// marks the packet for masquerade (the endpoint may be on another node, and
+/// its answer must come back through this one to be un-DNATed) and goes on
+/// to the Service's KUBE-SVC chain, the ClusterIP's own endpoint choice.
+pub fn iptables_node_port(sp: &ServicePort, node_port: u16) -> (String, String) {
+    let (ext, svc, name) = (ext_chain(sp), svc_chain(sp), &sp.name);
+    (
+        format!(":{ext} - [0:0]\n"),
+        format!(
+            "-A KUBE-NODEPORTS -p tcp -m comment --comment \"{name}\" -m tcp --dport {node_port} -j {ext}\n\
+             -A {ext} -m comment --comment \"masquerade traffic for {name} external destinations\" -j KUBE-MARK-MASQ\n\
+             -A {ext} -j {svc}\n"
+        ),
+    )
+}
+
+/// The nat table: PREROUTING jumps to KUBE-SERVICES (for packets from
+/// `client` only, when given), which tests every ClusterIP in turn and,
+/// with `node_ports`, ends with the jump to KUBE-NODEPORTS for packets to
+/// one of the node's own addresses.
+fn nat_table(
+    services: &[ServicePort],
+    client: Option<Ipv4Addr>,
+    node_ports: &[(&ServicePort, u16)],
+) -> String {
+    let node_port_parts: Vec<(String, String)> = node_ports
+        .iter()
+        .map(|(sp, port)| iptables_node_port(sp, *port))
+        .collect();
     let mut o = String::from("*nat\n");
     for chain in ["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"] {
         let _ = writeln!(o, ":{chain} ACCEPT [0:0]");
@@ -147,15 +202,22 @@ pub fn iptables_restore(services: &[ServicePort], client: Ipv4Addr) -> String {
     for chain in ["KUBE-SERVICES", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"] {
         let _ = writeln!(o, ":{chain} - [0:0]");
     }
+    if !node_ports.is_empty() {
+        o.push_str(":KUBE-NODEPORTS - [0:0]\n");
+    }
     for sp in services {
         let _ = writeln!(o, ":{} - [0:0]", svc_chain(sp));
         for ep in &sp.endpoints {
             let _ = writeln!(o, ":{} - [0:0]", sep_chain(sp, ep));
         }
     }
+    for (declaration, _) in &node_port_parts {
+        o.push_str(declaration);
+    }
+    let from = client.map(|c| format!(" -s {c}/32")).unwrap_or_default();
     let _ = writeln!(
         o,
-        "-A PREROUTING -s {client}/32 -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+        "-A PREROUTING{from} -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
          -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING"
     );
     let _ = writeln!(
@@ -166,45 +228,60 @@ pub fn iptables_restore(services: &[ServicePort], client: Ipv4Addr) -> String {
          -A KUBE-MARK-MASQ -j MARK --or-mark {MASQ_MARK}"
     );
     for sp in services {
-        let (svc, ip, port, name) = (svc_chain(sp), sp.cluster_ip, sp.port, &sp.name);
-        let _ = writeln!(
-            o,
-            "-A KUBE-SERVICES -d {ip}/32 -p tcp -m comment --comment \"{name} cluster IP\" -m tcp --dport {port} -j {svc}"
+        service_rules(&mut o, sp);
+    }
+    if !node_ports.is_empty() {
+        o.push_str(
+            "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n",
         );
-        let _ = writeln!(
-            o,
-            "-A {svc} ! -s {CLUSTER_CIDR} -d {ip}/32 -p tcp -m comment --comment \"{name} cluster IP\" -m tcp --dport {port} -j KUBE-MARK-MASQ"
-        );
-        let n = sp.endpoints.len();
-        for (i, ep) in sp.endpoints.iter().enumerate() {
-            let sep = sep_chain(sp, ep);
-            // As kube-proxy: endpoint i of n is taken with probability
-            // 1/(n-i) among those left; the last one unconditionally.
-            let statistic = if i + 1 < n {
-                format!(
-                    " -m statistic --mode random --probability {:.10}",
-                    1.0 / (n - i) as f64
-                )
-            } else {
-                String::new()
-            };
-            let _ = writeln!(
-                o,
-                "-A {svc} -m comment --comment \"{name} -> {ep}\"{statistic} -j {sep}"
-            );
-        }
-        for ep in &sp.endpoints {
-            let sep = sep_chain(sp, ep);
-            let _ = writeln!(
-                o,
-                "-A {sep} -s {}/32 -m comment --comment \"{name}\" -j KUBE-MARK-MASQ\n\
-                 -A {sep} -p tcp -m comment --comment \"{name}\" -m tcp -j DNAT --to-destination {ep}",
-                ep.ip()
-            );
-        }
+    }
+    for (_, rules) in &node_port_parts {
+        o.push_str(rules);
     }
     o.push_str("COMMIT\n");
     o
+}
+
+/// One Service port's rules: its KUBE-SERVICES match, its KUBE-SVC chain
+/// (masquerade from outside the pod network, then the endpoint choice) and
+/// its endpoints' KUBE-SEP chains.
+fn service_rules(o: &mut String, sp: &ServicePort) {
+    let (svc, ip, port, name) = (svc_chain(sp), sp.cluster_ip, sp.port, &sp.name);
+    let _ = writeln!(
+        o,
+        "-A KUBE-SERVICES -d {ip}/32 -p tcp -m comment --comment \"{name} cluster IP\" -m tcp --dport {port} -j {svc}"
+    );
+    let _ = writeln!(
+        o,
+        "-A {svc} ! -s {CLUSTER_CIDR} -d {ip}/32 -p tcp -m comment --comment \"{name} cluster IP\" -m tcp --dport {port} -j KUBE-MARK-MASQ"
+    );
+    let n = sp.endpoints.len();
+    for (i, ep) in sp.endpoints.iter().enumerate() {
+        let sep = sep_chain(sp, ep);
+        // As kube-proxy: endpoint i of n is taken with probability
+        // 1/(n-i) among those left; the last one unconditionally.
+        let statistic = if i + 1 < n {
+            format!(
+                " -m statistic --mode random --probability {:.10}",
+                1.0 / (n - i) as f64
+            )
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            o,
+            "-A {svc} -m comment --comment \"{name} -> {ep}\"{statistic} -j {sep}"
+        );
+    }
+    for ep in &sp.endpoints {
+        let sep = sep_chain(sp, ep);
+        let _ = writeln!(
+            o,
+            "-A {sep} -s {}/32 -m comment --comment \"{name}\" -j KUBE-MARK-MASQ\n\
+             -A {sep} -p tcp -m comment --comment \"{name}\" -m tcp -j DNAT --to-destination {ep}",
+            ep.ip()
+        );
+    }
 }
 
 /// The nftables table.
@@ -379,6 +456,80 @@ mod tests {
         chains.sort();
         chains.dedup();
         assert_eq!(chains.len(), n, "chain names collide");
+    }
+
+    #[test]
+    fn iptables_node_ports_have_kube_proxys_shape() {
+        let text = iptables_restore_with_node_ports(&[web()], &[(&web(), 30080)]);
+        let (svc, ext) = (svc_chain(&web()), ext_chain(&web()));
+        let lines: Vec<&str> = text.lines().collect();
+        let chain = |name: &str| -> Vec<&str> {
+            let prefix = format!("-A {name} ");
+            lines
+                .iter()
+                .copied()
+                .filter(|l| l.starts_with(&prefix))
+                .collect()
+        };
+        // Every packet takes the Service rules: outside clients have no
+        // one source to match.
+        assert_eq!(
+            chain("PREROUTING"),
+            ["-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"]
+        );
+        // The ClusterIP first, then, last, packets for the node's own
+        // addresses go to KUBE-NODEPORTS.
+        let services = chain("KUBE-SERVICES");
+        assert_eq!(services.len(), 2);
+        assert!(services[0].ends_with(&format!("--dport 80 -j {svc}")));
+        assert!(services[1].ends_with("-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"));
+        // The node port goes to KUBE-EXT, which marks, then takes the
+        // Service's own endpoint choice.
+        assert_eq!(
+            chain("KUBE-NODEPORTS"),
+            [format!("-A KUBE-NODEPORTS -p tcp -m comment --comment \"default/web:http\" -m tcp --dport 30080 -j {ext}")]
+        );
+        let ext_rules = chain(&ext);
+        assert_eq!(ext_rules.len(), 2);
+        assert!(ext_rules[0].ends_with("-j KUBE-MARK-MASQ"));
+        assert_eq!(ext_rules[1], format!("-A {ext} -j {svc}"));
+        assert_eq!(ext[9..], svc[9..], "KUBE-EXT and KUBE-SVC share a hash");
+        // Marked packets, and only they, are masqueraded (Linux conntrack
+        // picks the port), the mark cleared first.
+        assert_eq!(
+            chain("KUBE-POSTROUTING"),
+            [
+                "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN",
+                "-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000",
+                "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully",
+            ]
+        );
+        assert_eq!(
+            chain("KUBE-MARK-MASQ"),
+            ["-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000"]
+        );
+        assert_eq!(chain(&svc).len(), 4, "the masquerade match and 3 picks");
+        // Every chain jumped to is declared (iptables-restore refuses the
+        // table otherwise), and fits iptables' 28 characters.
+        let declared: Vec<&str> = lines
+            .iter()
+            .filter_map(|l| l.strip_prefix(':'))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        assert!(declared.iter().all(|c| c.len() <= 28));
+        const TARGETS: [&str; 4] = ["DNAT", "MASQUERADE", "MARK", "RETURN"];
+        for l in &lines {
+            if let Some((_, target)) = l.split_once(" -j ") {
+                let target = target.split_whitespace().next().unwrap_or("");
+                assert!(
+                    declared.contains(&target) || TARGETS.contains(&target),
+                    "{l}: {target} is not declared"
+                );
+            }
+        }
+        // The ClusterIP-only table has no NodePort part.
+        let plain = iptables_restore(&[web()], Ipv4Addr::new(10, 244, 1, 9));
+        assert!(!plain.contains("KUBE-NODEPORTS") && !plain.contains("KUBE-EXT"));
     }
 
     #[test]

@@ -1,9 +1,10 @@
-//! The lab's sections of BENCHMARKS.md (end to end and control path) and
-//! the end-to-end plot.
+//! The lab's sections of BENCHMARKS.md (end to end, churn and control
+//! path) and the end-to-end plot.
 
 use std::fmt::Write as _;
 
 use super::{
+    churn,
     e2e::{Figures, Mode, Row},
     plot::{line_chart, Series},
     Results, Stats,
@@ -138,6 +139,119 @@ pub fn end_to_end(o: &mut String, r: &Results) {
             p.lb.as_secs_f64(),
             p.iptables.as_secs_f64(),
             p.nftables.as_secs_f64()
+        );
+    }
+    let _ = writeln!(o);
+}
+
+pub fn churn(o: &mut String, r: &Results) {
+    let (c, s) = (&r.churn, &r.plan.churn);
+    if c.rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(o, "## Churn: a new connection per request\n");
+    let _ = writeln!(
+        o,
+        "Two labs run side by side on this machine ({cores} cores, shared by \
+         the labs, the clients and the echo pods: the rates are what the \
+         whole machine sustains, not a network's), two nodes each, with eight \
+         echo pods spread over both nodes behind Service `web` (ClusterIP) \
+         and Service `web-np` (NodePort 30080, externalTrafficPolicy \
+         Cluster), and two client pods on node 1. One lab runs lb's agent on \
+         each node. The other has no agents: each node's nat table holds \
+         rules shaped like kube-proxy's iptables mode, loaded with one \
+         iptables-restore (PREROUTING → KUBE-SERVICES: each ClusterIP, then, \
+         last, `-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS`; the node port \
+         → KUBE-EXT-*, which marks 0x4000 (KUBE-MARK-MASQ) → KUBE-SVC-* \
+         (`statistic random` per endpoint) → KUBE-SEP-* DNAT; POSTROUTING → \
+         KUBE-POSTROUTING: unmarked packets return, marked ones are \
+         unmarked and get `MASQUERADE --random-fully`), so Linux conntrack \
+         does the NAT (nf_conntrack_max {ct_max}).\n",
+        cores = c.cores,
+        ct_max = c
+            .conntrack_max
+            .map_or("unknown".to_string(), |n| n.to_string()),
+    );
+    let _ = writeln!(
+        o,
+        "Every client opens a new TCP connection per request (connect, HTTP \
+         GET, answer, close) and the next one without pause, for {d:?} per \
+         mode and path. **NodePort**: {src} clients in the outside namespace, \
+         each bound to an address of its own (172.18.0.101 and on), going \
+         round node 1's and node 2's address on the node port in turn; \
+         the floor is the same clients straight to the eight pods' addresses, \
+         routed through their node with nothing translated. **ClusterIP**: \
+         {w} clients in the client pod, to the ClusterIP; the floor runs from \
+         the second pod on node 1, straight to the pods' addresses (from a \
+         pod of its own: a ClusterIP flow from a pod is not SNATed, so from \
+         the same pod a floor connection could share its 5-tuple with a \
+         ClusterIP one still in TIME_WAIT at the backend). On each path the \
+         floor, the iptables shape and lb run one after another, each alone; \
+         one run, and the ratios are taken within it, against the floor of \
+         the same path. **failed**: requests that met an error (refused, \
+         reset, 3 s without an answer, a wrong answer), of all sent. **SYN \
+         retransmissions**: TcpExtTCPSynRetrans of the client's namespace \
+         over the mode's run (each costs its request at least 1 s). \
+         **Request**: connect to the answer's end, of answered requests; \
+         requests/s counts answered ones.\n",
+        d = s.duration,
+        src = s.sources,
+        w = s.workers,
+    );
+    for path in churn::Path::ALL {
+        churn_table(o, c, path);
+    }
+}
+
+fn churn_table(o: &mut String, c: &churn::Results, path: churn::Path) {
+    let row = |mode| c.rows.iter().find(|x| x.path == path && x.mode == mode);
+    if churn::Mode::ALL.iter().all(|&m| row(m).is_none()) {
+        return;
+    }
+    let _ = writeln!(o, "### {}\n", path.name());
+    let _ = writeln!(
+        o,
+        "| mode | requests/s | failed | client SYN retransmissions | request p50 (ms) | request p99 (ms) | p99 ÷ floor |"
+    );
+    let _ = writeln!(o, "|---|---|---|---|---|---|---|");
+    let floor_p99 = row(churn::Mode::Floor).map(|f| f.request_ms[1]);
+    for mode in churn::Mode::ALL {
+        let Some(x) = row(mode) else { continue };
+        let ratio = match floor_p99 {
+            Some(f) if f > 0.0 => format!("{:.2}", x.request_ms[1] / f),
+            _ => "–".into(),
+        };
+        let _ = writeln!(
+            o,
+            "| {} | {:.0} | {} of {} | {} | {:.2} | {:.2} | {ratio} |",
+            mode.name(),
+            x.rps,
+            x.failures,
+            x.requests,
+            x.syn_retransmissions,
+            x.request_ms[0],
+            x.request_ms[1]
+        );
+    }
+    if let (Some(lb), Some(ipt)) = (row(churn::Mode::Lb), row(churn::Mode::Iptables)) {
+        if ipt.rps > 0.0 {
+            let _ = writeln!(
+                o,
+                "\nlb's rate ÷ the iptables shape's: {:.2}.",
+                lb.rps / ipt.rps
+            );
+        }
+    }
+    for x in c.rows.iter().filter(|x| x.path == path && x.failures > 0) {
+        let _ = writeln!(
+            o,
+            "\n{}: first failures: {}",
+            x.mode.name(),
+            x.first_failures
+                .iter()
+                .map(|f| format!("`{f}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     let _ = writeln!(o);

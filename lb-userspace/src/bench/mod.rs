@@ -3,6 +3,7 @@
 //! each comparison is a ratio taken within one run. Writes BENCHMARKS.md and
 //! a plot.
 
+pub mod churn;
 pub mod client;
 pub mod control;
 pub mod datapath;
@@ -57,6 +58,7 @@ pub struct Plan {
     pub maglev_flows: usize,
     pub maglev_trials: usize,
     pub e2e: e2e::Settings,
+    pub churn: churn::Settings,
     pub control: control::Settings,
 }
 
@@ -75,6 +77,11 @@ impl Plan {
             sequential: 1_000,
             workers: 4,
             duration: std::time::Duration::from_secs(2),
+        },
+        churn: churn::Settings {
+            duration: std::time::Duration::from_secs(60),
+            sources: 16,
+            workers: 8,
         },
         control: control::Settings {
             services: 10_000,
@@ -97,6 +104,11 @@ impl Plan {
             workers: 2,
             duration: std::time::Duration::from_millis(500),
         },
+        churn: churn::Settings {
+            duration: std::time::Duration::from_secs(5),
+            sources: 16,
+            workers: 8,
+        },
         control: control::Settings {
             services: 500,
             endpoints: 10,
@@ -113,6 +125,7 @@ pub struct Results {
     pub movement: Vec<maglev::Movement>,
     pub build: Vec<maglev::BuildTime>,
     pub e2e: e2e::Results,
+    pub churn: churn::Results,
     pub control: control::Results,
     pub plan: Plan,
     pub took: std::time::Duration,
@@ -121,14 +134,16 @@ pub struct Results {
 }
 
 /// The bench's labs: end to end with the agent, with kube-proxy-shaped
-/// rules, and the control path.
-pub const LAB_PREFIXES: [&str; 3] = ["bnchl", "bnchr", "bnchc"];
+/// rules, the control path, and churn (new connections) with the agents
+/// and with the rules.
+pub const LAB_PREFIXES: [&str; 5] = ["bnchl", "bnchr", "bnchc", "bnchnl", "bnchnr"];
 
 /// The parts of the bench, to run some of them only (`lb bench --only`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Part {
     Datapath,
     EndToEnd,
+    Churn,
     Control,
     Maglev,
 }
@@ -138,6 +153,7 @@ impl Part {
         match self {
             Part::Datapath => "data path",
             Part::EndToEnd => "end to end",
+            Part::Churn => "churn",
             Part::Control => "control path",
             Part::Maglev => "Maglev",
         }
@@ -157,6 +173,7 @@ pub async fn run(plan: Plan, parts: &[Part], out_dir: &Path, lb_binary: &Path) -
         movement: Vec::new(),
         build: Vec::new(),
         e2e: Default::default(),
+        churn: Default::default(),
         control: Default::default(),
         plan,
         took: Default::default(),
@@ -179,6 +196,11 @@ pub async fn run(plan: Plan, parts: &[Part], out_dir: &Path, lb_binary: &Path) -
     if wanted(Part::EndToEnd) {
         results.e2e = e2e::run(&plan.e2e, LAB_PREFIXES[0], LAB_PREFIXES[1], lb_binary).await?;
         done(Part::EndToEnd, &mut results);
+    }
+    if wanted(Part::Churn) {
+        results.churn =
+            churn::run(&plan.churn, LAB_PREFIXES[3], LAB_PREFIXES[4], lb_binary).await?;
+        done(Part::Churn, &mut results);
     }
     if wanted(Part::Control) {
         results.control = control::run(&plan.control, LAB_PREFIXES[2], lb_binary).await?;

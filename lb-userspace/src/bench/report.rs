@@ -142,11 +142,12 @@ pub fn write(r: &Results, out_dir: &Path) -> Result<()> {
         let _ = writeln!(o, "| {} | {} | {ratio:.2} |", m.label, ns(&m.ns));
     }
 
-    // 2 and 3: the lab.
+    // 2 to 4: the lab.
     lab_report::end_to_end(&mut o, r);
+    lab_report::churn(&mut o, r);
     lab_report::control(&mut o, r);
 
-    // 4. Maglev.
+    // 5. Maglev.
     let _ = writeln!(o, "\n## Maglev\n");
     let _ = writeln!(
         o,
