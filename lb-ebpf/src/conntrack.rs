@@ -211,6 +211,13 @@ pub fn forget_translated_reply(flow: &Flow) {
     }
 }
 
+/// The reply entry's key of a tuple at the backend: `backend` answering
+/// to `src:port`.
+#[inline(always)]
+pub fn tuple_at_backend(backend: &Backend, src: u32, port: u16, proto: u8) -> ConntrackKey {
+    key(backend.addr, src, backend.port, port, proto, CT_REPLY)
+}
+
 /// Whether a new connection may have a tuple at the backend.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Claim {
@@ -295,8 +302,7 @@ pub fn free_port<P: Packet>(
         }
         let offset = hash.wrapping_add(i.wrapping_mul(stride)) % span;
         let port = min.wrapping_add(offset as u16).to_be();
-        let k = key(backend.addr, src, backend.port, port, flow.proto, CT_REPLY);
-        match claim(&k, flow) {
+        match claim(&tuple_at_backend(backend, src, port, flow.proto), flow) {
             Claim::Free => return Some(port),
             Claim::Reused => {
                 count(ctx, reason::TUPLE_REUSED);

@@ -5,7 +5,7 @@ use aya_ebpf::{btf_maps::lpm_trie::Key, helpers::bpf_ktime_get_ns, programs::TcC
 use aya_log_ebpf::info;
 use lb_common::{
     backend::Backend,
-    conntrack::{ConntrackEntry, ConntrackKey, CT_REPLY},
+    conntrack::ConntrackEntry,
     metrics::reason,
     service::{
         AffinityKey, AffinityValue, ServiceKey, ServiceValue, SourceRange, SERVICE_F_AFFINITY,
@@ -373,15 +373,7 @@ const REMAP_PORTS: (u16, u16) = (1024, 31744);
 /// (or no free port was found; the entry is then taken over, counted).
 #[inline(always)]
 fn free_source_port(ctx: &TcContext, flow: &Flow, backend: &Backend) -> Option<u16> {
-    let k = ConntrackKey {
-        saddr: backend.addr,
-        daddr: flow.saddr,
-        sport: backend.port,
-        dport: flow.sport,
-        proto: flow.proto,
-        direction: CT_REPLY,
-        pad0: 0,
-    };
+    let k = conntrack::tuple_at_backend(backend, flow.saddr, flow.sport, flow.proto);
     match conntrack::claim(&k, flow) {
         Claim::Free => return None,
         Claim::Reused => {
