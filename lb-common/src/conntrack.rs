@@ -17,14 +17,18 @@
 //! client to restore as destination (reply entry, keyed by the backend's
 //! reply to `node:snat_port`). Zero when there is no SNAT.
 
-/// Entries of the CONNTRACK LRU: two per connection; once it is closed, the
-/// forward entry goes after the agent's closing timeout (10 s) and the
-/// reply entry, the tuple's guard, after `CLOSED_HOLD_NS`. At 6,000 new
-/// connections a second through one node that is about 500,000 entries,
-/// which the churn test reaches on two cores; an LRU that fills evicts
-/// guards (then `tuple_clash`) and live entries (`ct_miss_midflow`,
-/// `reply_miss`). About 100 MB per node, preallocated (LRU maps are);
-/// Linux's nf_conntrack_max on a large node is 262,144 of larger entries.
+/// Entries of the CONNTRACK LRU: two per translated connection (its
+/// NetworkPolicy verdict rides on them), and one NetworkPolicy entry per
+/// connection a pod receives; once closed, entries go after the agent's
+/// closing timeout (10 s), except the reply entry of a connection the
+/// backend closed first, the tuple's guard, after `CLOSED_HOLD_NS`. At
+/// 5,000 new connections a second through one node, and 2,000 UDP queries,
+/// that is about 600,000 entries, which the churn test reaches on two
+/// cores; an LRU that fills evicts guards (then `tuple_clash`) and live
+/// entries (`ct_miss_midflow`, `reply_miss`), and the agent warns when a
+/// sweep leaves it 70% full. About 100 MB per node, preallocated (LRU maps
+/// are); Linux's nf_conntrack_max on a large node is 262,144 of larger
+/// entries.
 pub const CONNTRACK_MAX_ENTRIES: u32 = 1_048_576;
 
 /// How long a closed TCP connection's tuple stays its own when the backend

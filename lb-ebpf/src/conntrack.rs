@@ -211,6 +211,16 @@ pub fn forget_translated_reply(flow: &Flow) {
     }
 }
 
+/// A packet that answers a translated flow after its reverse NAT (from
+/// the frontend to the client): the flow's forward entry exists.
+#[inline(always)]
+pub fn answers_translated(flow: &Flow) -> bool {
+    let sent = key(
+        flow.daddr, flow.saddr, flow.dport, flow.sport, flow.proto, CT_FORWARD,
+    );
+    CONNTRACK.get_ptr(sent).is_some()
+}
+
 /// The reply entry's key of a tuple at the backend: `backend` answering
 /// to `src:port`.
 #[inline(always)]

@@ -44,8 +44,9 @@ pub fn from_pod(ctx: &TcContext) -> Result<i32, i32> {
 
     let tracked = conntrack::lookup_translated(ctx, &conntrack::forward_key(&flow), &flow);
     if let Some(entry) = &tracked {
+        // The entry was written once the pod's egress policy admitted the
+        // flow: it stands for that verdict for the flow's life.
         if keeps_backend(ctx, entry, &flow) {
-            egress_policy(ctx, &flow, entry.nat_addr, entry.nat_port)?;
             dnat_snat(ctx, &flow, entry)?;
             count(ctx, reason::FORWARDED);
             return Ok(PASS);
@@ -220,11 +221,15 @@ pub fn to_pod(ctx: &TcContext) -> Result<i32, i32> {
     let Parsed::Flow(flow) = packet::parse(ctx) else {
         return Ok(PASS);
     };
-    if !policy::admit_ingress(&flow) {
+    // Replies of flows the pod sent to a Service are admitted by the flow's
+    // translation (`policy::admit_egress`): still to be reverse-translated
+    // (a backend elsewhere), or already (a backend on this node).
+    let reply = conntrack::lookup_translated(ctx, &conntrack::reply_key(&flow), &flow);
+    if reply.is_none() && !conntrack::answers_translated(&flow) && !policy::admit_ingress(&flow) {
         count(ctx, reason::DROP_POLICY);
         return Err(DROP);
     }
-    let Some(entry) = conntrack::lookup_translated(ctx, &conntrack::reply_key(&flow), &flow) else {
+    let Some(entry) = reply else {
         return Ok(PASS);
     };
     reverse_nat(ctx, &flow, &entry)?;

@@ -129,13 +129,20 @@ fn track(key: &ConntrackKey) {
 
 /// Traffic a local pod sends (`flow` after DNAT): a reply of a flow it
 /// admitted, a flow it already sends, or a new flow its egress policy allows.
+/// A flow to a Service (`original` was translated to `flow`) is recorded by
+/// its translation's conntrack entries, which the caller writes once it is
+/// admitted: its packets and replies find those (`lb::from_pod`,
+/// `lb::to_pod`), so no policy entry is kept for it. Two entries fewer per
+/// connection: at thousands of new connections a second the closed ones'
+/// entries are what fills the table.
 #[inline(always)]
 pub fn admit_egress(flow: &Flow, original: &Flow) -> bool {
     if known(&key(original, CT_POLICY_INGRESS, true), original) {
         return true; // a reply (matched before reverse NAT)
     }
+    let translated = original.daddr != flow.daddr || original.dport != flow.dport;
     let k = key(flow, CT_POLICY_EGRESS, false);
-    if known(&k, flow) {
+    if !translated && known(&k, flow) {
         return true;
     }
     let Some(ep) = endpoint(flow.saddr) else {
@@ -149,11 +156,8 @@ pub fn admit_egress(flow: &Flow, original: &Flow) -> bool {
             return false;
         }
     }
-    track(&k);
-    // Also as sent (to the Service address): when the backend is on this
-    // node, its reply is reverse-translated before it reaches this pod.
-    if original.daddr != flow.daddr || original.dport != flow.dport {
-        track(&key(original, CT_POLICY_EGRESS, false));
+    if !translated {
+        track(&k);
     }
     true
 }

@@ -320,6 +320,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 match crate::conntrack::sweep(&mut dp.maps, &cfg.ct_timeouts) {
                     Ok((summary, removed)) => {
                         tracing::debug!(live = summary.total(), removed, "conntrack sweep");
+                        crate::conntrack::warn_if_filling(&summary);
                         stats.lock().conntrack = Some(summary);
                     }
                     Err(e) => tracing::warn!("conntrack sweep: {e:#}"),

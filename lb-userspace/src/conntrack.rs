@@ -8,8 +8,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use lb_common::{
     conntrack::{
-        ConntrackEntry, ConntrackKey, CLOSED_HOLD_NS, CT_FORWARD, CT_F_BACKEND_CLOSED_FIRST,
-        CT_F_CLOSING, CT_F_EXTERNAL, CT_F_RESET, CT_REPLY, NO_TIME_WAIT_HOLD_NS,
+        ConntrackEntry, ConntrackKey, CLOSED_HOLD_NS, CONNTRACK_MAX_ENTRIES, CT_FORWARD,
+        CT_F_BACKEND_CLOSED_FIRST, CT_F_CLOSING, CT_F_EXTERNAL, CT_F_RESET, CT_REPLY,
+        NO_TIME_WAIT_HOLD_NS,
     },
     PROTO_TCP,
 };
@@ -54,7 +55,7 @@ impl Default for Timeouts {
 /// (both CLOCK_MONOTONIC, as bpf_ktime_get_ns).
 pub fn expired(key: &ConntrackKey, entry: &ConntrackEntry, now_ns: u64, t: &Timeouts) -> bool {
     let time_wait_guard = key.direction == CT_REPLY && entry.flags & CT_F_BACKEND_CLOSED_FIRST != 0;
-    let limit = match (key.proto, State::of(key, entry)) {
+    let limit = match (key.proto, State::of(entry)) {
         (PROTO_TCP, State::Closing) if time_wait_guard => t.tcp_time_wait.max(t.tcp_closing),
         (PROTO_TCP, State::Closing | State::Reset) => t.tcp_closing,
         (PROTO_TCP, _) => t.tcp_established,
@@ -63,21 +64,24 @@ pub fn expired(key: &ConntrackKey, entry: &ConntrackEntry, now_ns: u64, t: &Time
     now_ns.saturating_sub(entry.last_seen_ns) > limit.as_nanos() as u64
 }
 
-/// What an entry is, for the summary and the timeouts.
+/// Where a connection is, for the summary and the timeouts: from the
+/// flags the data path sets, on translation and NetworkPolicy entries
+/// alike (a policy entry is marked closing by the FIN or RST it sees too).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum State {
     Established,
     Closing,
     Reset,
-    /// A NetworkPolicy entry (an admitted flow), not a translation.
-    Policy,
+}
+
+/// A NetworkPolicy entry (an admitted flow), not a translation.
+pub fn is_policy(key: &ConntrackKey) -> bool {
+    key.direction != CT_FORWARD && key.direction != CT_REPLY
 }
 
 impl State {
-    pub fn of(key: &ConntrackKey, entry: &ConntrackEntry) -> Self {
-        if key.direction != CT_FORWARD && key.direction != CT_REPLY {
-            State::Policy
-        } else if entry.flags & CT_F_RESET != 0 {
+    pub fn of(entry: &ConntrackEntry) -> Self {
+        if entry.flags & CT_F_RESET != 0 {
             State::Reset
         } else if entry.flags & CT_F_CLOSING != 0 {
             State::Closing
@@ -115,9 +119,9 @@ pub fn summarize(entries: &[(ConntrackKey, ConntrackEntry)], now_ns: u64) -> Sum
     let mut s = Summary::default();
     let mut per_backend = std::collections::HashMap::<(u32, u16), usize>::new();
     for (k, e) in entries {
-        let state = State::of(k, e);
+        let state = State::of(e);
         match (state, k.proto) {
-            (State::Policy, _) => s.policy += 1,
+            _ if is_policy(k) => s.policy += 1,
             (_, p) if p != PROTO_TCP => s.udp += 1,
             (State::Established, _) => s.tcp_established += 1,
             (State::Closing, _) => s.tcp_closing += 1,
@@ -131,7 +135,6 @@ pub fn summarize(entries: &[(ConntrackKey, ConntrackEntry)], now_ns: u64) -> Sum
             State::Established => true,
             State::Closing if e.flags & CT_F_BACKEND_CLOSED_FIRST != 0 => idle < CLOSED_HOLD_NS,
             State::Closing | State::Reset => idle < NO_TIME_WAIT_HOLD_NS,
-            State::Policy => false,
         };
         if snat_reply && held {
             s.snat_tuples_held += 1;
@@ -140,6 +143,27 @@ pub fn summarize(entries: &[(ConntrackKey, ConntrackEntry)], now_ns: u64) -> Sum
     }
     s.snat_tuples_held_max_backend = per_backend.values().copied().max().unwrap_or(0);
     s
+}
+
+/// Whether a table holding `live` entries after a sweep is near full: new
+/// entries come in between sweeps, and an LRU that fills evicts the oldest
+/// closed connections' entries, the tuples' TIME_WAIT guards among them
+/// (then `tuple_clash`), before live ones.
+pub fn filling(live: usize) -> bool {
+    live as u64 * 10 > u64::from(CONNTRACK_MAX_ENTRIES) * 7
+}
+
+/// Says so when the table is `filling`.
+pub fn warn_if_filling(summary: &Summary) {
+    if filling(summary.total()) {
+        tracing::warn!(
+            live = summary.total(),
+            capacity = CONNTRACK_MAX_ENTRIES,
+            ?summary,
+            "the conntrack table is more than 70% full after a sweep: closed connections' \
+             entries may be evicted early (watch lb_datapath_packets_total, reasons tuple_clash and ct_miss_midflow)"
+        );
+    }
 }
 
 /// The clock bpf_ktime_get_ns reads.
@@ -181,7 +205,10 @@ pub fn sweep(maps: &mut Maps, t: &Timeouts) -> Result<(Summary, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lb_common::PROTO_UDP;
+    use lb_common::{
+        conntrack::{CT_POLICY_EGRESS, CT_POLICY_INGRESS},
+        PROTO_UDP,
+    };
 
     #[test]
     fn expiry_by_protocol_and_state() {
@@ -205,6 +232,19 @@ mod tests {
             (PROTO_TCP, CT_REPLY, CT_F_CLOSING, 3, true),
             (PROTO_TCP, CT_REPLY, tw | CT_F_RESET, 1, false),
             (PROTO_TCP, CT_REPLY, tw | CT_F_RESET, 3, true),
+            // NetworkPolicy entries close as translations do (they once
+            // stayed for the established timeout and filled the LRU).
+            (PROTO_TCP, CT_POLICY_EGRESS, 0, 99, false),
+            (PROTO_TCP, CT_POLICY_EGRESS, CT_F_CLOSING, 1, false),
+            (PROTO_TCP, CT_POLICY_EGRESS, CT_F_CLOSING, 3, true),
+            (
+                PROTO_TCP,
+                CT_POLICY_INGRESS,
+                CT_F_CLOSING | CT_F_RESET,
+                3,
+                true,
+            ),
+            (PROTO_UDP, CT_POLICY_INGRESS, 0, 31, true),
             (PROTO_UDP, CT_FORWARD, 0, 29, false),
             (PROTO_UDP, CT_REPLY, 0, 31, true),
         ];
