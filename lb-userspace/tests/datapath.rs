@@ -690,7 +690,10 @@ fn load_balancer_source_ranges_admit_listed_clients_only() {
 mod network_policy {
     use super::*;
     use aya::maps::lpm_trie::Key;
-    use lb_common::policy::*;
+    use lb_common::{
+        conntrack::{CT_POLICY_EGRESS, CT_POLICY_INGRESS},
+        policy::*,
+    };
 
     const POD_A: &str = "10.244.1.10";
     const POD_B: &str = "10.244.1.20";
@@ -853,6 +856,58 @@ mod network_policy {
             &Frame::tcp(VIP, 80, POD_A, 40001).build(b""),
         );
         assert_eq!(v, TC_ACT_OK);
+    }
+
+    #[test]
+    fn a_flow_to_a_service_is_admitted_both_ways_by_its_translation_alone() {
+        // A is isolated both ways and may send to B:8080 only.
+        let mut dp = setup(ENDPOINT_F_INGRESS_ISOLATED | ENDPOINT_F_EGRESS_ISOLATED, 0);
+        allow(&mut dp, 1, DIR_EGRESS, PROTO_TCP, ID_B, 8080, 16);
+        let (v, out) = run(
+            &mut dp,
+            PROG_FROM_POD,
+            &Frame::tcp(POD_A, 40001, VIP, 80).build(b""),
+        );
+        assert_eq!(v, TC_ACT_OK);
+        assert_eq!(Frame::parse(&out).unwrap().dst.to_string(), POD_B);
+        // The translation's entries are the flow's record: no policy entry.
+        let kinds: Vec<u8> = dp
+            .maps
+            .conntrack
+            .keys()
+            .map(|k| k.unwrap().direction)
+            .collect();
+        assert!(
+            !kinds.contains(&CT_POLICY_EGRESS) && !kinds.contains(&CT_POLICY_INGRESS),
+            "{kinds:?}"
+        );
+        // Later packets pass on the entry.
+        assert_eq!(
+            verdict(&mut dp, PROG_FROM_POD, Frame::tcp(POD_A, 40001, VIP, 80)),
+            TC_ACT_OK
+        );
+        // B's reply as a backend elsewhere sends it, before reverse NAT, is
+        // admitted by A's ingress and gets the VIP back.
+        let (v, reply) = run(
+            &mut dp,
+            PROG_TO_POD,
+            &Frame::tcp(POD_B, 8080, POD_A, 40001).build(b""),
+        );
+        assert_eq!(v, TC_ACT_OK);
+        assert_eq!(Frame::parse(&reply).unwrap().src.to_string(), VIP);
+        // As a backend on this node sends it: already from the VIP.
+        assert_eq!(
+            verdict(&mut dp, PROG_TO_POD, Frame::tcp(VIP, 80, POD_A, 40001)),
+            TC_ACT_OK
+        );
+        // Nothing else from B or the VIP gets in.
+        for f in [
+            Frame::tcp(POD_B, 8080, POD_A, 40002),
+            Frame::tcp(VIP, 80, POD_A, 40002),
+        ] {
+            assert_eq!(verdict(&mut dp, PROG_TO_POD, f), TC_ACT_SHOT);
+        }
+        assert_eq!(counter(&dp, "drop_policy"), 2);
     }
 
     #[test]
