@@ -7,10 +7,21 @@ use anyhow::{bail, Context, Result};
 
 use crate::run;
 
-/// Debian packages the lab and the tests use (skopeo and umoci check the
-/// OCI image that `cargo xtask image` writes).
+/// Debian packages the lab, the tests and the bench use (skopeo and umoci
+/// check the OCI image that `cargo xtask image` writes; conntrack empties
+/// Linux's table between the churn bench's modes; tcpdump, for captures
+/// when a lab test is chased).
 const PACKAGES: &[&str] = &[
-    "bpftool", "iproute2", "iptables", "nftables", "curl", "ethtool", "skopeo", "umoci",
+    "bpftool",
+    "iproute2",
+    "iptables",
+    "nftables",
+    "conntrack",
+    "curl",
+    "ethtool",
+    "skopeo",
+    "umoci",
+    "tcpdump",
 ];
 
 fn output(cmd: &mut Command) -> Result<String> {

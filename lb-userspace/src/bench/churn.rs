@@ -163,6 +163,10 @@ pub async fn run(
         conntrack_max: conntrack_max(&with_rules.node_netns(1)),
     };
     for r in &runs {
+        // The floor runs through the rules lab's nodes, whose conntrack
+        // tracks it too (nat rules are loaded there): without a flush the
+        // iptables shape would start on a table the floor filled.
+        flush_conntrack(&with_rules)?;
         eprintln!(
             "bench: churn, {}, {}, {:?}",
             r.path.name(),
@@ -261,6 +265,23 @@ fn route_pods_from(netns: &str) -> Result<()> {
         let (cidr, len) = net::pod_cidr(i);
         let (to, via) = (format!("{cidr}/{len}"), net::node_ip(i).to_string());
         ip(&["-n", netns, "route", "add", &to, "via", &via])?;
+    }
+    Ok(())
+}
+
+/// Empties Linux conntrack in each node of `lab` (`conntrack -F`).
+fn flush_conntrack(lab: &Lab) -> Result<()> {
+    for i in 1..=NODES {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &lab.node_netns(i), "conntrack", "-F"])
+            .output()
+            .context("running conntrack -F (package conntrack; cargo xtask setup installs it)")?;
+        if !out.status.success() {
+            bail!(
+                "conntrack -F in node {i}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
     }
     Ok(())
 }

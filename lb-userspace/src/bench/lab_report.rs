@@ -166,7 +166,10 @@ pub fn churn(o: &mut String, r: &Results) {
          (`statistic random` per endpoint) → KUBE-SEP-* DNAT; POSTROUTING → \
          KUBE-POSTROUTING: unmarked packets return, marked ones are \
          unmarked and get `MASQUERADE --random-fully`), so Linux conntrack \
-         does the NAT (nf_conntrack_max {ct_max}).\n",
+         does the NAT (nf_conntrack_max {ct_max}, TIME_WAIT 120 s, the \
+         kernel's defaults, which kube-proxy leaves; the table is flushed \
+         with `conntrack -F` before each mode, as the floor runs through \
+         the same nodes).\n",
         cores = c.cores,
         ct_max = c
             .conntrack_max
