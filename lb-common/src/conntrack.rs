@@ -117,5 +117,8 @@ pub const CT_F_RESET: u16 = 1 << 2;
 pub const CT_F_BACKEND_CLOSED_FIRST: u16 = 1 << 3;
 /// The backend has answered (set on the reply entry by its first packet).
 pub const CT_F_ANSWERED: u16 = 1 << 4;
+/// The connection's tuple at the backend was given up by a closed
+/// connection (`claim` said it was reused), for `TUPLE_CLASH_REUSED`.
+pub const CT_F_TUPLE_REUSED: u16 = 1 << 5;
 
 crate::user_pod!(ConntrackKey, ConntrackEntry);

@@ -43,7 +43,13 @@ pub mod reason {
     /// it holds an older connection on the tuple (TIME_WAIT). The client
     /// resets it and resends its SYN. What tuple reuse must never cause.
     pub const TUPLE_CLASH: u32 = 15;
-    pub const COUNT: u32 = 16;
+    /// Of `TUPLE_CLASH`: the connection's tuple had been given up by a
+    /// closed connection (`TUPLE_REUSED`): the hold was too short for it.
+    pub const TUPLE_CLASH_REUSED: u32 = 16;
+    /// Of `TUPLE_CLASH`: the connection kept its client's own source
+    /// (no SNAT, no moved port).
+    pub const TUPLE_CLASH_OWN_SOURCE: u32 = 17;
+    pub const COUNT: u32 = 18;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "new_flow",
@@ -62,6 +68,8 @@ pub mod reason {
         "ct_miss_midflow",
         "reply_miss",
         "tuple_clash",
+        "tuple_clash_reused",
+        "tuple_clash_own_source",
     ];
 }
 

@@ -5,8 +5,8 @@ use lb_common::{
     backend::Backend,
     conntrack::{
         ConntrackEntry, ConntrackKey, CLOSED_HOLD_NS, CT_FORWARD, CT_F_ANSWERED,
-        CT_F_BACKEND_CLOSED_FIRST, CT_F_CLOSING, CT_F_RESET, CT_REPLY, NO_TIME_WAIT_HOLD_NS,
-        UDP_REUSE_NS,
+        CT_F_BACKEND_CLOSED_FIRST, CT_F_CLOSING, CT_F_RESET, CT_F_TUPLE_REUSED, CT_REPLY,
+        NO_TIME_WAIT_HOLD_NS, UDP_REUSE_NS,
     },
     metrics::reason,
     PROTO_TCP,
@@ -126,7 +126,7 @@ pub fn lookup_translated<P: Packet>(
         if from_backend && (*entry).flags & CT_F_ANSWERED == 0 {
             flags |= CT_F_ANSWERED;
             if answers_syn_with_ack(&*entry, flow) {
-                count(ctx, reason::TUPLE_CLASH);
+                count_clash(ctx, &*entry);
             }
         }
         // The copy keeps the previous packet's time (`reopens` reads it).
@@ -141,6 +141,19 @@ pub fn lookup_translated<P: Packet>(
             }
         }
         Some(copy)
+    }
+}
+
+/// Counts a clash, and what the connection's tuple was: one given up by a
+/// closed connection, or the client's own source.
+#[inline(always)]
+fn count_clash<P: Packet>(ctx: &P, entry: &ConntrackEntry) {
+    count(ctx, reason::TUPLE_CLASH);
+    if entry.flags & CT_F_TUPLE_REUSED != 0 {
+        count(ctx, reason::TUPLE_CLASH_REUSED);
+    }
+    if entry.snat_addr == 0 {
+        count(ctx, reason::TUPLE_CLASH_OWN_SOURCE);
     }
 }
 
@@ -291,7 +304,8 @@ pub const PORT_TRIES: u32 = 128;
 /// stride, as Linux NAT starts from a hash), so a client port reused for a
 /// new connection, or a retransmitted SYN, finds its own tuple again
 /// before any other; the strides of different flows spread them over the
-/// range. Counts extra tries and tuples reused.
+/// range. Counts extra tries and tuples reused; says whether the port's
+/// tuple was reused (`CT_F_TUPLE_REUSED`).
 #[inline(always)]
 pub fn free_port<P: Packet>(
     ctx: &P,
@@ -300,7 +314,7 @@ pub fn free_port<P: Packet>(
     src: u32,
     (min, count_ports): (u16, u16),
     hash: u32,
-) -> Option<u16> {
+) -> Option<(u16, bool)> {
     if count_ports == 0 {
         return None;
     }
@@ -313,10 +327,10 @@ pub fn free_port<P: Packet>(
         let offset = hash.wrapping_add(i.wrapping_mul(stride)) % span;
         let port = min.wrapping_add(offset as u16).to_be();
         match claim(&tuple_at_backend(backend, src, port, flow.proto), flow) {
-            Claim::Free => return Some(port),
+            Claim::Free => return Some((port, false)),
             Claim::Reused => {
                 count(ctx, reason::TUPLE_REUSED);
-                return Some(port);
+                return Some((port, true));
             }
             Claim::Taken => {}
         }

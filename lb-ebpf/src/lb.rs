@@ -5,7 +5,7 @@ use aya_ebpf::{btf_maps::lpm_trie::Key, helpers::bpf_ktime_get_ns, programs::TcC
 use aya_log_ebpf::info;
 use lb_common::{
     backend::Backend,
-    conntrack::ConntrackEntry,
+    conntrack::{ConntrackEntry, CT_F_TUPLE_REUSED},
     metrics::reason,
     service::{
         AffinityKey, AffinityValue, ServiceKey, ServiceValue, SourceRange, SERVICE_F_AFFINITY,
@@ -98,7 +98,7 @@ pub fn from_pod(ctx: &TcContext) -> Result<i32, i32> {
     // from the pod, a packet from its own address would be a martian, so its
     // source becomes the Service address (replies come back through here).
     let hairpin = backend.addr == flow.saddr;
-    let snat = if hairpin {
+    let (snat, reused) = if hairpin {
         let translated = Flow {
             daddr: backend.addr,
             dport: backend.port,
@@ -109,12 +109,12 @@ pub fn from_pod(ctx: &TcContext) -> Result<i32, i32> {
             ..translated
         };
         policy::admit_hairpin(&translated, &flow, &snatted);
-        (flow.daddr, flow.sport)
+        ((flow.daddr, flow.sport), false)
     } else {
         egress_policy(ctx, &flow, backend.addr, backend.port)?;
         match free_source_port(ctx, &flow, &backend) {
-            Some(port) => (flow.saddr, port),
-            None => (0, 0),
+            (Some(port), reused) => ((flow.saddr, port), reused),
+            (None, reused) => ((0, 0), reused),
         }
     };
     let new = NewFlow {
@@ -122,7 +122,7 @@ pub fn from_pod(ctx: &TcContext) -> Result<i32, i32> {
         backend: &backend,
         rev_nat_id: service.rev_nat_id,
         snat,
-        flags: 0,
+        flags: if reused { CT_F_TUPLE_REUSED } else { 0 },
     };
     if conntrack::create(&flow, &new).is_err() {
         // Still forward: the flow works while it keeps this backend by hash.
@@ -376,22 +376,25 @@ const REMAP_PORTS: (u16, u16) = (1024, 31744);
 /// TIME_WAIT socket of the old connection answers the new SYN with a stale
 /// ACK, and the client waits a second to retry. None: the tuple is free
 /// (or no free port was found; the entry is then taken over, counted).
+/// Also whether the tuple taken was given up by a closed connection.
 #[inline(always)]
-fn free_source_port(ctx: &TcContext, flow: &Flow, backend: &Backend) -> Option<u16> {
+fn free_source_port(ctx: &TcContext, flow: &Flow, backend: &Backend) -> (Option<u16>, bool) {
     let k = conntrack::tuple_at_backend(backend, flow.saddr, flow.sport, flow.proto);
     match conntrack::claim(&k, flow) {
-        Claim::Free => return None,
+        Claim::Free => return (None, false),
         Claim::Reused => {
             count(ctx, reason::TUPLE_REUSED);
-            return None;
+            return (None, true);
         }
         Claim::Taken => {}
     }
-    let port = conntrack::free_port(ctx, flow, backend, flow.saddr, REMAP_PORTS, flow_hash(flow));
-    if port.is_none() {
-        count(ctx, reason::SNAT_ALLOC_FAILED);
+    match conntrack::free_port(ctx, flow, backend, flow.saddr, REMAP_PORTS, flow_hash(flow)) {
+        Some((port, reused)) => (Some(port), reused),
+        None => {
+            count(ctx, reason::SNAT_ALLOC_FAILED);
+            (None, false)
+        }
     }
-    port
 }
 
 /// Backend id, backend and slot chosen by the flow's hash.

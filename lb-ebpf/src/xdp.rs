@@ -6,7 +6,7 @@
 use aya_ebpf::{bindings::xdp_action::XDP_PASS, programs::XdpContext};
 use lb_common::{
     backend::Backend,
-    conntrack::{ConntrackEntry, CT_F_EXTERNAL},
+    conntrack::{ConntrackEntry, CT_F_EXTERNAL, CT_F_TUPLE_REUSED},
     metrics::reason,
     service::{SERVICE_F_CLUSTER_IP, SERVICE_F_LOCAL},
 };
@@ -69,8 +69,8 @@ pub fn uplink(ctx: &XdpContext) -> Result<u32, u32> {
     };
     // externalTrafficPolicy: Cluster -> SNAT to the node, so the replies come
     // back here whichever node the backend is on; Local keeps the client.
-    let snat = if service.flags & SERVICE_F_LOCAL != 0 {
-        (0, 0)
+    let (snat, reused) = if service.flags & SERVICE_F_LOCAL != 0 {
+        ((0, 0), false)
     } else {
         snat_source(ctx, &flow, &backend).ok_or_else(|| {
             count(ctx, reason::SNAT_ALLOC_FAILED);
@@ -91,7 +91,7 @@ pub fn uplink(ctx: &XdpContext) -> Result<u32, u32> {
         backend: &backend,
         rev_nat_id: service.rev_nat_id,
         snat,
-        flags: CT_F_EXTERNAL,
+        flags: CT_F_EXTERNAL | if reused { CT_F_TUPLE_REUSED } else { 0 },
     };
     if conntrack::create(&flow, &new).is_err() {
         count(ctx, reason::CT_INSERT_FAILED);
@@ -141,16 +141,18 @@ fn rewrite_both(
     rewrite_direct(ctx, &after, second, entry.snat_addr, entry.snat_port).map_err(fail)
 }
 
-/// The node's address and a free port for the flow's new source.
+/// The node's address and a free port for the flow's new source, and
+/// whether its tuple was given up by a closed connection.
 #[inline(always)]
-fn snat_source(ctx: &XdpContext, flow: &Flow, backend: &Backend) -> Option<(u32, u16)> {
+fn snat_source(ctx: &XdpContext, flow: &Flow, backend: &Backend) -> Option<((u32, u16), bool)> {
     let node = NODE.get(0)?;
     if node.addr == 0 {
         return None;
     }
     let range = (node.snat_port_min, node.snat_port_count);
-    let port = conntrack::free_port(ctx, flow, backend, node.addr, range, flow_hash(flow))?;
-    Some((node.addr, port))
+    let (port, reused) =
+        conntrack::free_port(ctx, flow, backend, node.addr, range, flow_hash(flow))?;
+    Some(((node.addr, port), reused))
 }
 
 /// A pod's packet to this node's SNAT range that no entry restores: the
