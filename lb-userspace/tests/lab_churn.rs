@@ -462,7 +462,13 @@ async fn sustained_churn_through_a_thousand_cluster_ips_loses_no_connection() {
     common::wait_reachable(&lab, from, tcp[0], Duration::from_secs(30)).await;
     let netns = lab.pod_netns(from.0, from.1).expect("client netns");
     let groups = vec![
-        ("TCP, 8 clients".to_string(), Churn::Tcp, vec![None; 8], tcp),
+        // Four TCP clients: one client address has about 60,000 tuples
+        // towards each backend (its own ports and the moved ones), each held
+        // 66 s once the backend closes first: about 900 new connections a
+        // second per backend. Eight clients reached 9,000 flows a second
+        // on a fast run (over 800 per backend), ran out of moved ports
+        // (`snat_alloc_failed`) and clashed on the tuples taken over.
+        ("TCP, 4 clients".to_string(), Churn::Tcp, vec![None; 4], tcp),
         ("UDP, 2 clients".to_string(), Churn::Udp, vec![None; 2], udp),
     ];
     let phase = "a client pod to a thousand ClusterIPs in turn";
