@@ -269,19 +269,11 @@ fn route_pods_from(netns: &str) -> Result<()> {
     Ok(())
 }
 
-/// Empties Linux conntrack in each node of `lab` (`conntrack -F`).
+/// Empties Linux conntrack in each node of `lab` (`conntrack -F`, from
+/// the package conntrack, which `cargo xtask setup` installs).
 fn flush_conntrack(lab: &Lab) -> Result<()> {
     for i in 1..=NODES {
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &lab.node_netns(i), "conntrack", "-F"])
-            .output()
-            .context("running conntrack -F (package conntrack; cargo xtask setup installs it)")?;
-        if !out.status.success() {
-            bail!(
-                "conntrack -F in node {i}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
+        ip(&["netns", "exec", &lab.node_netns(i), "conntrack", "-F"])?;
     }
     Ok(())
 }
