@@ -109,8 +109,13 @@ pub const CT_F_EXTERNAL: u16 = 1 << 0;
 /// connection are marked): the connection is closing and its entries
 /// expire after the closing timeout.
 pub const CT_F_CLOSING: u16 = 1 << 1;
-/// A TCP RST was seen: the backend's socket is gone, so the tuple is free
-/// soon (no TIME_WAIT to meet).
+/// A TCP RST was seen. Before the backend's FIN, the connection was
+/// aborted and the backend keeps no socket: the tuple is free soon. After
+/// it (`CT_F_BACKEND_CLOSED_FIRST`), it changes nothing: the backend's
+/// TIME_WAIT ignores an RST that is not exactly at the sequence number it
+/// expects, and clients send such RSTs (in `lab_churn`, one below the end
+/// of the client's FIN, after 0.05% of connections; the next connection on
+/// the tuple then met the TIME_WAIT socket, a clash).
 pub const CT_F_RESET: u16 = 1 << 2;
 /// The backend sent the connection's first FIN: its socket sits in
 /// TIME_WAIT for 60 s once the connection is closed.
@@ -120,5 +125,34 @@ pub const CT_F_ANSWERED: u16 = 1 << 4;
 /// The connection's tuple at the backend was given up by a closed
 /// connection (`claim` said it was reused), for `TUPLE_CLASH_REUSED`.
 pub const CT_F_TUPLE_REUSED: u16 = 1 << 5;
+
+/// An entry the agent's sweep found expired, handed to `lb_ct_sweep` in a
+/// batch (the data of one BPF_PROG_TEST_RUN): the program removes it only
+/// if no packet has touched it since it was listed, and writes what it did
+/// into `outcome` (`SWEEP_*`). Deciding in the kernel keeps the check and
+/// the removal a few instructions apart: from user space, a new connection
+/// could take the 5-tuple between the two system calls and lose its fresh
+/// entry (cilium#46298).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct SweepItem {
+    pub key: ConntrackKey,
+    /// The entry's `last_seen_ns` when it was listed.
+    pub seen_ns: u64,
+    pub outcome: u32,
+    pub pad0: u32,
+}
+
+/// Items per run of `lb_ct_sweep`: what fits in the linear data of an XDP
+/// test run (a page less headroom and shared info, 3,520 bytes on x86_64).
+pub const SWEEP_BATCH: usize = 96;
+/// `SweepItem::outcome`: removed.
+pub const SWEEP_REMOVED: u32 = 1;
+/// Kept: a packet touched the entry, or a new connection replaced it,
+/// since it was listed.
+pub const SWEEP_CHANGED: u32 = 2;
+/// Already gone (LRU eviction, or the data path removed it).
+pub const SWEEP_GONE: u32 = 3;
 
 crate::user_pod!(ConntrackKey, ConntrackEntry);

@@ -259,9 +259,10 @@ pub enum Claim {
 /// client's sequence numbers and timestamps on one 4-tuple only grow, so
 /// the backend takes the new SYN even in TIME_WAIT. Another connection's
 /// tuple is given up `CLOSED_HOLD_NS` after its last packet when the
-/// backend closed it first (its TIME_WAIT is over), `NO_TIME_WAIT_HOLD_NS`
-/// after it when it was reset or the client closed first; a UDP flow's
-/// after `UDP_REUSE_NS` without a packet.
+/// backend closed it first (its TIME_WAIT is over), even if an RST came
+/// later; `NO_TIME_WAIT_HOLD_NS` after it when it was reset before any FIN
+/// of the backend, or the client closed first; a UDP flow's after
+/// `UDP_REUSE_NS` without a packet.
 #[inline(always)]
 pub fn claim(k: &ConntrackKey, flow: &Flow) -> Claim {
     let Some(held) = CONNTRACK.get_ptr(k) else {
@@ -282,7 +283,10 @@ pub fn claim(k: &ConntrackKey, flow: &Flow) -> Claim {
         UDP_REUSE_NS
     } else if held.flags & CT_F_CLOSING == 0 {
         return Claim::Taken;
-    } else if held.flags & (CT_F_RESET | CT_F_BACKEND_CLOSED_FIRST) == CT_F_BACKEND_CLOSED_FIRST {
+    } else if held.flags & CT_F_BACKEND_CLOSED_FIRST != 0 {
+        // Whatever came after the backend's FIN, an RST included: the
+        // backend (TIME_WAIT, or FIN_WAIT2 orphaned) takes an RST only at
+        // the one sequence number it expects next, and ignores others.
         CLOSED_HOLD_NS
     } else {
         NO_TIME_WAIT_HOLD_NS

@@ -6,6 +6,8 @@
 //!   reverse NAT of replies, so the pod sees answers from the Service address.
 //! - `lb_uplink` (XDP on the node's uplink): NodePort, LoadBalancer and
 //!   external-IP frontends for traffic from outside the node, with SNAT.
+//! - `lb_ct_sweep` (never attached): the agent's removal of expired
+//!   conntrack entries, run through BPF_PROG_TEST_RUN.
 //!
 //! Modules follow the packet: `packet` parses, `conntrack` remembers, `lb`
 //! decides, `nat` rewrites, `metrics` counts, `logging` (off by default)
@@ -22,6 +24,7 @@ mod nat;
 mod packet;
 mod policy;
 mod reject;
+mod sweep;
 mod xdp;
 
 use aya_ebpf::{
@@ -48,6 +51,14 @@ pub fn lb_uplink(ctx: XdpContext) -> u32 {
     match xdp::uplink(&ctx) {
         Ok(verdict) | Err(verdict) => verdict,
     }
+}
+
+/// The agent's conntrack sweep (`sweep`): run on a batch of expired
+/// entries, never attached.
+#[xdp]
+pub fn lb_ct_sweep(ctx: XdpContext) -> u32 {
+    sweep::run(&ctx);
+    aya_ebpf::bindings::xdp_action::XDP_PASS
 }
 
 /// The floor for `cargo xtask bench`: what running any tc program costs.

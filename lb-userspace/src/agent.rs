@@ -317,9 +317,14 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 continue;
             }
             _ = ct_sweep.tick() => {
-                match crate::conntrack::sweep(&mut dp.maps, &cfg.ct_timeouts) {
-                    Ok((summary, removed)) => {
-                        tracing::debug!(live = summary.total(), removed, "conntrack sweep");
+                match crate::conntrack::sweep(&mut dp, &cfg.ct_timeouts) {
+                    Ok((summary, swept)) => {
+                        tracing::debug!(
+                            live = summary.total(),
+                            removed = swept.removed,
+                            kept = swept.kept,
+                            "conntrack sweep"
+                        );
                         crate::conntrack::warn_if_filling(&summary);
                         stats.lock().conntrack = Some(summary);
                     }

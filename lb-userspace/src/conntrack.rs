@@ -8,15 +8,15 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use lb_common::{
     conntrack::{
-        ConntrackEntry, ConntrackKey, CLOSED_HOLD_NS, CONNTRACK_MAX_ENTRIES, CT_FORWARD,
+        ConntrackEntry, ConntrackKey, SweepItem, CLOSED_HOLD_NS, CONNTRACK_MAX_ENTRIES, CT_FORWARD,
         CT_F_BACKEND_CLOSED_FIRST, CT_F_CLOSING, CT_F_EXTERNAL, CT_F_RESET, CT_REPLY,
-        NO_TIME_WAIT_HOLD_NS,
+        NO_TIME_WAIT_HOLD_NS, SWEEP_CHANGED, SWEEP_REMOVED,
     },
     PROTO_TCP,
 };
 use serde::Serialize;
 
-use crate::datapath::Maps;
+use crate::datapath::Datapath;
 
 /// How long an entry may be idle, by protocol and state: 6 hours for
 /// established TCP and 30 seconds for UDP (Linux conntrack's; a DNS-like
@@ -33,7 +33,8 @@ pub struct Timeouts {
     /// the tuple while the backend's TIME_WAIT lasts.
     pub tcp_time_wait: Duration,
     /// Every other entry of a closed connection (forward entries, reply
-    /// entries without TIME_WAIT at the backend, reset connections): only
+    /// entries without TIME_WAIT at the backend: the client closed first,
+    /// or the connection was reset before the backend's FIN): only
     /// late packets need them. Short, so that closed connections hold one
     /// entry, not two, and crowd live ones less in the LRU.
     pub tcp_closing: Duration,
@@ -56,7 +57,10 @@ impl Default for Timeouts {
 pub fn expired(key: &ConntrackKey, entry: &ConntrackEntry, now_ns: u64, t: &Timeouts) -> bool {
     let time_wait_guard = key.direction == CT_REPLY && entry.flags & CT_F_BACKEND_CLOSED_FIRST != 0;
     let limit = match (key.proto, State::of(entry)) {
-        (PROTO_TCP, State::Closing) if time_wait_guard => t.tcp_time_wait.max(t.tcp_closing),
+        // Reset or not: see `lb_common::conntrack::CT_F_RESET`.
+        (PROTO_TCP, State::Closing | State::Reset) if time_wait_guard => {
+            t.tcp_time_wait.max(t.tcp_closing)
+        }
         (PROTO_TCP, State::Closing | State::Reset) => t.tcp_closing,
         (PROTO_TCP, _) => t.tcp_established,
         _ => t.udp,
@@ -133,7 +137,7 @@ pub fn summarize(entries: &[(ConntrackKey, ConntrackEntry)], now_ns: u64) -> Sum
         // As the data path's `claim` gives tuples up.
         let held = match state {
             State::Established => true,
-            State::Closing if e.flags & CT_F_BACKEND_CLOSED_FIRST != 0 => idle < CLOSED_HOLD_NS,
+            _ if e.flags & CT_F_BACKEND_CLOSED_FIRST != 0 => idle < CLOSED_HOLD_NS,
             State::Closing | State::Reset => idle < NO_TIME_WAIT_HOLD_NS,
         };
         if snat_reply && held {
@@ -173,33 +177,42 @@ pub fn monotonic_ns() -> Result<u64> {
     Ok(ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64)
 }
 
-/// Removes expired entries; returns the summary of those left and the
-/// number removed.
-pub fn sweep(maps: &mut Maps, t: &Timeouts) -> Result<(Summary, usize)> {
+/// What one sweep did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// Expired entries removed.
+    pub removed: usize,
+    /// Listed as expired, then touched by a packet or taken by a new
+    /// connection before the removal: kept.
+    pub kept: usize,
+}
+
+/// Removes expired entries; returns the summary of those left and what was
+/// removed. The removal itself is the kernel's (`Datapath::remove_unchanged`):
+/// an entry a new connection wrote since the listing is kept.
+pub fn sweep(dp: &mut Datapath, t: &Timeouts) -> Result<(Summary, Swept)> {
     let now = monotonic_ns()?;
     let mut stale = Vec::new();
     let mut live = Vec::new();
-    for item in maps.conntrack.iter() {
+    for item in dp.maps.conntrack.iter() {
         // An entry may vanish (LRU) between listing and reading: skip it.
         let Ok((k, v)) = item else { continue };
         if expired(&k, &v, now, t) {
-            stale.push((k, v.last_seen_ns));
+            stale.push(SweepItem {
+                key: k,
+                seen_ns: v.last_seen_ns,
+                ..Default::default()
+            });
         } else {
             live.push((k, v));
         }
     }
-    for (k, seen) in &stale {
-        // A new connection may have taken the 5-tuple since it was read:
-        // remove the entry only if no packet touched it meanwhile.
-        if maps
-            .conntrack
-            .get(k, 0)
-            .is_ok_and(|v| v.last_seen_ns == *seen)
-        {
-            let _ = maps.conntrack.remove(k);
-        }
-    }
-    Ok((summarize(&live, now), stale.len()))
+    dp.remove_unchanged(&mut stale)?;
+    let swept = Swept {
+        removed: stale.iter().filter(|i| i.outcome == SWEEP_REMOVED).count(),
+        kept: stale.iter().filter(|i| i.outcome == SWEEP_CHANGED).count(),
+    };
+    Ok((summarize(&live, now), swept))
 }
 
 #[cfg(test)]
@@ -230,8 +243,11 @@ mod tests {
             (PROTO_TCP, CT_FORWARD, tw, 1, false),
             (PROTO_TCP, CT_FORWARD, tw, 3, true),
             (PROTO_TCP, CT_REPLY, CT_F_CLOSING, 3, true),
-            (PROTO_TCP, CT_REPLY, tw | CT_F_RESET, 1, false),
-            (PROTO_TCP, CT_REPLY, tw | CT_F_RESET, 3, true),
+            // An RST after the backend's FIN leaves the guard as it was
+            // (the backend's TIME_WAIT may have ignored it).
+            (PROTO_TCP, CT_REPLY, tw | CT_F_RESET, 9, false),
+            (PROTO_TCP, CT_REPLY, tw | CT_F_RESET, 11, true),
+            (PROTO_TCP, CT_REPLY, CT_F_CLOSING | CT_F_RESET, 3, true),
             // NetworkPolicy entries close as translations do (they once
             // stayed for the established timeout and filled the LRU).
             (PROTO_TCP, CT_POLICY_EGRESS, 0, 99, false),

@@ -8,10 +8,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    programs::{SchedClassifier, TcAttachType},
+    programs::{SchedClassifier, TcAttachType, TestRun, TestRunOptions},
     Ebpf, EbpfLoader,
 };
-use lb_common::map_names;
+use lb_common::{
+    conntrack::{SweepItem, SWEEP_BATCH},
+    map_names,
+};
 
 pub use maps::Maps;
 
@@ -24,6 +27,9 @@ pub const PROG_FROM_POD: &str = "lb_from_pod";
 pub const PROG_TO_POD: &str = "lb_to_pod";
 /// XDP program on the node's uplink: traffic from outside the node.
 pub const PROG_UPLINK: &str = "lb_uplink";
+/// The conntrack sweep's remover: run through BPF_PROG_TEST_RUN, never
+/// attached (see `remove_unchanged`).
+pub const PROG_CT_SWEEP: &str = "lb_ct_sweep";
 
 /// The programs and their maps, loaded into the kernel.
 pub struct Datapath {
@@ -67,11 +73,14 @@ impl Datapath {
             prog.load()
                 .with_context(|| format!("verifier rejected {name}"))?;
         }
-        let xdp: &mut aya::programs::Xdp = ebpf
-            .program_mut(PROG_UPLINK)
-            .context("program lb_uplink missing from the object")?
-            .try_into()?;
-        xdp.load().context("verifier rejected lb_uplink")?;
+        for name in [PROG_UPLINK, PROG_CT_SWEEP] {
+            let xdp: &mut aya::programs::Xdp = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()?;
+            xdp.load()
+                .with_context(|| format!("verifier rejected {name}"))?;
+        }
         let maps = Maps::take(&mut ebpf)?;
         Ok(Self {
             ebpf,
@@ -127,6 +136,36 @@ impl Datapath {
             .program_mut(PROG_UPLINK)
             .context("program lb_uplink missing")?
             .try_into()?)
+    }
+
+    /// Removes the conntrack entries of `items` that are unchanged since
+    /// they were listed (same `last_seen_ns`), in the kernel (`lb_ct_sweep`),
+    /// and sets each item's `outcome` (`lb_common::conntrack::SWEEP_*`).
+    pub fn remove_unchanged(&mut self, items: &mut [SweepItem]) -> Result<()> {
+        let prog: &mut aya::programs::Xdp = self
+            .ebpf
+            .program_mut(PROG_CT_SWEEP)
+            .context("program lb_ct_sweep missing")?
+            .try_into()?;
+        let mut out = vec![0u8; SWEEP_BATCH * std::mem::size_of::<SweepItem>()];
+        for batch in items.chunks_mut(SWEEP_BATCH) {
+            let input: &[u8] = bytemuck::cast_slice(batch);
+            let out = &mut out[..input.len()];
+            prog.test_run(TestRunOptions {
+                data_in: Some(input),
+                data_out: Some(&mut *out),
+                repeat: 1,
+                ..Default::default()
+            })
+            .context("running lb_ct_sweep")?;
+            for (item, done) in batch
+                .iter_mut()
+                .zip(out.chunks_exact(std::mem::size_of::<SweepItem>()))
+            {
+                *item = bytemuck::pod_read_unaligned(done);
+            }
+        }
+        Ok(())
     }
 
     pub fn pin_dir(&self) -> Option<&Path> {
