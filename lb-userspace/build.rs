@@ -12,6 +12,14 @@ fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
     println!("cargo:rerun-if-changed=../lb-common");
+    // aya-build turns each line the nested cargo prints on stderr into a
+    // `cargo:warning`, so a clean build showed forty "warning: ... Compiling"
+    // lines. Quiet, that cargo prints only its errors; compiler messages
+    // (warnings and errors in lb-ebpf) still come through its JSON output,
+    // and a failed build still fails here. Cargo refuses quiet and verbose
+    // together. The build script is single-threaded at this point.
+    env::set_var("CARGO_TERM_QUIET", "true");
+    env::remove_var("CARGO_TERM_VERBOSE");
     aya_build::build_ebpf([ebpf], aya_build::Toolchain::default())?;
     // With AYA_BUILD_SKIP the object is absent: leave an empty file so the
     // crate still compiles, and fail clearly at load time instead.

@@ -19,3 +19,4 @@ pub mod policy;
 pub mod settings;
 pub mod trace;
 pub mod translate;
+pub mod yaml;

@@ -129,8 +129,8 @@ fn subcommand<'a>(c: &'a Command, path: &[&str]) -> Option<&'a Command> {
 /// The `--flag=value` arguments a settings file adds: one per key whose
 /// flag was left at its default.
 pub fn file_args(command: &Command, given: &ArgMatches, yaml: &str) -> Result<Vec<OsString>> {
-    let settings: std::collections::BTreeMap<String, serde_yaml::Value> =
-        match serde_yaml::from_str::<Option<_>>(yaml).context("not a YAML mapping")? {
+    let settings: std::collections::BTreeMap<String, serde_json::Value> =
+        match crate::yaml::from_str::<Option<_>>(yaml).context("not a YAML mapping")? {
             Some(s) => s,
             None => return Ok(Vec::new()),
         };
@@ -155,17 +155,17 @@ pub fn file_args(command: &Command, given: &ArgMatches, yaml: &str) -> Result<Ve
         // A switch (`--bpf-log`) takes no value: present when true.
         if matches!(arg.get_action(), clap::ArgAction::SetTrue) {
             match value {
-                serde_yaml::Value::Bool(true) => out.push(OsString::from(format!("--{key}"))),
-                serde_yaml::Value::Bool(false) | serde_yaml::Value::Null => {}
+                serde_json::Value::Bool(true) => out.push(OsString::from(format!("--{key}"))),
+                serde_json::Value::Bool(false) | serde_json::Value::Null => {}
                 other => bail!("setting {key:?}: expected true or false, got {other:?}"),
             }
             continue;
         }
         let value = match value {
-            serde_yaml::Value::String(s) => s,
-            serde_yaml::Value::Number(n) => n.to_string(),
-            serde_yaml::Value::Bool(b) => b.to_string(),
-            serde_yaml::Value::Null => continue,
+            serde_json::Value::String(s) => s,
+            serde_json::Value::Number(n) => n.to_string(),
+            serde_json::Value::Bool(b) => b.to_string(),
+            serde_json::Value::Null => continue,
             other => bail!("setting {key:?}: expected a string, number or boolean, got {other:?}"),
         };
         out.push(OsString::from(format!("--{key}={value}")));
@@ -248,7 +248,7 @@ mod tests {
 
     #[test]
     fn the_shipped_config_map_parses() {
-        let cm: serde_yaml::Value = serde_yaml::from_str(
+        let cm: serde_json::Value = crate::yaml::from_str(
             &std::fs::read_to_string(
                 std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
                     .join("../manifests/install/configmap.yaml"),

@@ -20,24 +20,26 @@ fn manifests_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests")
 }
 
-/// Every document of every YAML file under `dir`, with its file name.
-fn documents(dir: &Path) -> Vec<(String, Value)> {
+/// The YAML files under `dir`, but its `kustomization.yaml` (kustomize's
+/// own, not an object).
+fn object_files(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .filter(|p| p.file_stem().is_none_or(|s| s != "kustomization"))
         .collect();
     files.sort();
+    files
+}
+
+/// Every document of every object file under `dir`, with its file name.
+fn documents(dir: &Path) -> Vec<(String, Value)> {
     let mut out = Vec::new();
-    for f in files {
+    for f in object_files(dir) {
         let text = std::fs::read_to_string(&f).unwrap();
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let v: Value = serde::Deserialize::deserialize(doc)
-                .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
-            if !v.is_null() {
-                out.push((f.display().to_string(), v));
-            }
-        }
+        let docs = lb::yaml::documents(&text).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        out.extend(docs.into_iter().map(|v| (f.display().to_string(), v)));
     }
     out
 }
@@ -171,7 +173,7 @@ struct KindNode {
 #[test]
 fn the_kind_cluster_has_no_kube_proxy() {
     let text = std::fs::read_to_string(manifests_dir().join("kind/cluster.yaml")).unwrap();
-    let c: KindCluster = serde_yaml::from_str(&text).unwrap();
+    let c: KindCluster = lb::yaml::from_str(&text).unwrap();
     assert_eq!(c.kind, "Cluster");
     assert_eq!(c.api_version, "kind.x-k8s.io/v1alpha4");
     assert_eq!(c.networking.kube_proxy_mode, "none");
@@ -280,7 +282,7 @@ fn the_daemon_set_runs_the_agent_with_least_privilege() {
         .unwrap();
     let data = cm.data.clone().unwrap();
     let file = config_arg.file_name().unwrap().to_str().unwrap();
-    let settings: serde_yaml::Value = serde_yaml::from_str(&data[file]).unwrap();
+    let settings: Value = lb::yaml::from_str(&data[file]).unwrap();
     let volumes = pod.volumes.clone().unwrap_or_default();
     let mounts = c.volume_mounts.clone().unwrap_or_default();
     let mount_of = |path: &Path| {
@@ -333,5 +335,111 @@ fn the_daemon_set_runs_the_agent_with_least_privilege() {
             get.port,
             k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(port)
         );
+    }
+}
+
+/// `(apiVersion, kind, namespace, name)` -> object.
+fn by_identity(docs: impl IntoIterator<Item = Value>) -> std::collections::BTreeMap<String, Value> {
+    docs.into_iter()
+        .map(|d| {
+            let m = &d["metadata"];
+            let id = format!(
+                "{} {} {}/{}",
+                d["apiVersion"].as_str().unwrap_or(""),
+                d["kind"].as_str().unwrap_or(""),
+                m["namespace"].as_str().unwrap_or(""),
+                m["name"].as_str().unwrap_or("")
+            );
+            (id, d)
+        })
+        .collect()
+}
+
+/// The objects `kubectl kustomize DIR` renders (the real kubectl, which
+/// these machines have on the PATH).
+fn kustomize(dir: &Path) -> Vec<Value> {
+    let out = std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .expect("running kubectl kustomize (kubectl must be on the PATH)");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lb::yaml::documents(&String::from_utf8_lossy(&out.stdout)).unwrap()
+}
+
+fn kustomization(dir: &Path) -> Value {
+    lb::yaml::from_str(&std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap()).unwrap()
+}
+
+#[test]
+fn the_kustomization_lists_every_install_file() {
+    let dir = manifests_dir().join("install");
+    let listed: BTreeSet<String> = kustomization(&dir)["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().to_string())
+        .collect();
+    let files: BTreeSet<String> = object_files(&dir)
+        .iter()
+        .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        listed, files,
+        "a file left out of resources: is silently not installed"
+    );
+}
+
+#[test]
+fn kubectl_apply_k_installs_exactly_the_validated_objects() {
+    let dir = manifests_dir().join("install");
+    let rendered = by_identity(kustomize(&dir));
+    let files = by_identity(documents(&dir).into_iter().map(|(_, d)| d));
+    assert_eq!(
+        rendered.keys().collect::<Vec<_>>(),
+        files.keys().collect::<Vec<_>>()
+    );
+    for (id, doc) in &rendered {
+        assert_eq!(doc, &files[id], "{id} differs once rendered");
+        validate(doc).unwrap_or_else(|e| panic!("{id} as rendered: {e}"));
+    }
+}
+
+#[test]
+fn an_overlay_sets_the_image_in_one_place() {
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("kz-{}", std::process::id()));
+    let (base, overlay) = (root.join("install"), root.join("overlay"));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&base).unwrap();
+    std::fs::create_dir_all(&overlay).unwrap();
+    for entry in std::fs::read_dir(manifests_dir().join("install")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, base.join(path.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(
+        overlay.join("kustomization.yaml"),
+        "resources: [../install]\nimages:\n  - name: localhost/lb\n    newName: ghcr.io/example/lb\n    newTag: \"0.2.0\"\n",
+    )
+    .unwrap();
+    let rendered = by_identity(kustomize(&overlay));
+    let plain = by_identity(kustomize(&base));
+    std::fs::remove_dir_all(&root).unwrap();
+    assert_eq!(rendered.len(), plain.len());
+    for (id, doc) in &rendered {
+        let mut want = plain[id].clone();
+        if doc["kind"] == "DaemonSet" {
+            assert_eq!(
+                doc["spec"]["template"]["spec"]["containers"][0]["image"],
+                "ghcr.io/example/lb:0.2.0"
+            );
+            want["spec"]["template"]["spec"]["containers"][0]["image"] =
+                "ghcr.io/example/lb:0.2.0".into();
+        }
+        assert_eq!(doc, &want, "{id}: only the image may change");
     }
 }

@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
 use serde_json::Value;
 
 use super::{
@@ -70,9 +69,7 @@ pub fn parse(text: &str, origin: &str, json: bool) -> Result<Vec<(Kind, Value)>>
         let v: Value = serde_json::from_str(text).with_context(|| format!("parsing {origin}"))?;
         push(&mut docs, v, origin)?;
     } else {
-        for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
-            let v = Value::deserialize(de)
-                .with_context(|| format!("parsing {origin}, document {}", i + 1))?;
+        for v in crate::yaml::documents(text).with_context(|| format!("parsing {origin}"))? {
             push(&mut docs, v, origin)?;
         }
     }
