@@ -2,11 +2,9 @@
 //! without pause, through NodePorts of both traffic policies on both nodes,
 //! from one address and from sixteen, and a DNS-like client sends UDP
 //! queries from a new port each. No request may fail, no SNAT port may be
-//! lacking, no live entry lost, and no SYN dropped: a SYN the client
-//! resends must be one the data path counted meeting a backend's
-//! TIME_WAIT socket of an older connection on its tuple (a clash,
-//! `tuple_clash`), and clashes must stay rare (an open defect, see
-//! `run_phase`).
+//! lacking, no live entry lost, no SYN resent by a client, and no new
+//! connection may meet a backend's TIME_WAIT socket of an older one on its
+//! tuple (a clash, `tuple_clash`; see `run_phase` for the causes found).
 //! `LB_CHURN_SECONDS` shortens the phases (60 s each by default).
 
 mod common;
@@ -284,12 +282,12 @@ async fn run_phase(
     );
     // A SYN the client had to resend is either one the data path saw meet
     // an older connection at the backend (a clash: `tuple_clash`) or one
-    // lost, which may never happen. Clashes are an open defect on the
-    // NodePort path: 0 to 2 in 300,000-400,000 new connections, in some
-    // runs only, cause not found (the `tuple_clash_*` counters say which
-    // tuples they were). Through the ClusterIPs they were 1 in 75 while
-    // NetworkPolicy entries filled the LRU; a rate above 1 in 50,000 is
-    // that kind of cause again.
+    // lost; neither may happen. Clashes had two causes, both fixed:
+    // NetworkPolicy entries that never expired filled the LRU (1 in 75
+    // ClusterIP connections clashed), and an RST after the backend's FIN,
+    // off the sequence number its TIME_WAIT expects, was taken to end the
+    // TIME_WAIT (1 in about 350,000 NodePort connections; the client's
+    // kernel sends such RSTs at late duplicates).
     let delta = |name: &str| {
         deltas
             .iter()
@@ -297,14 +295,9 @@ async fn run_phase(
             .map_or(0.0, |(_, d)| *d)
     };
     let clashes = delta("tuple_clash");
-    if syn_retrans as f64 > clashes {
+    if syn_retrans > 0 || clashes > 0.0 {
         problems.push(format!(
-            "{phase}: {syn_retrans} SYN retransmissions, {clashes} of them clashes"
-        ));
-    }
-    if clashes * 50_000.0 > delta("new_flow") {
-        problems.push(format!(
-            "{phase}: {clashes} clashes in {} new flows",
+            "{phase}: {syn_retrans} SYN retransmissions, {clashes} clashes in {} new flows",
             delta("new_flow")
         ));
     }
