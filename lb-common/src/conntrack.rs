@@ -50,6 +50,21 @@ pub const CLOSED_HOLD_NS: u64 = 66_000_000_000;
 /// packet (time for a lost last ACK to be answered by a resent FIN).
 pub const NO_TIME_WAIT_HOLD_NS: u64 = 2_000_000_000;
 
+/// How long after its last packet a TCP connection with `CT_F_*` `flags`
+/// holds its tuple at the backend: `None` while it is not closing (held
+/// for as long as it lives); `CLOSED_HOLD_NS` once the backend closed first,
+/// whatever RST followed (see `CT_F_RESET`); `NO_TIME_WAIT_HOLD_NS`
+/// otherwise. The data path's `claim` and the agent's summary both ask.
+pub const fn tcp_tuple_hold_ns(flags: u16) -> Option<u64> {
+    if flags & CT_F_CLOSING == 0 {
+        None
+    } else if flags & CT_F_BACKEND_CLOSED_FIRST != 0 {
+        Some(CLOSED_HOLD_NS)
+    } else {
+        Some(NO_TIME_WAIT_HOLD_NS)
+    }
+}
+
 /// A UDP tuple may go to another flow after this long without a packet
 /// (Linux conntrack's timeout of a UDP flow: 30 s).
 pub const UDP_REUSE_NS: u64 = 30_000_000_000;

@@ -4,9 +4,9 @@ use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     backend::Backend,
     conntrack::{
-        ConntrackEntry, ConntrackKey, CLOSED_HOLD_NS, CT_FORWARD, CT_F_ANSWERED,
+        tcp_tuple_hold_ns, ConntrackEntry, ConntrackKey, CT_FORWARD, CT_F_ANSWERED,
         CT_F_BACKEND_CLOSED_FIRST, CT_F_CLOSING, CT_F_RESET, CT_F_TUPLE_REUSED, CT_REPLY,
-        NO_TIME_WAIT_HOLD_NS, UDP_REUSE_NS,
+        UDP_REUSE_NS,
     },
     metrics::reason,
     PROTO_TCP,
@@ -281,15 +281,11 @@ pub fn claim(k: &ConntrackKey, flow: &Flow) -> Claim {
     let idle = unsafe { bpf_ktime_get_ns() }.saturating_sub(held.last_seen_ns);
     let hold = if flow.proto != PROTO_TCP {
         UDP_REUSE_NS
-    } else if held.flags & CT_F_CLOSING == 0 {
-        return Claim::Taken;
-    } else if held.flags & CT_F_BACKEND_CLOSED_FIRST != 0 {
-        // Whatever came after the backend's FIN, an RST included: the
-        // backend (TIME_WAIT, or FIN_WAIT2 orphaned) takes an RST only at
-        // the one sequence number it expects next, and ignores others.
-        CLOSED_HOLD_NS
     } else {
-        NO_TIME_WAIT_HOLD_NS
+        match tcp_tuple_hold_ns(held.flags) {
+            Some(hold) => hold,
+            None => return Claim::Taken,
+        }
     };
     if idle >= hold {
         Claim::Reused

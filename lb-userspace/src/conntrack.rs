@@ -8,9 +8,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use lb_common::{
     conntrack::{
-        ConntrackEntry, ConntrackKey, SweepItem, CLOSED_HOLD_NS, CONNTRACK_MAX_ENTRIES, CT_FORWARD,
-        CT_F_BACKEND_CLOSED_FIRST, CT_F_CLOSING, CT_F_EXTERNAL, CT_F_RESET, CT_REPLY,
-        NO_TIME_WAIT_HOLD_NS, SWEEP_CHANGED, SWEEP_REMOVED,
+        tcp_tuple_hold_ns, ConntrackEntry, ConntrackKey, SweepItem, CLOSED_HOLD_NS,
+        CONNTRACK_MAX_ENTRIES, CT_FORWARD, CT_F_BACKEND_CLOSED_FIRST, CT_F_CLOSING, CT_F_EXTERNAL,
+        CT_F_RESET, CT_REPLY, SWEEP_CHANGED, SWEEP_REMOVED,
     },
     PROTO_TCP,
 };
@@ -135,11 +135,7 @@ pub fn summarize(entries: &[(ConntrackKey, ConntrackEntry)], now_ns: u64) -> Sum
             k.direction == CT_REPLY && e.flags & CT_F_EXTERNAL != 0 && e.snat_addr != 0;
         let idle = now_ns.saturating_sub(e.last_seen_ns);
         // As the data path's `claim` gives tuples up.
-        let held = match state {
-            State::Established => true,
-            _ if e.flags & CT_F_BACKEND_CLOSED_FIRST != 0 => idle < CLOSED_HOLD_NS,
-            State::Closing | State::Reset => idle < NO_TIME_WAIT_HOLD_NS,
-        };
+        let held = tcp_tuple_hold_ns(e.flags).is_none_or(|hold| idle < hold);
         if snat_reply && held {
             s.snat_tuples_held += 1;
             *per_backend.entry((k.saddr, k.sport)).or_default() += 1;
