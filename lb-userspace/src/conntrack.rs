@@ -16,7 +16,7 @@ use lb_common::{
 };
 use serde::Serialize;
 
-use crate::datapath::Datapath;
+use crate::datapath::{batch::for_each_entry, Datapath};
 
 /// How long an entry may be idle, by protocol and state: 6 hours for
 /// established TCP and 30 seconds for UDP (Linux conntrack's; a DNS-like
@@ -120,11 +120,33 @@ impl Summary {
 
 /// Counts `entries` by state (pure; `now_ns` as `bpf_ktime_get_ns`).
 pub fn summarize(entries: &[(ConntrackKey, ConntrackEntry)], now_ns: u64) -> Summary {
-    let mut s = Summary::default();
-    let mut per_backend = std::collections::HashMap::<(u32, u16), usize>::new();
+    let mut tally = Tally::new(now_ns);
     for (k, e) in entries {
-        let state = State::of(e);
-        match (state, k.proto) {
+        tally.add(k, e);
+    }
+    tally.finish()
+}
+
+/// A `Summary` counted one entry at a time, so a sweep of a million
+/// entries keeps no copy of them.
+pub struct Tally {
+    now_ns: u64,
+    summary: Summary,
+    held_per_backend: std::collections::HashMap<(u32, u16), usize>,
+}
+
+impl Tally {
+    pub fn new(now_ns: u64) -> Self {
+        Self {
+            now_ns,
+            summary: Summary::default(),
+            held_per_backend: Default::default(),
+        }
+    }
+
+    pub fn add(&mut self, k: &ConntrackKey, e: &ConntrackEntry) {
+        let s = &mut self.summary;
+        match (State::of(e), k.proto) {
             _ if is_policy(k) => s.policy += 1,
             (_, p) if p != PROTO_TCP => s.udp += 1,
             (State::Established, _) => s.tcp_established += 1,
@@ -133,16 +155,20 @@ pub fn summarize(entries: &[(ConntrackKey, ConntrackEntry)], now_ns: u64) -> Sum
         }
         let snat_reply =
             k.direction == CT_REPLY && e.flags & CT_F_EXTERNAL != 0 && e.snat_addr != 0;
-        let idle = now_ns.saturating_sub(e.last_seen_ns);
+        let idle = self.now_ns.saturating_sub(e.last_seen_ns);
         // As the data path's `claim` gives tuples up.
         let held = tcp_tuple_hold_ns(e.flags).is_none_or(|hold| idle < hold);
         if snat_reply && held {
             s.snat_tuples_held += 1;
-            *per_backend.entry((k.saddr, k.sport)).or_default() += 1;
+            *self.held_per_backend.entry((k.saddr, k.sport)).or_default() += 1;
         }
     }
-    s.snat_tuples_held_max_backend = per_backend.values().copied().max().unwrap_or(0);
-    s
+
+    pub fn finish(mut self) -> Summary {
+        self.summary.snat_tuples_held_max_backend =
+            self.held_per_backend.values().copied().max().unwrap_or(0);
+        self.summary
+    }
 }
 
 /// Whether a table holding `live` entries after a sweep is near full: new
@@ -189,26 +215,25 @@ pub struct Swept {
 pub fn sweep(dp: &mut Datapath, t: &Timeouts) -> Result<(Summary, Swept)> {
     let now = monotonic_ns()?;
     let mut stale = Vec::new();
-    let mut live = Vec::new();
-    for item in dp.maps.conntrack.iter() {
-        // An entry may vanish (LRU) between listing and reading: skip it.
-        let Ok((k, v)) = item else { continue };
-        if expired(&k, &v, now, t) {
+    let mut live = Tally::new(now);
+    for_each_entry(&dp.maps.conntrack, |k, v| {
+        if expired(k, v, now, t) {
             stale.push(SweepItem {
-                key: k,
+                key: *k,
                 seen_ns: v.last_seen_ns,
                 ..Default::default()
             });
         } else {
-            live.push((k, v));
+            live.add(k, v);
         }
-    }
+    })
+    .context("listing the conntrack map")?;
     dp.remove_unchanged(&mut stale)?;
     let swept = Swept {
         removed: stale.iter().filter(|i| i.outcome == SWEEP_REMOVED).count(),
         kept: stale.iter().filter(|i| i.outcome == SWEEP_CHANGED).count(),
     };
-    Ok((summarize(&live, now), swept))
+    Ok((live.finish(), swept))
 }
 
 #[cfg(test)]

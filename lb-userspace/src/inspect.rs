@@ -479,10 +479,8 @@ impl ConntrackFilter {
 
 /// The conntrack table, filtered, or its summary.
 fn conntrack(maps: &crate::datapath::Maps, output: Output, f: ConntrackFilter) -> Result<String> {
-    let entries = maps
-        .conntrack
-        .iter()
-        .collect::<Result<Vec<_>, _>>()
+    let mut entries = Vec::new();
+    crate::datapath::batch::for_each_entry(&maps.conntrack, |k, e| entries.push((*k, *e)))
         .context("reading the conntrack map")?;
     let now = monotonic_ns();
     if f.summary {

@@ -146,8 +146,14 @@ fn datapath_figures(dir: &std::path::Path, swept: Option<usize>) -> Option<Datap
     let maps = crate::datapath::Maps::open_pinned(dir).ok()?;
     Some(DatapathFigures {
         counters: maps.counters().ok()?,
-        conntrack_entries: swept
-            .unwrap_or_else(|| maps.conntrack.keys().filter(Result::is_ok).count()),
+        conntrack_entries: match swept {
+            Some(n) => n,
+            None => {
+                let mut n = 0;
+                crate::datapath::batch::for_each_entry(&maps.conntrack, |_, _| n += 1).ok()?;
+                n
+            }
+        },
     })
 }
 

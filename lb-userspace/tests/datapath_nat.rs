@@ -319,3 +319,59 @@ fn the_sweep_removes_only_entries_no_packet_touched_since_they_were_listed() {
         2_000
     );
 }
+
+/// The sweep lists the table in batches (`BPF_MAP_LOOKUP_BATCH`), several
+/// of them here: every entry is seen once, with its own value; the expired
+/// ones are removed, the live ones counted in the summary and kept.
+#[test]
+fn the_sweep_lists_every_entry_in_batches_and_removes_the_expired() {
+    let mut dp = datapath_with(&[]);
+    let now = lb::conntrack::monotonic_ns().unwrap();
+    let count = 3 * lb::datapath::batch::LOOKUP_BATCH as u32 + 17;
+    let key = |i: u32| {
+        ct_key(
+            CLIENT,
+            (i % 60_000) as u16,
+            VIP,
+            80 + (i / 60_000) as u16,
+            PROTO_TCP,
+            CT_FORWARD,
+        )
+    };
+    // Every third entry closed 20 s ago (expired: 10 s), the others live.
+    for i in 0..count {
+        let closed = i % 3 == 0;
+        let entry = ConntrackEntry {
+            last_seen_ns: if closed { now - 20_000_000_000 } else { now },
+            flags: if closed { CT_F_CLOSING } else { 0 },
+            backend_id: i,
+            ..Default::default()
+        };
+        dp.maps.conntrack.insert(key(i), entry, 0).unwrap();
+    }
+
+    let mut listed = std::collections::HashMap::new();
+    lb::datapath::batch::for_each_entry(&dp.maps.conntrack, |k, e| {
+        assert!(
+            listed.insert(*k, e.backend_id).is_none(),
+            "{k:?} listed twice"
+        );
+    })
+    .unwrap();
+    assert_eq!(listed.len(), count as usize);
+    for i in 0..count {
+        assert_eq!(listed.get(&key(i)), Some(&i), "entry {i}");
+    }
+
+    let (summary, swept) =
+        lb::conntrack::sweep(&mut dp, &lb::conntrack::Timeouts::default()).unwrap();
+    let expired = count.div_ceil(3) as usize;
+    assert_eq!(swept.removed, expired);
+    assert_eq!(swept.kept, 0);
+    assert_eq!(summary.tcp_established, count as usize - expired);
+    assert_eq!(summary.total(), count as usize - expired);
+    let left = dp.maps.conntrack.keys().filter(Result::is_ok).count();
+    assert_eq!(left, count as usize - expired);
+    assert!(dp.maps.conntrack.get(&key(0), 0).is_err());
+    assert!(dp.maps.conntrack.get(&key(1), 0).is_ok());
+}

@@ -1,6 +1,7 @@
 //! Loading the eBPF programs, pinning their maps, attaching them to pod veths.
 
 pub mod attach;
+pub mod batch;
 pub mod maps;
 pub mod policy_maps;
 
