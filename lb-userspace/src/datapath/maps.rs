@@ -297,10 +297,10 @@ fn put_maglev(
         size: table.len(),
         expected: 0,
     })?;
-    let mut inner = Array::<MapData, u32>::create(size, BPF_F_INNER_MAP)?;
-    for (i, backend) in table.iter().enumerate() {
-        inner.set(i as u32, backend, 0)?;
-    }
+    let inner = Array::<MapData, u32>::create(size, BPF_F_INNER_MAP)?;
+    super::batch::fill_array(&inner, table).map_err(|e| aya::maps::MapError::InvalidName {
+        name: format!("filling Maglev table {id}: {e:#}"),
+    })?;
     outer.insert(u32::from(id), &inner, 0)
 }
 
