@@ -7,7 +7,7 @@
 //! service, never a count that points at slots not yet written.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::Ipv4Addr,
 };
 
@@ -148,46 +148,182 @@ pub fn fit_to_capacity(
     (kept, errors)
 }
 
+/// Backend and reverse-NAT ids in use, by what they stand for. A backend
+/// id is never reused for another address (ids only grow); a rev-NAT id
+/// (16 bits) is taken again only once free.
+#[derive(Clone, Debug, Default)]
+pub struct Ids {
+    backends: HashMap<BackendAddr, u32>,
+    next_backend: u32,
+    rev_nat: HashMap<(u32, u16, u8), u16>,
+    rev_nat_used: HashSet<u16>,
+    next_rev_nat: u16,
+}
+
+impl Ids {
+    /// The ids a map state uses.
+    pub fn of(state: &MapState) -> Self {
+        let mut ids = Self {
+            backends: state
+                .backends
+                .iter()
+                .map(|(id, b)| (backend_addr(b), *id))
+                .collect(),
+            next_backend: state.backends.keys().next_back().map_or(1, |m| m + 1),
+            ..Default::default()
+        };
+        for (k, v) in state.services.iter().filter(|(k, _)| k.slot == 0) {
+            ids.rev_nat.insert((k.addr, k.port, k.proto), v.rev_nat_id);
+            ids.rev_nat_used.insert(v.rev_nat_id);
+        }
+        ids.next_rev_nat = ids
+            .rev_nat_used
+            .iter()
+            .max()
+            .map_or(1, |m| m.wrapping_add(1).max(1));
+        ids
+    }
+
+    fn backend(&mut self, b: &BackendAddr) -> u32 {
+        let next = &mut self.next_backend;
+        *self.backends.entry(*b).or_insert_with(|| {
+            let id = (*next).max(1);
+            *next = id + 1;
+            id
+        })
+    }
+
+    /// A backend's id, if it has one.
+    pub fn existing_backend(&self, b: &BackendAddr) -> Option<u32> {
+        self.backends.get(b).copied()
+    }
+
+    fn rev_nat(&mut self, master: &ServiceKey) -> u16 {
+        let frontend = (master.addr, master.port, master.proto);
+        if let Some(id) = self.rev_nat.get(&frontend) {
+            return *id;
+        }
+        // The next id not in use (65,535 frontends at most: see
+        // `fit_to_capacity`).
+        let mut id = self.next_rev_nat.max(1);
+        for _ in 0..u16::MAX {
+            if !self.rev_nat_used.contains(&id) {
+                break;
+            }
+            id = id.wrapping_add(1).max(1);
+        }
+        self.next_rev_nat = id.wrapping_add(1).max(1);
+        self.rev_nat.insert(frontend, id);
+        self.rev_nat_used.insert(id);
+        id
+    }
+
+    /// A backend no Service uses any more.
+    pub fn forget_backend(&mut self, b: &BackendAddr) {
+        self.backends.remove(b);
+    }
+
+    /// A frontend that is gone.
+    pub fn forget_frontend(&mut self, master: &ServiceKey) {
+        if let Some(id) = self
+            .rev_nat
+            .remove(&(master.addr, master.port, master.proto))
+        {
+            self.rev_nat_used.remove(&id);
+        }
+    }
+}
+
+impl MapState {
+    /// The entries of some frontends (master keys): their slots, Maglev
+    /// tables and source ranges, and the given backends.
+    pub fn fragment(&self, masters: &[ServiceKey], backends: &BTreeSet<u32>) -> MapState {
+        let mut out = MapState::default();
+        for master in masters {
+            let Some(v) = self.services.get(master) else {
+                continue;
+            };
+            out.services.insert(*master, *v);
+            for slot in 1..=v.count {
+                let k = ServiceKey { slot, ..*master };
+                if let Some(sv) = self.services.get(&k) {
+                    out.services.insert(k, *sv);
+                }
+            }
+            if let Some(t) = self.maglev.get(&v.rev_nat_id) {
+                out.maglev.insert(v.rev_nat_id, t.clone());
+            }
+            let id = v.rev_nat_id;
+            out.source_ranges.extend(
+                self.source_ranges
+                    .range((id, 0, 0)..=(id, u32::MAX, u8::MAX))
+                    .copied(),
+            );
+        }
+        for id in backends {
+            if let Some(b) = self.backends.get(id) {
+                out.backends.insert(*id, *b);
+            }
+        }
+        out
+    }
+
+    /// The state after `ops`, as the maps are once they are applied.
+    pub fn apply(&mut self, ops: &[MapOp]) {
+        for op in ops {
+            match op {
+                MapOp::PutBackend(id, b) => {
+                    self.backends.insert(*id, *b);
+                }
+                MapOp::PutService(k, v) => {
+                    self.services.insert(*k, *v);
+                }
+                MapOp::DeleteService(k) => {
+                    self.services.remove(k);
+                }
+                MapOp::DeleteBackend(id) => {
+                    self.backends.remove(id);
+                }
+                MapOp::PutMaglev(id, table) => {
+                    self.maglev.insert(*id, table.clone());
+                }
+                MapOp::DeleteMaglev(id) => {
+                    self.maglev.remove(id);
+                }
+                MapOp::PutSourceRange(id, addr, len) => {
+                    self.source_ranges.insert((*id, *addr, *len));
+                }
+                MapOp::DeleteSourceRange(id, addr, len) => {
+                    self.source_ranges.remove(&(*id, *addr, *len));
+                }
+            }
+        }
+    }
+}
+
 /// Computes the full desired contents of the maps. Backend ids and
 /// reverse-NAT ids already in `current` are kept; new ones take the next free
 /// number, so an id is never reused for another address while in use.
 pub fn desired_state(current: &MapState, desired: &[DesiredService]) -> MapState {
-    let mut ids: BTreeMap<BackendAddr, u32> = current
-        .backends
-        .iter()
-        .map(|(id, b)| (backend_addr(b), *id))
-        .collect();
-    let mut next_id = current.backends.keys().next_back().map_or(1, |m| m + 1);
-    let mut rev_nat: BTreeMap<(u32, u16, u8), u16> = current
-        .services
-        .iter()
-        .filter(|(k, _)| k.slot == 0)
-        .map(|(k, v)| ((k.addr, k.port, k.proto), v.rev_nat_id))
-        .collect();
-    let mut next_rev_nat = rev_nat
-        .values()
-        .max()
-        .map_or(1, |m| m.wrapping_add(1).max(1));
+    desired_state_with(current, &mut Ids::of(current), desired)
+}
 
+/// `desired_state` for some frontends, with ids from `ids` (which keeps
+/// those it hands out): slots stay where `current` has them.
+pub fn desired_state_with(
+    current: &MapState,
+    ids: &mut Ids,
+    desired: &[DesiredService],
+) -> MapState {
     let mut out = MapState::default();
     for svc in desired {
         let master = service_key(svc.vip, svc.port, svc.proto, 0);
-        let rev_nat_id = *rev_nat
-            .entry((master.addr, master.port, master.proto))
-            .or_insert_with(|| {
-                let id = next_rev_nat;
-                next_rev_nat = next_rev_nat.wrapping_add(1).max(1);
-                id
-            });
+        let rev_nat_id = ids.rev_nat(&master);
         let count = u16::try_from(svc.backends.len()).unwrap_or(u16::MAX);
         let backends = &svc.backends[..usize::from(count)];
         let slots = stable_slots(current, &master, backends);
         for (i, b) in slots.iter().enumerate() {
-            let id = *ids.entry(*b).or_insert_with(|| {
-                let id = next_id;
-                next_id += 1;
-                id
-            });
+            let id = ids.backend(b);
             out.backends.insert(id, backend_value(b));
             let slot = service_key(svc.vip, svc.port, svc.proto, i as u16 + 1);
             out.services.insert(
@@ -220,8 +356,8 @@ pub fn desired_state(current: &MapState, desired: &[DesiredService]) -> MapState
         // Not-ready endpoints keep the id they have (flows may point at it)
         // but get none if they never had one: no flow can be on them.
         for b in &svc.retained {
-            if let Some(id) = ids.get(b) {
-                out.backends.insert(*id, backend_value(b));
+            if let Some(id) = ids.existing_backend(b) {
+                out.backends.insert(id, backend_value(b));
             }
         }
         out.services.insert(

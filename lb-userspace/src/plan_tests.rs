@@ -28,32 +28,7 @@ fn svc(vip: &str, port: u16, backends: &[&str]) -> DesiredService {
 /// entry points at a missing slot or backend (what a packet could observe).
 fn apply_checked(mut state: MapState, ops: &[MapOp]) -> MapState {
     for op in ops {
-        match op {
-            MapOp::PutBackend(id, b) => {
-                state.backends.insert(*id, *b);
-            }
-            MapOp::PutService(k, v) => {
-                state.services.insert(*k, *v);
-            }
-            MapOp::DeleteService(k) => {
-                state.services.remove(k);
-            }
-            MapOp::DeleteBackend(id) => {
-                state.backends.remove(id);
-            }
-            MapOp::PutMaglev(id, table) => {
-                state.maglev.insert(*id, table.clone());
-            }
-            MapOp::DeleteMaglev(id) => {
-                state.maglev.remove(id);
-            }
-            MapOp::PutSourceRange(id, addr, len) => {
-                state.source_ranges.insert((*id, *addr, *len));
-            }
-            MapOp::DeleteSourceRange(id, addr, len) => {
-                state.source_ranges.remove(&(*id, *addr, *len));
-            }
-        }
+        state.apply(std::slice::from_ref(op));
         // Every slot a Maglev table names holds a backend that exists.
         for (k, v) in state.services.iter().filter(|(k, _)| k.slot == 0) {
             for slot in state

@@ -311,6 +311,19 @@ pub fn slices_by_service<E: Borrow<EndpointSlice>>(
     out
 }
 
+/// The order in which Services claim frontends: oldest first, as a
+/// conflict goes to the Service that was there first (then by namespace
+/// and name, so the order is total).
+pub type ServiceAge = (Option<k8s_openapi::jiff::Timestamp>, String, String);
+
+pub fn service_age(s: &Service) -> ServiceAge {
+    (
+        s.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        s.metadata.namespace.clone().unwrap_or_default(),
+        s.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
 /// Translates Services and EndpointSlices into the frontends to program on
 /// `node`: ClusterIPs, NodePorts on the node's addresses, LoadBalancer
 /// ingress addresses and external IPs. Takes the objects or shared
@@ -323,195 +336,255 @@ pub fn translate<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
 ) -> Translation {
     let mut t = Translation::default();
     let slices_by_service = slices_by_service(slices);
-    // Oldest first, as a conflict goes to the Service that was there first.
-    let mut services: Vec<&Service> = services.iter().map(|s| s.borrow()).collect();
-    fn age_order(
-        s: &Service,
-    ) -> (
-        Option<k8s_openapi::jiff::Timestamp>,
-        Option<&str>,
-        Option<&str>,
-    ) {
-        (
-            s.metadata.creation_timestamp.as_ref().map(|t| t.0),
-            s.metadata.namespace.as_deref(),
-            s.metadata.name.as_deref(),
-        )
-    }
-    services.sort_by(|a, b| age_order(a).cmp(&age_order(b)));
-    for svc in services {
-        let object = name_of("Service", &svc.metadata);
-        let Some(spec) = svc.spec.as_ref() else {
-            continue;
-        };
-        let ips = match cluster_ips(svc) {
-            Ok(ips) if ips.is_empty() => continue,
-            Ok(ips) => ips,
-            Err(message) => {
-                t.errors.push(ObjectError { object, message });
-                continue;
-            }
-        };
-        let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
-        let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
-        let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-        // Default timeout as in the API: 3 hours.
-        let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-            let t = spec
-                .session_affinity_config
-                .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds);
-            t.and_then(|t| u32::try_from(t).ok())
-                .filter(|t| *t > 0)
-                .unwrap_or(10_800)
-        });
-        let mut errors = Vec::new();
-        // A bad source range must not open the Service to everyone: its
-        // LoadBalancer addresses are left out (fail closed).
-        let mut ranges_ok = true;
-        let mut source_ranges = Vec::new();
-        for r in spec.load_balancer_source_ranges.iter().flatten() {
-            match parse_cidr(r) {
-                Ok(c) => source_ranges.push(c),
-                Err(e) => {
-                    ranges_ok = false;
-                    errors.push(format!("loadBalancerSourceRanges: {e}; its LoadBalancer addresses are not programmed"));
-                }
-            }
-        }
-        let mut lb_ips = Vec::new();
-        let external_ips = parse_ipv4_list(
-            spec.external_ips.iter().flatten().map(String::as_str),
-            "externalIP",
-            &mut errors,
-        );
-        if svc_type == "LoadBalancer" {
-            let ingress = svc
-                .status
-                .as_ref()
-                .and_then(|s| s.load_balancer.as_ref())
-                .and_then(|lb| lb.ingress.as_ref());
-            lb_ips.extend(parse_ipv4_list(
-                ingress
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|i| i.ip.as_deref()),
-                "load balancer ingress IP",
-                &mut errors,
-            ));
-        }
-        t.errors
-            .extend(errors.into_iter().map(|message| ObjectError {
-                object: object.clone(),
-                message,
-            }));
-
+    let mut services: Vec<(ServiceAge, &Service)> = services
+        .iter()
+        .map(|s| (service_age(s.borrow()), s.borrow()))
+        .collect();
+    services.sort_by(|a, b| a.0.cmp(&b.0));
+    for (_, svc) in services {
         let ns = svc.metadata.namespace.as_deref().unwrap_or("");
         let name = svc.metadata.name.as_deref().unwrap_or("");
-        let own_slices: Vec<&EndpointSlice> = slices_by_service
+        let own = slices_by_service
             .get(&(ns, name))
-            .cloned()
-            .unwrap_or_default();
-        for sp in spec.ports.iter().flatten() {
-            let port_name = sp.name.clone().unwrap_or_default();
-            let (proto, port) = match (
-                protocol_number(sp.protocol.as_deref()),
-                port_number(sp.port),
-            ) {
-                (Ok(proto), Ok(port)) => (proto, port),
-                (Err(e), _) | (_, Err(e)) => {
-                    t.errors.push(ObjectError {
-                        object: object.clone(),
-                        message: format!("port {port_name:?}: {e}"),
-                    });
-                    continue;
-                }
-            };
-            let candidates = candidates_for(&own_slices, &port_name, proto, node, &mut t.errors);
-            let mut push = |vip: Ipv4Addr,
-                            port: u16,
-                            flags: u16,
-                            local_only: bool,
-                            kind: &str,
-                            ranges: &[(Ipv4Addr, u8)]| {
-                let (backends, retained) = choose(&candidates, local_only);
-                t.services.push(DesiredService {
-                    name: format!("{ns}/{name}:{port_name} ({kind})"),
-                    vip,
-                    port,
-                    proto,
-                    flags,
-                    backends,
-                    retained,
-                    affinity_timeout,
-                    source_ranges: ranges.to_vec(),
-                });
-            };
-            let local_flag = if external_local { SERVICE_F_LOCAL } else { 0 };
-            for vip in &ips {
-                push(
-                    *vip,
-                    port,
-                    SERVICE_F_CLUSTER_IP,
-                    internal_local,
-                    "ClusterIP",
-                    &[],
-                );
-            }
-            if matches!(svc_type, "NodePort" | "LoadBalancer") {
-                match sp.node_port.map(port_number) {
-                    Some(Ok(node_port)) => {
-                        for addr in &node.addrs {
-                            push(
-                                *addr,
-                                node_port,
-                                SERVICE_F_NODE_PORT | local_flag,
-                                external_local,
-                                "NodePort",
-                                &[],
-                            );
-                        }
-                    }
-                    Some(Err(e)) => t.errors.push(ObjectError {
-                        object: object.clone(),
-                        message: format!("port {port_name:?}: nodePort: {e}"),
-                    }),
-                    None => {}
-                }
-            }
-            for ip in &external_ips {
-                push(
-                    *ip,
-                    port,
-                    SERVICE_F_EXTERNAL | local_flag,
-                    external_local,
-                    "external",
-                    &[],
-                );
-            }
-            if ranges_ok {
-                let ranges_flag = if source_ranges.is_empty() {
-                    0
-                } else {
-                    SERVICE_F_SOURCE_RANGES
-                };
-                for ip in &lb_ips {
-                    let flags = SERVICE_F_EXTERNAL | local_flag | ranges_flag;
-                    push(
-                        *ip,
-                        port,
-                        flags,
-                        external_local,
-                        "LoadBalancer",
-                        &source_ranges,
-                    );
-                }
-            }
-        }
+            .map_or(&[][..], Vec::as_slice);
+        let one = translate_service(svc, own, node);
+        t.services.extend(one.services);
+        t.errors.extend(one.errors);
     }
     drop_conflicting_frontends(&mut t);
     t
+}
+
+/// The addresses a Service is reached at, besides the node's own.
+struct ServiceAddresses {
+    cluster_ips: Vec<Ipv4Addr>,
+    external_ips: Vec<Ipv4Addr>,
+    /// LoadBalancer ingress addresses (none when a source range is bad).
+    lb_ips: Vec<Ipv4Addr>,
+    source_ranges: Vec<(Ipv4Addr, u8)>,
+}
+
+/// Reads a Service's addresses; what cannot be parsed goes to `errors`.
+fn service_addresses(
+    svc: &Service,
+    cluster_ips: Vec<Ipv4Addr>,
+    errors: &mut Vec<String>,
+) -> ServiceAddresses {
+    let spec = svc.spec.clone().unwrap_or_default();
+    // A bad source range must not open the Service to everyone: its
+    // LoadBalancer addresses are left out (fail closed).
+    let mut ranges_ok = true;
+    let mut source_ranges = Vec::new();
+    for r in spec.load_balancer_source_ranges.iter().flatten() {
+        match parse_cidr(r) {
+            Ok(c) => source_ranges.push(c),
+            Err(e) => {
+                ranges_ok = false;
+                errors.push(format!(
+                    "loadBalancerSourceRanges: {e}; its LoadBalancer addresses are not programmed"
+                ));
+            }
+        }
+    }
+    let external_ips = parse_ipv4_list(
+        spec.external_ips.iter().flatten().map(String::as_str),
+        "externalIP",
+        errors,
+    );
+    let mut lb_ips = Vec::new();
+    if spec.type_.as_deref() == Some("LoadBalancer") {
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        lb_ips = parse_ipv4_list(
+            ingress
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i.ip.as_deref()),
+            "load balancer ingress IP",
+            errors,
+        );
+    }
+    if !ranges_ok {
+        lb_ips.clear();
+    }
+    ServiceAddresses {
+        cluster_ips,
+        external_ips,
+        lb_ips,
+        source_ranges,
+    }
+}
+
+/// `sessionAffinity: ClientIP`: its timeout (the API's default: 3 hours).
+fn affinity_timeout(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Option<u32> {
+    (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        let t = spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds);
+        t.and_then(|t| u32::try_from(t).ok())
+            .filter(|t| *t > 0)
+            .unwrap_or(10_800)
+    })
+}
+
+/// One Service's frontends, from the Service and its own EndpointSlices,
+/// before conflicts with other Services are settled (`translate` does that
+/// for a whole cluster, the agent's `ServiceIndex` one change at a time).
+pub fn translate_service(
+    svc: &Service,
+    own_slices: &[&EndpointSlice],
+    node: &NodeContext,
+) -> Translation {
+    let mut t = Translation::default();
+    let object = name_of("Service", &svc.metadata);
+    let Some(spec) = svc.spec.as_ref() else {
+        return t;
+    };
+    let ips = match cluster_ips(svc) {
+        Ok(ips) if ips.is_empty() => return t,
+        Ok(ips) => ips,
+        Err(message) => {
+            t.errors.push(ObjectError { object, message });
+            return t;
+        }
+    };
+    let mut errors = Vec::new();
+    let addrs = service_addresses(svc, ips, &mut errors);
+    t.errors
+        .extend(errors.into_iter().map(|message| ObjectError {
+            object: object.clone(),
+            message,
+        }));
+    for sp in spec.ports.iter().flatten() {
+        let port_name = sp.name.clone().unwrap_or_default();
+        match (
+            protocol_number(sp.protocol.as_deref()),
+            port_number(sp.port),
+        ) {
+            (Ok(proto), Ok(port)) => {
+                let candidates = candidates_for(own_slices, &port_name, proto, node, &mut t.errors);
+                let port = ServicePort {
+                    name: &port_name,
+                    port,
+                    proto,
+                    node_port: sp.node_port,
+                };
+                frontends_of_port(svc, &addrs, &port, &candidates, node, &mut t);
+            }
+            (Err(e), _) | (_, Err(e)) => t.errors.push(ObjectError {
+                object: object.clone(),
+                message: format!("port {port_name:?}: {e}"),
+            }),
+        }
+    }
+    t
+}
+
+/// One port of a Service's spec, parsed.
+struct ServicePort<'a> {
+    name: &'a str,
+    port: u16,
+    proto: u8,
+    node_port: Option<i32>,
+}
+
+/// The frontends of one Service port: on each ClusterIP, on the node's
+/// addresses (NodePort), on external IPs and on LoadBalancer addresses.
+fn frontends_of_port(
+    svc: &Service,
+    addrs: &ServiceAddresses,
+    sp: &ServicePort,
+    candidates: &[Candidate],
+    node: &NodeContext,
+    t: &mut Translation,
+) {
+    let spec = svc.spec.clone().unwrap_or_default();
+    let ns = svc.metadata.namespace.as_deref().unwrap_or("");
+    let name = svc.metadata.name.as_deref().unwrap_or("");
+    let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let affinity_timeout = affinity_timeout(&spec);
+    let local_flag = if external_local { SERVICE_F_LOCAL } else { 0 };
+    let mut push = |vip: Ipv4Addr,
+                    port: u16,
+                    flags: u16,
+                    local_only: bool,
+                    kind: &str,
+                    ranges: &[(Ipv4Addr, u8)]| {
+        let (backends, retained) = choose(candidates, local_only);
+        t.services.push(DesiredService {
+            name: format!("{ns}/{name}:{} ({kind})", sp.name),
+            vip,
+            port,
+            proto: sp.proto,
+            flags,
+            backends,
+            retained,
+            affinity_timeout,
+            source_ranges: ranges.to_vec(),
+        });
+    };
+    for vip in &addrs.cluster_ips {
+        push(
+            *vip,
+            sp.port,
+            SERVICE_F_CLUSTER_IP,
+            internal_local,
+            "ClusterIP",
+            &[],
+        );
+    }
+    let mut node_port_error = None;
+    if matches!(svc_type, "NodePort" | "LoadBalancer") {
+        match sp.node_port.map(port_number) {
+            Some(Ok(node_port)) => {
+                for addr in &node.addrs {
+                    let flags = SERVICE_F_NODE_PORT | local_flag;
+                    push(*addr, node_port, flags, external_local, "NodePort", &[]);
+                }
+            }
+            Some(Err(e)) => node_port_error = Some(e),
+            None => {}
+        }
+    }
+    for ip in &addrs.external_ips {
+        push(
+            *ip,
+            sp.port,
+            SERVICE_F_EXTERNAL | local_flag,
+            external_local,
+            "external",
+            &[],
+        );
+    }
+    let ranges_flag = if addrs.source_ranges.is_empty() {
+        0
+    } else {
+        SERVICE_F_SOURCE_RANGES
+    };
+    for ip in &addrs.lb_ips {
+        let flags = SERVICE_F_EXTERNAL | local_flag | ranges_flag;
+        push(
+            *ip,
+            sp.port,
+            flags,
+            external_local,
+            "LoadBalancer",
+            &addrs.source_ranges,
+        );
+    }
+    if let Some(e) = node_port_error {
+        t.errors.push(ObjectError {
+            object: name_of("Service", &svc.metadata),
+            message: format!("port {:?}: nodePort: {e}", sp.name),
+        });
+    }
 }
 
 /// Two Services claiming one frontend (the same nodePort, externalIP or
@@ -545,7 +618,7 @@ fn drop_conflicting_frontends(t: &mut Translation) {
     t.errors.extend(errors);
 }
 
-fn protocol_name(p: u8) -> &'static str {
+pub fn protocol_name(p: u8) -> &'static str {
     match p {
         lb_common::PROTO_TCP => "TCP",
         lb_common::PROTO_UDP => "UDP",

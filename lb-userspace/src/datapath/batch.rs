@@ -58,7 +58,10 @@ fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
 }
 
 /// Writes `values[i]` at index `i` of an array map, all in one call.
-pub fn fill_array<V: Pod + aya::Pod>(map: &aya::maps::Array<MapData, V>, values: &[V]) -> Result<()> {
+pub fn fill_array<V: Pod + aya::Pod>(
+    map: &aya::maps::Array<MapData, V>,
+    values: &[V],
+) -> Result<()> {
     // aya checked the value size when it made the typed handle.
     let map: &MapData = IterableMap::map(map);
     let keys: Vec<u32> = (0..values.len() as u32).collect();

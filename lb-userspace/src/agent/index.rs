@@ -1,0 +1,248 @@
+//! Which Service owns each frontend, kept one Service at a time: two
+//! Services claiming one frontend (the same nodePort, externalIP or
+//! LoadBalancer address and port), the older keeps it and the other loses
+//! that frontend only, with an error, as `translate::translate` decides for
+//! a whole cluster. Pure: no I/O.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::Ipv4Addr,
+};
+
+use crate::translate::{DesiredService, ObjectError, ServiceAge, Translation};
+
+/// A Service, by namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceRef {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for ServiceRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// (address, port, protocol) of a frontend.
+type Frontend = (Ipv4Addr, u16, u8);
+
+fn frontend(s: &DesiredService) -> Frontend {
+    (s.vip, s.port, s.proto)
+}
+
+struct Translated {
+    age: ServiceAge,
+    translation: Translation,
+}
+
+/// Every Service's translation, and the claimants of each frontend.
+#[derive(Default)]
+pub struct ServiceIndex {
+    services: HashMap<ServiceRef, Translated>,
+    claims: HashMap<Frontend, BTreeSet<(ServiceAge, ServiceRef)>>,
+}
+
+impl ServiceIndex {
+    /// Replaces a Service's translation (`None`: the Service is gone).
+    /// Returns the Services whose programmed frontends may have changed:
+    /// this one, and any that won or lost a frontend it claims or claimed.
+    pub fn set(
+        &mut self,
+        svc: &ServiceRef,
+        new: Option<(ServiceAge, Translation)>,
+    ) -> BTreeSet<ServiceRef> {
+        let mut touched = BTreeSet::from([svc.clone()]);
+        let old = self.services.remove(svc);
+        let mut contested: BTreeSet<Frontend> = BTreeSet::new();
+        if let Some(old) = &old {
+            for f in old.translation.services.iter().map(frontend) {
+                contested.insert(f);
+            }
+        }
+        if let Some((_, t)) = &new {
+            contested.extend(t.services.iter().map(frontend));
+        }
+        let winners_before: Vec<Option<ServiceRef>> =
+            contested.iter().map(|f| self.winner(f).cloned()).collect();
+        if let Some(old) = old {
+            for f in old.translation.services.iter().map(frontend) {
+                if let Some(c) = self.claims.get_mut(&f) {
+                    c.remove(&(old.age.clone(), svc.clone()));
+                    if c.is_empty() {
+                        self.claims.remove(&f);
+                    }
+                }
+            }
+        }
+        if let Some((age, translation)) = new {
+            for f in translation.services.iter().map(frontend) {
+                self.claims
+                    .entry(f)
+                    .or_default()
+                    .insert((age.clone(), svc.clone()));
+            }
+            self.services
+                .insert(svc.clone(), Translated { age, translation });
+        }
+        for (f, before) in contested.iter().zip(winners_before) {
+            let after = self.winner(f).cloned();
+            if before != after {
+                touched.extend(before);
+                touched.extend(after);
+            }
+        }
+        touched
+    }
+
+    fn winner(&self, f: &Frontend) -> Option<&ServiceRef> {
+        self.claims.get(f)?.first().map(|(_, s)| s)
+    }
+
+    /// What to program for a Service: the frontends it owns, and its
+    /// errors (its own, and one per frontend an older Service has).
+    pub fn programmed(&self, svc: &ServiceRef) -> (Vec<DesiredService>, Vec<ObjectError>) {
+        let Some(t) = self.services.get(svc) else {
+            return (vec![], vec![]);
+        };
+        let mut errors = t.translation.errors.clone();
+        let mut kept = Vec::new();
+        for s in &t.translation.services {
+            match self.winner(&frontend(s)) {
+                Some(w) if w != svc => {
+                    let first = self.services.get(w).and_then(|o| {
+                        o.translation
+                            .services
+                            .iter()
+                            .find(|x| frontend(x) == frontend(s))
+                    });
+                    errors.push(ObjectError {
+                        object: format!("Service {svc}"),
+                        message: format!(
+                            "frontend {}:{}/{} is already Service {}'s: not programmed",
+                            s.vip,
+                            s.port,
+                            crate::translate::protocol_name(s.proto),
+                            first.map_or_else(|| w.to_string(), |x| x.name.clone())
+                        ),
+                    });
+                }
+                _ => kept.push(s.clone()),
+            }
+        }
+        (kept, errors)
+    }
+
+    /// Every Service, oldest first (the order a full pass programs them in).
+    pub fn by_age(&self) -> Vec<&ServiceRef> {
+        let mut all: Vec<(&ServiceAge, &ServiceRef)> =
+            self.services.iter().map(|(r, t)| (&t.age, r)).collect();
+        all.sort();
+        all.into_iter().map(|(_, r)| r).collect()
+    }
+
+    pub fn clear(&mut self) {
+        self.services.clear();
+        self.claims.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lb_common::PROTO_TCP;
+
+    fn translation(frontends: &[(&str, u16)]) -> Translation {
+        Translation {
+            services: frontends
+                .iter()
+                .map(|(vip, port)| DesiredService {
+                    name: format!("x/{vip}:{port}"),
+                    vip: vip.parse().unwrap(),
+                    port: *port,
+                    proto: PROTO_TCP,
+                    flags: 0,
+                    backends: vec![],
+                    retained: vec![],
+                    affinity_timeout: None,
+                    source_ranges: vec![],
+                })
+                .collect(),
+            errors: vec![],
+        }
+    }
+
+    fn age(n: i64) -> ServiceAge {
+        (
+            Some(k8s_openapi::jiff::Timestamp::from_second(n).unwrap()),
+            String::new(),
+            String::new(),
+        )
+    }
+
+    fn owned(ix: &ServiceIndex, s: &ServiceRef) -> Vec<u16> {
+        ix.programmed(s).0.iter().map(|d| d.port).collect()
+    }
+
+    /// The older claimant keeps a contested frontend; when it lets go, the
+    /// next one gets it, and each change names the Services it touched.
+    #[test]
+    fn the_oldest_claimant_owns_a_frontend_and_hands_it_on() {
+        let mut ix = ServiceIndex::default();
+        let (a, b) = (ServiceRef::new("ns", "a"), ServiceRef::new("ns", "b"));
+        let shared = ("172.18.0.10", 30080);
+        // (what changes, who is touched, ports a owns, ports b owns, b's errors)
+        let t = ix.set(
+            &a,
+            Some((age(1), translation(&[("10.96.0.1", 80), shared]))),
+        );
+        assert_eq!(t, BTreeSet::from([a.clone()]));
+        let t = ix.set(
+            &b,
+            Some((age(2), translation(&[("10.96.0.2", 80), shared]))),
+        );
+        assert_eq!(
+            t,
+            BTreeSet::from([b.clone()]),
+            "a keeps it: only b is touched"
+        );
+        assert_eq!(owned(&ix, &a), vec![80, 30080]);
+        assert_eq!(owned(&ix, &b), vec![80]);
+        let errors = ix.programmed(&b).1;
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0]
+                .message
+                .contains("already Service x/172.18.0.10:30080's"),
+            "{errors:?}"
+        );
+
+        // a drops the node port: b gets it.
+        let t = ix.set(&a, Some((age(1), translation(&[("10.96.0.1", 80)]))));
+        assert_eq!(t, BTreeSet::from([a.clone(), b.clone()]));
+        assert_eq!(owned(&ix, &b), vec![80, 30080]);
+        assert!(ix.programmed(&b).1.is_empty());
+
+        // An older Service claiming it takes it back from b.
+        let c = ServiceRef::new("ns", "c");
+        let t = ix.set(&c, Some((age(0), translation(&[shared]))));
+        assert_eq!(t, BTreeSet::from([b.clone(), c.clone()]));
+        assert_eq!(owned(&ix, &b), vec![80]);
+
+        // c deleted: back to b.
+        let t = ix.set(&c, None);
+        assert_eq!(t, BTreeSet::from([b.clone(), c.clone()]));
+        assert_eq!(owned(&ix, &b), vec![80, 30080]);
+        assert_eq!(ix.programmed(&c), (vec![], vec![]));
+        assert_eq!(ix.by_age(), vec![&a, &b]);
+    }
+}

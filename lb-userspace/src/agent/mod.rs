@@ -1,0 +1,481 @@
+//! `lb agent`: keeps the data path's maps equal to what the Kubernetes API
+//! says. Watchers (kube-rs reflectors) feed caches at the edge; on any change
+//! a pure translation and a pure differ decide the map writes.
+
+use std::{
+    collections::BTreeSet,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+mod index;
+mod services;
+mod slices;
+mod watch;
+mod writer;
+
+use anyhow::{Context, Result};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod, Service},
+    discovery::v1::EndpointSlice,
+    networking::v1::NetworkPolicy,
+};
+use k8s_openapi::Resource as _;
+use kube::{
+    runtime::reflector::{self, ObjectRef},
+    Api, Client,
+};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::{
+    datapath::{attach::interfaces_with_prefix, attach::Attacher, Datapath},
+    translate::{NodeContext, ObjectError},
+};
+use index::ServiceRef;
+use services::ServiceSide;
+use watch::Change;
+
+/// A Node's addresses of the given types.
+fn node_addresses(node: &Node, types: &[&str]) -> Vec<std::net::Ipv4Addr> {
+    node.status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| types.contains(&a.type_.as_str()))
+        .filter_map(|a| a.address.parse().ok())
+        .collect()
+}
+
+/// This node's name and addresses, and the other nodes' InternalIPs.
+fn node_context(name: Option<&String>, nodes: &reflector::Store<Node>) -> NodeContext {
+    let Some(name) = name else {
+        return NodeContext::default();
+    };
+    let mut ctx = NodeContext {
+        name: Some(name.clone()),
+        ..Default::default()
+    };
+    for node in nodes.state() {
+        if node.metadata.name.as_ref() == Some(name) {
+            ctx.addrs = node_addresses(&node, &["InternalIP", "ExternalIP"]);
+        } else {
+            ctx.peers.extend(node_addresses(&node, &["InternalIP"]));
+        }
+    }
+    ctx
+}
+
+pub struct AgentConfig {
+    pub kubeconfig: Option<PathBuf>,
+    pub node_name: Option<String>,
+    pub pin_dir: PathBuf,
+    /// Pod veths are the interfaces whose names start with this.
+    pub interface_prefix: String,
+    /// The node's uplink, where XDP serves traffic from outside the node
+    /// (NodePorts, LoadBalancer IPs); none to leave it alone.
+    pub uplink: Option<String>,
+    /// This network namespace's /proc/sys/net (a container mounts the
+    /// host's at another path, as its own is read-only).
+    pub proc_sys_net: PathBuf,
+    /// How often the maps are compared with the desired state even when
+    /// nothing changed (repairs drift).
+    pub resync: Duration,
+    /// Idle timeouts of conntrack entries, and how often they are swept.
+    pub ct_timeouts: crate::conntrack::Timeouts,
+    pub ct_sweep: Duration,
+    /// Where /metrics, /healthz and /readyz are served; none for nowhere.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The eBPF programs' own log lines, into this log (costs per packet).
+    pub bpf_log: bool,
+}
+
+/// Forwards the eBPF programs' log records (aya-log, through the `log`
+/// crate's interface) into this process's tracing log.
+struct BpfLogToTracing;
+
+impl log::Log for BpfLogToTracing {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record) {
+        tracing::info!(target: "lb::bpf", "{}", record.args());
+    }
+
+    fn flush(&self) {}
+}
+
+/// Reads the programs' log buffer whenever it has records.
+fn spawn_bpf_log(dp: &mut Datapath) -> Result<()> {
+    let logger = dp.logger(BpfLogToTracing)?;
+    // SAFETY: the logger owns its ring buffer's fd, which stays open as long
+    // as the AsyncFd (its owner) lives.
+    let mut fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| anyhow::anyhow!("watching the eBPF log buffer: {e}"))?;
+    tokio::spawn(async move {
+        while let Ok(mut guard) = fd.readable_mut().await {
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+    Ok(())
+}
+
+pub async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no --kubeconfig given and no cluster config found")?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+pub use watch::WATCHED;
+
+/// Where the agent reports objects it cannot program (kube-runtime's event
+/// recorder: create, then merge-patch a repeated one).
+pub const EVENTS: (&str, &str) = (
+    k8s_openapi::api::events::v1::Event::GROUP,
+    k8s_openapi::api::events::v1::Event::URL_PATH_SEGMENT,
+);
+
+/// The caches the watchers keep.
+struct Caches {
+    services: reflector::Store<Service>,
+    slices: reflector::Store<EndpointSlice>,
+    nodes: reflector::Store<Node>,
+    pods: reflector::Store<Pod>,
+    namespaces: reflector::Store<Namespace>,
+    policies: reflector::Store<NetworkPolicy>,
+}
+
+impl Caches {
+    fn watch(client: &Client, changes: &UnboundedSender<Change>) -> Self {
+        let c = changes.clone();
+        Self {
+            services: watch::reflect(Api::all(client.clone()), c.clone(), watch::service_change),
+            slices: watch::reflect(Api::all(client.clone()), c.clone(), watch::slice_change),
+            nodes: watch::reflect(Api::all(client.clone()), c.clone(), watch::node_change),
+            pods: watch::reflect(Api::all(client.clone()), c.clone(), watch::policy_change),
+            namespaces: watch::reflect(Api::all(client.clone()), c.clone(), watch::policy_change),
+            policies: watch::reflect(Api::all(client.clone()), c, watch::policy_change),
+        }
+    }
+
+    /// Program nothing until every cache is complete: a restart must never
+    /// write a half-known cluster into the maps.
+    async fn wait_until_ready(&self) -> Result<()> {
+        let w = "watch ended";
+        self.services.wait_until_ready().await.context(w)?;
+        self.slices.wait_until_ready().await.context(w)?;
+        self.nodes.wait_until_ready().await.context(w)?;
+        self.pods.wait_until_ready().await.context(w)?;
+        self.namespaces.wait_until_ready().await.context(w)?;
+        self.policies.wait_until_ready().await.context(w)?;
+        Ok(())
+    }
+}
+
+/// What the next pass must do.
+#[derive(Default)]
+struct Work {
+    /// Every Service (and read the maps back, with `read_maps`).
+    full: bool,
+    read_maps: bool,
+    services: BTreeSet<ServiceRef>,
+    policy: bool,
+}
+
+impl Work {
+    fn everything() -> Self {
+        Self {
+            full: true,
+            read_maps: true,
+            policy: true,
+            ..Default::default()
+        }
+    }
+
+    fn any(&self) -> bool {
+        self.full || self.policy || !self.services.is_empty()
+    }
+
+    fn add(&mut self, change: Change, side: &mut ServiceSide, caches: &Caches) {
+        match change {
+            Change::Service(ns, name) => {
+                self.services.insert(ServiceRef::new(&ns, &name));
+            }
+            Change::Slice(ns, name) => {
+                let now = caches.slices.get(&ObjectRef::new(&name).within(&ns));
+                self.services
+                    .extend(side.slices.update(&(ns, name), now.as_deref()));
+            }
+            Change::Node | Change::Relisted(_) => {
+                self.full = true;
+                self.policy = true;
+            }
+            Change::Policy => self.policy = true,
+        }
+    }
+}
+
+pub async fn run(cfg: AgentConfig) -> Result<()> {
+    let stats = crate::metrics::Shared::new(cfg.pin_dir.clone());
+    if let Some(addr) = cfg.metrics_addr {
+        let stats = stats.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(addr, stats).await {
+                tracing::error!(%addr, "metrics server: {e:#}");
+            }
+        });
+    }
+    let mut dp = Datapath::load_with(Some(&cfg.pin_dir), cfg.bpf_log)?;
+    if cfg.bpf_log {
+        spawn_bpf_log(&mut dp)?;
+        tracing::info!("eBPF log lines on (--bpf-log): they cost per packet");
+    }
+    let mut attacher = Attacher::new(&cfg.pin_dir)?;
+    tracing::info!(pin_dir = %cfg.pin_dir.display(), node = ?cfg.node_name, "data path loaded");
+
+    let client = client(cfg.kubeconfig.as_ref()).await?;
+    let (changes, mut changed) = tokio::sync::mpsc::unbounded_channel();
+    let caches = Caches::watch(&client, &changes);
+    let mut events = crate::events::EventPublisher::new(client, cfg.node_name.as_deref());
+    caches.wait_until_ready().await?;
+    tracing::info!("caches synced");
+    if cfg.node_name.is_none() {
+        tracing::warn!(
+            "no --node-name (NODE_NAME): NodePorts and node-local endpoints are not programmed"
+        );
+    }
+    if let Some(uplink) = &cfg.uplink {
+        match crate::datapath::attach::attach_uplink(
+            &mut dp,
+            &cfg.pin_dir.join("uplink"),
+            uplink,
+            &cfg.proc_sys_net,
+        ) {
+            Ok(()) => tracing::info!(interface = %uplink, "XDP attached to the uplink"),
+            Err(e) => {
+                tracing::error!(interface = %uplink, "XDP attach failed, no NodePort from outside: {e:#}")
+            }
+        }
+    }
+
+    let mut side = ServiceSide::new(crate::plan::Capacity::default());
+    let mut policy = PolicySide::default();
+    let mut logged_errors = BTreeSet::new();
+    let mut resync = tokio::time::interval(cfg.resync);
+    let mut links = tokio::time::interval(Duration::from_secs(1));
+    let mut ct_sweep = tokio::time::interval(cfg.ct_sweep);
+    let mut health = crate::health::HealthServers::default();
+    let mut work = Work::everything();
+    loop {
+        if work.any() {
+            let started = Instant::now();
+            let node = node_context(cfg.node_name.as_ref(), &caches.nodes);
+            if work.policy {
+                policy.pass(&mut dp, &caches, &node, &stats);
+            }
+            let services_changed = work.full || !work.services.is_empty();
+            if services_changed {
+                service_pass(&mut dp, &mut side, &caches, &node, &work, &stats);
+                health.sync(&side.health_checks()).await;
+            }
+            let errors: Vec<&ObjectError> = side.errors().chain(&policy.errors).collect();
+            let shown: BTreeSet<String> = errors
+                .iter()
+                .map(|e| format!("{}: {}", e.object, e.message))
+                .collect();
+            for e in shown.difference(&logged_errors) {
+                tracing::warn!("skipped: {e}");
+            }
+            logged_errors = shown;
+            events.sync(&errors);
+            let mut st = stats.lock();
+            st.invalid_objects.clear();
+            for e in &errors {
+                let kind = e.object.split(' ').next().unwrap_or_default().to_string();
+                *st.invalid_objects.entry(kind).or_default() += 1;
+            }
+            st.map_full = side.map_full();
+            st.observe_sync(started.elapsed());
+            work = Work::default();
+        }
+        tokio::select! {
+            Some(change) = changed.recv() => {
+                work.add(change, &mut side, &caches);
+                // Whatever else is queued goes into the same pass.
+                while let Ok(change) = changed.try_recv() {
+                    work.add(change, &mut side, &caches);
+                }
+            }
+            _ = resync.tick() => {
+                work = Work::everything();
+                // Changes queued now are in the caches the full pass reads.
+                while changed.try_recv().is_ok() {}
+            }
+            _ = links.tick() => {
+                stats.lock().alive();
+                sync_links(&mut dp, &mut attacher, &cfg.interface_prefix);
+            }
+            _ = ct_sweep.tick() => {
+                match crate::conntrack::sweep(&mut dp, &cfg.ct_timeouts) {
+                    Ok((summary, swept)) => {
+                        tracing::debug!(
+                            live = summary.total(),
+                            removed = swept.removed,
+                            kept = swept.kept,
+                            "conntrack sweep"
+                        );
+                        crate::conntrack::warn_if_filling(&summary);
+                        stats.lock().conntrack = Some(summary);
+                    }
+                    Err(e) => tracing::warn!("conntrack sweep: {e:#}"),
+                }
+            }
+        }
+    }
+}
+
+/// Writes the service maps: the changed Services, or all of them.
+fn service_pass(
+    dp: &mut Datapath,
+    side: &mut ServiceSide,
+    caches: &Caches,
+    node: &NodeContext,
+    work: &Work,
+    stats: &crate::metrics::Shared,
+) {
+    let started = Instant::now();
+    if work.full {
+        if let Err(e) = dp.maps.set_node(node.addrs.first().copied()) {
+            tracing::error!("writing the node map: {e:#}");
+        }
+    }
+    let (svcs, slices) = (&caches.services, &caches.slices);
+    let result = if work.full {
+        side.full_pass(dp, svcs, slices, node, work.read_maps)
+    } else {
+        side.reconcile(dp, svcs, slices, node, &work.services)
+            .or_else(|e| {
+                tracing::warn!("updating maps: {e:#}; reading them back");
+                side.distrust_written();
+                side.full_pass(dp, svcs, slices, node, true)
+            })
+    };
+    let mut st = stats.lock();
+    match result {
+        Ok(w) => {
+            if w.drift > 0 {
+                tracing::warn!(writes = w.drift, "service maps had drifted; repaired");
+                st.drift_repairs += w.drift as u64;
+            } else if w.ops > 0 {
+                tracing::info!(
+                    ops = w.ops,
+                    frontends = w.frontends,
+                    backends = w.backends,
+                    services = if work.full { 0 } else { work.services.len() },
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "maps updated"
+                );
+            }
+            st.services = w.frontends;
+            st.backends = w.backends;
+            st.ready = true;
+        }
+        Err(e) => {
+            st.error("map_write");
+            side.distrust_written();
+            tracing::error!("updating maps: {e:#}");
+        }
+    }
+}
+
+/// The policy side: still the whole cluster per pass, run only when a
+/// Pod, Namespace, NetworkPolicy or Node changed.
+#[derive(Default)]
+struct PolicySide {
+    last: Option<crate::policy::PolicyState>,
+    errors: Vec<ObjectError>,
+}
+
+impl PolicySide {
+    fn pass(
+        &mut self,
+        dp: &mut Datapath,
+        caches: &Caches,
+        node: &NodeContext,
+        stats: &crate::metrics::Shared,
+    ) {
+        let all_pods: Vec<Pod> = caches.pods.state().iter().map(|p| (**p).clone()).collect();
+        let all_ns: Vec<Namespace> = caches
+            .namespaces
+            .state()
+            .iter()
+            .map(|n| (**n).clone())
+            .collect();
+        let all_np: Vec<NetworkPolicy> = caches
+            .policies
+            .state()
+            .iter()
+            .map(|p| (**p).clone())
+            .collect();
+        let pt = crate::policy::translate_policies(&all_pods, &all_ns, &all_np, node);
+        stats.lock().alive();
+        match crate::datapath::policy_maps::apply(&mut dp.maps, &pt.state) {
+            Ok(n @ 1..) if self.last.as_ref() == Some(&pt.state) => {
+                tracing::warn!(writes = n, "policy maps had drifted; repaired");
+                stats.lock().drift_repairs += n as u64;
+            }
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                writes = n,
+                endpoints = pt.state.endpoints.len(),
+                rules = pt.state.rules.len(),
+                "policy maps updated"
+            ),
+            Err(e) => {
+                stats.lock().error("policy_write");
+                tracing::error!("updating policy maps: {e:#}");
+                self.last = None;
+                self.errors = pt.errors;
+                return;
+            }
+        }
+        let mut st = stats.lock();
+        st.policies = all_np.len();
+        st.policy_entries = pt.state.rules.len();
+        st.endpoints = pt.state.endpoints.len();
+        self.last = Some(pt.state);
+        self.errors = pt.errors;
+    }
+}
+
+fn sync_links(dp: &mut Datapath, attacher: &mut Attacher, prefix: &str) {
+    let present = match interfaces_with_prefix(prefix) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!("{e:#}");
+            return;
+        }
+    };
+    for ifname in &present {
+        if !attacher.attached().contains(ifname) {
+            match attacher.attach(dp, ifname) {
+                Ok(()) => tracing::info!(interface = %ifname, "programs attached"),
+                Err(e) => tracing::warn!(interface = %ifname, "attach failed: {e:#}"),
+            }
+        }
+    }
+    attacher.prune(&present);
+}

@@ -1,0 +1,233 @@
+//! The service side of the agent: from the caches to the service maps,
+//! one changed Service at a time (`reconcile`), or the whole cluster
+//! (`full_pass`: at start, after a watch listed again, on a Node change,
+//! and on the periodic resync, which reads the maps back to repair drift).
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+};
+
+use anyhow::Result;
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use kube::runtime::reflector::{ObjectRef, Store};
+
+use super::{
+    index::{ServiceIndex, ServiceRef},
+    slices::SliceIndex,
+    writer::ServiceWriter,
+};
+use crate::{
+    datapath::Datapath,
+    health::{health_checks, HealthCheck},
+    plan::{desired_state, fit_to_capacity, plan, Capacity},
+    translate::{service_age, translate_service, DesiredService, NodeContext, ObjectError},
+};
+
+/// What a pass wrote.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Written {
+    pub ops: usize,
+    /// Writes that repaired maps changed behind the agent's back.
+    pub drift: usize,
+    pub frontends: usize,
+    pub backends: usize,
+}
+
+#[derive(Default)]
+pub struct ServiceSide {
+    index: ServiceIndex,
+    pub slices: SliceIndex,
+    /// None until a full pass has written the maps.
+    writer: Option<ServiceWriter>,
+    health: HashMap<ServiceRef, BTreeMap<u16, HealthCheck>>,
+    errors: HashMap<ServiceRef, Vec<ObjectError>>,
+    capacity: Capacity,
+}
+
+impl ServiceSide {
+    pub fn new(capacity: Capacity) -> Self {
+        Self {
+            capacity,
+            ..Default::default()
+        }
+    }
+
+    fn own_slices(
+        &self,
+        slices: &Store<EndpointSlice>,
+        svc: &ServiceRef,
+    ) -> Vec<Arc<EndpointSlice>> {
+        self.slices
+            .of(svc)
+            .filter_map(|name| slices.get(&ObjectRef::new(name).within(&svc.namespace)))
+            .collect()
+    }
+
+    /// Translates one Service again, from the caches, into the index.
+    /// Returns the Services whose programmed frontends may have changed.
+    fn retranslate(
+        &mut self,
+        services: &Store<Service>,
+        slices: &Store<EndpointSlice>,
+        node: &NodeContext,
+        svc: &ServiceRef,
+    ) -> BTreeSet<ServiceRef> {
+        let object = services.get(&ObjectRef::new(&svc.name).within(&svc.namespace));
+        let Some(object) = object else {
+            self.health.remove(svc);
+            return self.index.set(svc, None);
+        };
+        let own = self.own_slices(slices, svc);
+        let own: Vec<&EndpointSlice> = own.iter().map(|s| s.as_ref()).collect();
+        let checks = health_checks(&[object.as_ref()], &own, node);
+        if checks.is_empty() {
+            self.health.remove(svc);
+        } else {
+            self.health.insert(svc.clone(), checks);
+        }
+        let t = translate_service(&object, &own, node);
+        self.index.set(svc, Some((service_age(&object), t)))
+    }
+
+    /// The whole cluster: every Service translated again, the maps planned
+    /// against what they hold (`read_maps`, or before the first pass) or
+    /// against what this agent wrote.
+    pub fn full_pass(
+        &mut self,
+        dp: &mut Datapath,
+        services: &Store<Service>,
+        slices: &Store<EndpointSlice>,
+        node: &NodeContext,
+        read_maps: bool,
+    ) -> Result<Written> {
+        self.slices.clear();
+        for s in slices.state() {
+            let key = (
+                s.metadata.namespace.clone().unwrap_or_default(),
+                s.metadata.name.clone().unwrap_or_default(),
+            );
+            self.slices.update(&key, Some(&s));
+        }
+        self.index.clear();
+        self.health.clear();
+        for s in services.state() {
+            let svc = ServiceRef::new(
+                s.metadata.namespace.as_deref().unwrap_or(""),
+                s.metadata.name.as_deref().unwrap_or(""),
+            );
+            self.retranslate(services, slices, node, &svc);
+        }
+        self.errors.clear();
+        let mut all: Vec<DesiredService> = Vec::new();
+        let mut owner_of_name: HashMap<String, ServiceRef> = HashMap::new();
+        for svc in self.index.by_age() {
+            let (kept, errors) = self.index.programmed(svc);
+            owner_of_name.extend(kept.iter().map(|d| (d.name.clone(), svc.clone())));
+            all.extend(kept);
+            if !errors.is_empty() {
+                self.errors.insert(svc.clone(), errors);
+            }
+        }
+        let (fitting, full) = fit_to_capacity(all, &self.capacity);
+        for e in full {
+            let name = e.object.trim_start_matches("Service ");
+            let (ns, n) = name.split_once('/').unwrap_or(("", name));
+            self.errors
+                .entry(ServiceRef::new(ns, n))
+                .or_default()
+                .push(e);
+        }
+        let current = match (&self.writer, read_maps) {
+            (Some(w), false) => w.written().clone(),
+            _ => dp.maps.state()?,
+        };
+        let desired = desired_state(&current, &fitting);
+        let ops = plan(&current, &desired);
+        dp.maps.apply(&ops)?;
+        let drift = match &self.writer {
+            Some(w) if read_maps && plan(w.written(), &desired).is_empty() => ops.len(),
+            _ => 0,
+        };
+        let mut by_service: HashMap<ServiceRef, Vec<DesiredService>> = HashMap::new();
+        for d in fitting {
+            if let Some(svc) = owner_of_name.get(&d.name) {
+                by_service.entry(svc.clone()).or_default().push(d);
+            }
+        }
+        let out = Written {
+            ops: ops.len(),
+            drift,
+            frontends: desired.services.keys().filter(|k| k.slot == 0).count(),
+            backends: desired.backends.len(),
+        };
+        self.writer = Some(ServiceWriter::adopt(
+            desired,
+            by_service.iter().map(|(s, d)| (s.clone(), d.as_slice())),
+            self.capacity,
+        ));
+        Ok(out)
+    }
+
+    /// Only the Services in `dirty` (and those a change of theirs hands a
+    /// frontend to or takes one from). An error leaves the maps as far as
+    /// they got: the caller runs a full pass that reads them back.
+    pub fn reconcile(
+        &mut self,
+        dp: &mut Datapath,
+        services: &Store<Service>,
+        slices: &Store<EndpointSlice>,
+        node: &NodeContext,
+        dirty: &BTreeSet<ServiceRef>,
+    ) -> Result<Written> {
+        let mut replan = BTreeSet::new();
+        for svc in dirty {
+            replan.extend(self.retranslate(services, slices, node, svc));
+        }
+        let mut out = Written::default();
+        let Some(writer) = self.writer.as_mut() else {
+            anyhow::bail!("no full pass yet");
+        };
+        for svc in &replan {
+            let (kept, mut errors) = self.index.programmed(svc);
+            let step = writer.plan(svc, &kept);
+            if let Err(e) = dp.maps.apply(&step.ops) {
+                self.writer = None;
+                return Err(e);
+            }
+            out.ops += step.ops.len();
+            errors.extend(step.error.clone());
+            if errors.is_empty() {
+                self.errors.remove(svc);
+            } else {
+                self.errors.insert(svc.clone(), errors);
+            }
+            writer.commit(step);
+        }
+        out.frontends = writer.frontends();
+        out.backends = writer.written().backends.len();
+        Ok(out)
+    }
+
+    /// The health check ports to serve, for every Service.
+    pub fn health_checks(&self) -> BTreeMap<u16, HealthCheck> {
+        self.health.values().flat_map(|h| h.clone()).collect()
+    }
+
+    /// Every Service's errors (translation, conflicts, full maps).
+    pub fn errors(&self) -> impl Iterator<Item = &ObjectError> {
+        self.errors.values().flatten()
+    }
+
+    /// Services left out because a map is full.
+    pub fn map_full(&self) -> usize {
+        self.errors()
+            .filter(|e| e.message.contains(" is full ("))
+            .count()
+    }
+
+    /// Forget what was written: the next pass reads the maps back.
+    pub fn distrust_written(&mut self) {
+        self.writer = None;
+    }
+}

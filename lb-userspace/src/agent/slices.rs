@@ -1,0 +1,102 @@
+//! Which EndpointSlices belong to which Service (the
+//! `kubernetes.io/service-name` label), kept as slices change, so a
+//! Service's translation finds its own slices without a scan of all of them,
+//! and a slice that moves to another Service touches both.
+
+use std::collections::{BTreeSet, HashMap};
+
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use super::index::ServiceRef;
+use crate::translate::SERVICE_NAME_LABEL;
+
+/// A slice, by namespace and name.
+pub type SliceRef = (String, String);
+
+#[derive(Default)]
+pub struct SliceIndex {
+    owner: HashMap<SliceRef, ServiceRef>,
+    slices: HashMap<ServiceRef, BTreeSet<String>>,
+}
+
+fn owner_of(slice: &EndpointSlice) -> Option<ServiceRef> {
+    let service = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    Some(ServiceRef::new(
+        slice.metadata.namespace.as_deref().unwrap_or(""),
+        service,
+    ))
+}
+
+impl SliceIndex {
+    /// A slice as it is now (`None`: deleted). Returns the Services whose
+    /// slices changed: the one it belongs to, and the one it left.
+    pub fn update(&mut self, slice: &SliceRef, now: Option<&EndpointSlice>) -> Vec<ServiceRef> {
+        let mut touched = Vec::new();
+        if let Some(old) = self.owner.remove(slice) {
+            if let Some(names) = self.slices.get_mut(&old) {
+                names.remove(&slice.1);
+                if names.is_empty() {
+                    self.slices.remove(&old);
+                }
+            }
+            touched.push(old);
+        }
+        if let Some(owner) = now.and_then(owner_of) {
+            self.slices
+                .entry(owner.clone())
+                .or_default()
+                .insert(slice.1.clone());
+            self.owner.insert(slice.clone(), owner.clone());
+            if !touched.contains(&owner) {
+                touched.push(owner);
+            }
+        }
+        touched
+    }
+
+    /// The names of a Service's slices (in its namespace).
+    pub fn of(&self, svc: &ServiceRef) -> impl Iterator<Item = &String> {
+        self.slices.get(svc).into_iter().flatten()
+    }
+
+    pub fn clear(&mut self) {
+        self.owner.clear();
+        self.slices.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slice(name: &str, service: &str) -> EndpointSlice {
+        let mut s = EndpointSlice::default();
+        s.metadata.namespace = Some("ns".into());
+        s.metadata.name = Some(name.into());
+        s.metadata.labels = Some([(SERVICE_NAME_LABEL.to_string(), service.to_string())].into());
+        s
+    }
+
+    #[test]
+    fn a_slice_that_moves_touches_both_services() {
+        let mut ix = SliceIndex::default();
+        let (a, b) = (ServiceRef::new("ns", "a"), ServiceRef::new("ns", "b"));
+        let key = ("ns".to_string(), "s1".to_string());
+        assert_eq!(ix.update(&key, Some(&slice("s1", "a"))), vec![a.clone()]);
+        assert_eq!(ix.of(&a).collect::<Vec<_>>(), vec!["s1"]);
+        assert_eq!(
+            ix.update(&key, Some(&slice("s1", "b"))),
+            vec![a.clone(), b.clone()]
+        );
+        assert_eq!(ix.of(&a).count(), 0);
+        assert_eq!(ix.of(&b).collect::<Vec<_>>(), vec!["s1"]);
+        assert_eq!(ix.update(&key, None), vec![b.clone()]);
+        assert_eq!(ix.of(&b).count(), 0);
+        // A slice without the label belongs to no Service.
+        let mut bare = slice("s2", "a");
+        bare.metadata.labels = None;
+        assert!(ix
+            .update(&("ns".into(), "s2".into()), Some(&bare))
+            .is_empty());
+    }
+}

@@ -1,0 +1,161 @@
+//! The watchers at the agent's edge: a kube-rs reflector per kind keeps a
+//! cache, and every change is sent on as the key of what changed, so the
+//! agent reconciles only what a change touches.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::{
+    api::{
+        core::v1::{Namespace, Node, Pod, Service},
+        discovery::v1::EndpointSlice,
+        networking::v1::NetworkPolicy,
+    },
+    Resource as _,
+};
+use kube::{
+    runtime::{reflector, watcher, WatchStreamExt},
+    Api,
+};
+use tokio::sync::mpsc::UnboundedSender;
+
+/// What changed, as the agent's loop needs to know it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// A Service (namespace, name).
+    Service(String, String),
+    /// An EndpointSlice (namespace, name).
+    Slice(String, String),
+    /// A Node: its addresses are the NodePort frontends (all Services).
+    Node,
+    /// A Pod, Namespace or NetworkPolicy: the policy maps.
+    Policy,
+    /// A watch of this kind listed everything again (after a lost
+    /// connection): deletions meanwhile were not seen one by one.
+    Relisted(&'static str),
+}
+
+/// The API resources the agent watches, as (API group, plural). The
+/// ClusterRole in `manifests/install/rbac.yaml` grants get, list and watch on
+/// exactly these (a test checks it), and `reflect` refuses any other.
+pub const WATCHED: [(&str, &str); 6] = [
+    (Service::GROUP, Service::URL_PATH_SEGMENT),
+    (EndpointSlice::GROUP, EndpointSlice::URL_PATH_SEGMENT),
+    (Node::GROUP, Node::URL_PATH_SEGMENT),
+    (Pod::GROUP, Pod::URL_PATH_SEGMENT),
+    (Namespace::GROUP, Namespace::URL_PATH_SEGMENT),
+    (NetworkPolicy::GROUP, NetworkPolicy::URL_PATH_SEGMENT),
+];
+
+/// Retries a failed watch after 0.2 s, doubling up to 5 s, with up to 25%
+/// jitter: the agent catches up soon after the API server comes back
+/// (kube's default waits up to 30 s), without every node retrying at once.
+struct WatchBackoff {
+    next: Duration,
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self {
+            next: Duration::from_millis(200),
+        }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let base = self.next;
+        self.next = (base * 2).min(Duration::from_secs(5));
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let jitter = base.mul_f64(f64::from(nanos % 1000) / 4000.0);
+        Some(base + jitter)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        *self = Self::default();
+    }
+}
+
+/// Starts a reflector for `K`; each change goes to `changes` as `key` of
+/// the object. The first listing is not sent (the agent's first pass reads
+/// the caches whole); later listings are sent as `Change::Relisted`.
+pub fn reflect<K>(
+    api: Api<K>,
+    changes: UnboundedSender<Change>,
+    key: fn(&K) -> Change,
+) -> reflector::Store<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + k8s_openapi::Resource
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    debug_assert!(
+        WATCHED.contains(&(K::GROUP, K::URL_PATH_SEGMENT)),
+        "{} is watched but not in WATCHED (nor in the ClusterRole)",
+        K::URL_PATH_SEGMENT
+    );
+    let (reader, writer) = reflector::store();
+    let stream = reflector(writer, watcher(api, watcher::Config::default()))
+        .backoff(WatchBackoff::default());
+    tokio::spawn(async move {
+        futures::pin_mut!(stream);
+        let mut listed = false;
+        while let Some(item) = stream.next().await {
+            let change = match item {
+                Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o)) => key(&o),
+                Ok(watcher::Event::InitDone) if listed => Change::Relisted(K::URL_PATH_SEGMENT),
+                Ok(watcher::Event::InitDone) => {
+                    listed = true;
+                    continue;
+                }
+                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
+                Err(e) => {
+                    tracing::warn!("watch {}: {e}", K::URL_PATH_SEGMENT);
+                    continue;
+                }
+            };
+            if changes.send(change).is_err() {
+                return;
+            }
+        }
+    });
+    reader
+}
+
+fn namespaced_name(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> (String, String) {
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+pub fn service_change(s: &Service) -> Change {
+    let (ns, name) = namespaced_name(&s.metadata);
+    Change::Service(ns, name)
+}
+
+pub fn slice_change(s: &EndpointSlice) -> Change {
+    let (ns, name) = namespaced_name(&s.metadata);
+    Change::Slice(ns, name)
+}
+
+pub fn node_change(_: &Node) -> Change {
+    Change::Node
+}
+
+pub fn policy_change<K>(_: &K) -> Change {
+    Change::Policy
+}
