@@ -335,7 +335,7 @@ pub fn desired_state_with(
                 },
             );
         }
-        if count > 0 {
+        if count > 0 && wants_maglev(svc.flags) {
             // The same backends in the same slots: the table written before
             // is still right (building one costs far more than copying it).
             let size = maglev_table_size(backends.len()) as usize;
@@ -378,6 +378,18 @@ pub fn desired_state_with(
         );
     }
     out
+}
+
+/// Whether a frontend gets a Maglev table. A ClusterIP is reached only by
+/// pods on this node, whose flows conntrack pins to their backend: the hash
+/// over the slots does (as Cilium keeps Maglev for north-south traffic).
+/// Every other frontend may be reached through any node, and after a
+/// backend change (or a node's conntrack lost) the nodes must still agree,
+/// moving few flows: Maglev does that. A table costs 4 KiB of kernel memory
+/// and a map-in-map update (an RCU wait) per change; at 100,000 ClusterIPs
+/// that was 400 MiB and most of the initial sync.
+pub fn wants_maglev(flags: u16) -> bool {
+    flags & lb_common::service::SERVICE_F_CLUSTER_IP == 0
 }
 
 /// A Service's Maglev table, as the slot (1..=count) of each entry's backend.

@@ -230,8 +230,8 @@ impl ServiceWriter {
 mod tests {
     use super::*;
     use crate::translate::BackendAddr;
-    use std::collections::BTreeMap;
     use lb_common::PROTO_TCP;
+    use std::collections::BTreeMap;
 
     fn frontend(vip: &str, port: u16, backends: &[&str]) -> DesiredService {
         DesiredService {
