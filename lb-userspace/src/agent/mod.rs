@@ -9,6 +9,7 @@ use std::{
 };
 
 mod index;
+mod links;
 mod services;
 mod slices;
 mod watch;
@@ -28,7 +29,7 @@ use kube::{
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{
-    datapath::{attach::interfaces_with_prefix, attach::Attacher, Datapath},
+    datapath::{attach::Attacher, Datapath},
     translate::{NodeContext, ObjectError},
 };
 use index::ServiceRef;
@@ -275,7 +276,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let mut policy = PolicySide::default();
     let mut logged_errors = BTreeSet::new();
     let mut resync = tokio::time::interval(cfg.resync);
-    let mut links = tokio::time::interval(Duration::from_secs(1));
+    let mut link_events = links::LinkEvents::subscribe()?;
+    links::sync_links(&mut dp, &mut attacher, &cfg.interface_prefix);
+    let mut link_poll = tokio::time::interval(Duration::from_secs(1));
     let mut ct_sweep = tokio::time::interval(cfg.ct_sweep);
     let mut health = crate::health::HealthServers::default();
     let mut work = Work::everything();
@@ -324,9 +327,12 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 // Changes queued now are in the caches the full pass reads.
                 while changed.try_recv().is_ok() {}
             }
-            _ = links.tick() => {
+            _ = link_events.changed() => {
+                links::sync_links(&mut dp, &mut attacher, &cfg.interface_prefix);
+            }
+            _ = link_poll.tick() => {
                 stats.lock().alive();
-                sync_links(&mut dp, &mut attacher, &cfg.interface_prefix);
+                links::sync_links(&mut dp, &mut attacher, &cfg.interface_prefix);
             }
             _ = ct_sweep.tick() => {
                 match crate::conntrack::sweep(&mut dp, &cfg.ct_timeouts) {
@@ -459,23 +465,4 @@ impl PolicySide {
         self.last = Some(pt.state);
         self.errors = pt.errors;
     }
-}
-
-fn sync_links(dp: &mut Datapath, attacher: &mut Attacher, prefix: &str) {
-    let present = match interfaces_with_prefix(prefix) {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::warn!("{e:#}");
-            return;
-        }
-    };
-    for ifname in &present {
-        if !attacher.attached().contains(ifname) {
-            match attacher.attach(dp, ifname) {
-                Ok(()) => tracing::info!(interface = %ifname, "programs attached"),
-                Err(e) => tracing::warn!(interface = %ifname, "attach failed: {e:#}"),
-            }
-        }
-    }
-    attacher.prune(&present);
 }
