@@ -102,20 +102,22 @@ pub struct ConntrackEntry {
     pub nat_addr: u32,
     /// Port to rewrite to (network byte order).
     pub nat_port: u16,
-    /// The service's reverse-NAT id.
-    pub rev_nat_id: u16,
-    /// Backend chosen for the flow.
-    pub backend_id: u32,
     /// `CT_F_*` flags.
     pub flags: u16,
-    /// SNAT port (network byte order), see the module documentation.
-    pub snat_port: u16,
+    /// The frontend's reverse-NAT id.
+    pub rev_nat_id: crate::service::RevNatId,
+    /// Backend chosen for the flow.
+    pub backend_id: u32,
     /// SNAT address (network byte order), see the module documentation.
     pub snat_addr: u32,
+    /// SNAT port (network byte order), see the module documentation.
+    pub snat_port: u16,
+    pub pad0: u16,
     /// Sequence number of the SYN that opened the connection (as in the
     /// packet): a SYN with the same number is a retransmission and keeps
     /// the translation; another one opens a new connection on the tuple.
     pub syn_seq: u32,
+    pub pad1: u32,
 }
 
 /// The flow came through a frontend from outside the node (XDP).

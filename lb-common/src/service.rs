@@ -47,14 +47,20 @@ pub struct ServiceValue {
     pub count: u16,
     /// `SERVICE_F_*` flags (slot 0).
     pub flags: u16,
-    /// Identifies the service for reverse NAT and per-service counters.
-    pub rev_nat_id: u16,
+    /// Identifies the frontend for reverse NAT, its Maglev table and its
+    /// source ranges: 32 bits, as a node may program more than 65,535
+    /// frontends (100,000 Services, with NodePorts).
+    pub rev_nat_id: RevNatId,
     /// Entries of the Service's Maglev table (slot 0); 0 while it has none.
     pub maglev_size: u16,
+    pub pad0: u16,
     /// `sessionAffinity: ClientIP` timeout in seconds (slot 0, with
     /// `SERVICE_F_AFFINITY`).
     pub affinity_timeout: u32,
 }
+
+/// A frontend's reverse-NAT id (`ServiceValue::rev_nat_id`); 0 is none.
+pub type RevNatId = u32;
 
 /// What a frontend is, in `ServiceValue::flags`.
 /// A ClusterIP: only translated for traffic from pods on this node.
@@ -77,8 +83,7 @@ pub const SERVICE_F_SOURCE_RANGES: u16 = 1 << 5;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct SourceRange {
-    pub rev_nat_id: u16,
-    pub pad0: u16,
+    pub rev_nat_id: RevNatId,
     /// Client address or prefix, network byte order.
     pub addr: u32,
 }
@@ -90,8 +95,7 @@ pub struct SourceRange {
 pub struct AffinityKey {
     /// Client address, network byte order.
     pub client: u32,
-    pub rev_nat_id: u16,
-    pub pad0: u16,
+    pub rev_nat_id: RevNatId,
 }
 
 /// The backend a client was last sent to, and when.

@@ -342,7 +342,7 @@ pub fn free_port<P: Packet>(
 pub struct NewFlow<'a> {
     pub backend_id: u32,
     pub backend: &'a Backend,
-    pub rev_nat_id: u16,
+    pub rev_nat_id: lb_common::service::RevNatId,
     /// `(node address, port)` to SNAT to, or `(0, 0)`.
     pub snat: (u32, u16),
     pub flags: u16,
@@ -363,6 +363,7 @@ impl NewFlow<'_> {
             snat_addr: self.snat.0,
             snat_port: self.snat.1,
             syn_seq: 0,
+            ..Default::default()
         }
     }
 }

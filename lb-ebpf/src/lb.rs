@@ -255,7 +255,6 @@ pub fn source_allowed(flow: &Flow, service: &ServiceValue) -> bool {
         64,
         SourceRange {
             rev_nat_id: service.rev_nat_id,
-            pad0: 0,
             addr: flow.saddr,
         },
     );
@@ -324,7 +323,6 @@ pub fn select_backend(flow: &Flow, service: &ServiceValue) -> Option<(u32, Backe
     let key = AffinityKey {
         client: flow.saddr,
         rev_nat_id: service.rev_nat_id,
-        pad0: 0,
     };
     let now = unsafe { bpf_ktime_get_ns() };
     let timeout_ns = u64::from(service.affinity_timeout) * 1_000_000_000;
@@ -401,17 +399,17 @@ fn free_source_port(ctx: &TcContext, flow: &Flow, backend: &Backend) -> (Option<
 #[inline(always)]
 fn select_by_hash(flow: &Flow, service: &ServiceValue) -> Option<(u32, Backend, u16)> {
     let hash = flow_hash(flow);
-    let from_table = if service.maglev_size == 0 {
-        None
-    } else {
-        let entry = hash % u32::from(service.maglev_size);
+    // `checked_rem`, not `%`: a remainder the compiler cannot prove safe
+    // becomes a call to a panic function, which the verifier rejects.
+    let from_table = match hash.checked_rem(u32::from(service.maglev_size)) {
+        None => None,
         // SAFETY: the value is copied out at once; tables are swapped whole.
-        unsafe { MAGLEV.get_value(&u32::from(service.rev_nat_id), &entry) }.copied()
+        Some(entry) => unsafe { MAGLEV.get_value(&service.rev_nat_id, &entry) }.copied(),
     };
     // The table names a slot (1..=count); without a table, the hash does.
     let slot = match from_table {
         Some(slot) => slot as u16,
-        None => (hash % u32::from(service.count)) as u16 + 1,
+        None => hash.checked_rem(u32::from(service.count))? as u16 + 1,
     };
     let backend_id = lookup_service(flow, slot)?.backend_id;
     Some((backend_id, lookup_backend(backend_id)?, slot))

@@ -64,7 +64,7 @@ pub struct ServiceView {
     pub protocol: String,
     /// ClusterIP, NodePort, External (LoadBalancer ingress / externalIPs).
     pub types: Vec<&'static str>,
-    pub rev_nat_id: u16,
+    pub rev_nat_id: lb_common::service::RevNatId,
     pub affinity_timeout_seconds: Option<u32>,
     pub backends: Vec<SlotView>,
 }
@@ -214,7 +214,7 @@ pub struct ConntrackView {
     /// the Service address for a reply entry.
     pub nat: Option<String>,
     pub backend_id: u32,
-    pub rev_nat_id: u16,
+    pub rev_nat_id: lb_common::service::RevNatId,
     pub snat: Option<String>,
     pub idle_seconds: u64,
     pub flags: Vec<&'static str>,

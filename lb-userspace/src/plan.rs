@@ -13,7 +13,7 @@ use std::{
 
 use lb_common::{
     backend::{Backend, BACKEND_F_LOCAL},
-    service::{maglev_table_size, ServiceKey, ServiceValue, SERVICE_F_AFFINITY},
+    service::{maglev_table_size, RevNatId, ServiceKey, ServiceValue, SERVICE_F_AFFINITY},
 };
 
 use crate::{
@@ -34,9 +34,9 @@ pub struct MapState {
     /// read 16381-entry tables back); a table it did not write is empty here.
     /// Shared, not copied: with 10,000 Services a pass would otherwise copy
     /// and compare 40 MB of tables that did not change.
-    pub maglev: BTreeMap<u16, MaglevTable>,
+    pub maglev: BTreeMap<RevNatId, MaglevTable>,
     /// loadBalancerSourceRanges: (rev-NAT id, prefix (network byte order), length).
-    pub source_ranges: BTreeSet<(u16, u32, u8)>,
+    pub source_ranges: BTreeSet<(RevNatId, u32, u8)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,10 +44,10 @@ pub enum MapOp {
     PutBackend(u32, Backend),
     PutService(ServiceKey, ServiceValue),
     /// Replace a Service's whole Maglev table at once (create, fill, swap).
-    PutMaglev(u16, MaglevTable),
-    DeleteMaglev(u16),
-    PutSourceRange(u16, u32, u8),
-    DeleteSourceRange(u16, u32, u8),
+    PutMaglev(RevNatId, MaglevTable),
+    DeleteMaglev(RevNatId),
+    PutSourceRange(RevNatId, u32, u8),
+    DeleteSourceRange(RevNatId, u32, u8),
     DeleteService(ServiceKey),
     DeleteBackend(u32),
 }
@@ -150,14 +150,14 @@ pub fn fit_to_capacity(
 
 /// Backend and reverse-NAT ids in use, by what they stand for. A backend
 /// id is never reused for another address (ids only grow); a rev-NAT id
-/// (16 bits) is taken again only once free.
+/// is taken again only once free (after 4 billion frontends).
 #[derive(Clone, Debug, Default)]
 pub struct Ids {
     backends: HashMap<BackendAddr, u32>,
     next_backend: u32,
-    rev_nat: HashMap<(u32, u16, u8), u16>,
-    rev_nat_used: HashSet<u16>,
-    next_rev_nat: u16,
+    rev_nat: HashMap<(u32, u16, u8), RevNatId>,
+    rev_nat_used: HashSet<RevNatId>,
+    next_rev_nat: RevNatId,
 }
 
 impl Ids {
@@ -198,15 +198,14 @@ impl Ids {
         self.backends.get(b).copied()
     }
 
-    fn rev_nat(&mut self, master: &ServiceKey) -> u16 {
+    fn rev_nat(&mut self, master: &ServiceKey) -> RevNatId {
         let frontend = (master.addr, master.port, master.proto);
         if let Some(id) = self.rev_nat.get(&frontend) {
             return *id;
         }
-        // The next id not in use (65,535 frontends at most: see
-        // `fit_to_capacity`).
+        // The next id not in use (far fewer frontends than ids).
         let mut id = self.next_rev_nat.max(1);
-        for _ in 0..u16::MAX {
+        for _ in 0..u32::MAX {
             if !self.rev_nat_used.contains(&id) {
                 break;
             }
@@ -374,6 +373,7 @@ pub fn desired_state_with(
                 rev_nat_id,
                 maglev_size: out.maglev.get(&rev_nat_id).map_or(0, |t| t.len() as u16),
                 affinity_timeout: svc.affinity_timeout.unwrap_or(0),
+                ..Default::default()
             },
         );
     }

@@ -192,6 +192,8 @@ struct Work {
     /// Every Service (and read the maps back, with `read_maps`).
     full: bool,
     read_maps: bool,
+    /// Read the service maps back and repair drift (the periodic resync).
+    repair: bool,
     services: BTreeSet<ServiceRef>,
     policy: bool,
 }
@@ -207,7 +209,7 @@ impl Work {
     }
 
     fn any(&self) -> bool {
-        self.full || self.policy || !self.services.is_empty()
+        self.full || self.repair || self.policy || !self.services.is_empty()
     }
 
     fn add(&mut self, change: Change, side: &mut ServiceSide, caches: &Caches) {
@@ -289,7 +291,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             if work.policy {
                 policy.pass(&mut dp, &caches, &node, &stats);
             }
-            let services_changed = work.full || !work.services.is_empty();
+            let services_changed = work.full || work.repair || !work.services.is_empty();
             if services_changed {
                 service_pass(&mut dp, &mut side, &caches, &node, &work, &stats);
                 health.sync(&side.health_checks()).await;
@@ -323,9 +325,13 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 }
             }
             _ = resync.tick() => {
-                work = Work::everything();
-                // Changes queued now are in the caches the full pass reads.
-                while changed.try_recv().is_ok() {}
+                // The policy pass compares the policy maps with what it wants.
+                work.repair = true;
+                work.policy = true;
+                if !side.written_known() {
+                    // A pass failed: program everything again.
+                    work = Work::everything();
+                }
             }
             _ = link_events.changed() => {
                 links::sync_links(&mut dp, &mut attacher, &cfg.interface_prefix);
@@ -372,12 +378,20 @@ fn service_pass(
     let result = if work.full {
         side.full_pass(dp, svcs, slices, node, work.read_maps)
     } else {
-        side.reconcile(dp, svcs, slices, node, &work.services)
-            .or_else(|e| {
-                tracing::warn!("updating maps: {e:#}; reading them back");
-                side.distrust_written();
-                side.full_pass(dp, svcs, slices, node, true)
-            })
+        let mut r = Ok(Default::default());
+        if !work.services.is_empty() {
+            r = side
+                .reconcile(dp, svcs, slices, node, &work.services)
+                .or_else(|e| {
+                    tracing::warn!("updating maps: {e:#}; reading them back");
+                    side.distrust_written();
+                    side.full_pass(dp, svcs, slices, node, true)
+                });
+        }
+        if work.repair {
+            r = r.and_then(|_| side.repair(dp));
+        }
+        r
     };
     let mut st = stats.lock();
     match result {

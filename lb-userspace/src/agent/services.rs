@@ -1,7 +1,8 @@
 //! The service side of the agent: from the caches to the service maps,
 //! one changed Service at a time (`reconcile`), or the whole cluster
-//! (`full_pass`: at start, after a watch listed again, on a Node change,
-//! and on the periodic resync, which reads the maps back to repair drift).
+//! (`full_pass`: at start, after a watch listed again, on a Node change);
+//! `repair`, the periodic resync, reads the maps back and rewrites what
+//! drifted from what was written.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -209,6 +210,25 @@ impl ServiceSide {
         Ok(out)
     }
 
+    /// Reads the maps back and rewrites what differs from what this agent
+    /// wrote (an entry removed or changed by hand): the periodic resync. The
+    /// caches need no second look: every change reached them as an event,
+    /// and a watch that had to list again triggers a full pass.
+    pub fn repair(&mut self, dp: &mut Datapath) -> Result<Written> {
+        let Some(w) = &self.writer else {
+            anyhow::bail!("no full pass yet");
+        };
+        let current = dp.maps.state()?;
+        let ops = plan(&current, w.written());
+        dp.maps.apply(&ops)?;
+        Ok(Written {
+            ops: ops.len(),
+            drift: ops.len(),
+            frontends: w.frontends(),
+            backends: w.written().backends.len(),
+        })
+    }
+
     /// The health check ports to serve, for every Service.
     pub fn health_checks(&self) -> BTreeMap<u16, HealthCheck> {
         self.health.values().flat_map(|h| h.clone()).collect()
@@ -224,6 +244,12 @@ impl ServiceSide {
         self.errors()
             .filter(|e| e.message.contains(" is full ("))
             .count()
+    }
+
+    /// Whether the agent knows what the service maps hold (a full pass
+    /// succeeded and no write failed since).
+    pub fn written_known(&self) -> bool {
+        self.writer.is_some()
     }
 
     /// Forget what was written: the next pass reads the maps back.

@@ -108,10 +108,10 @@ fn measured_service() -> DesiredService {
 
 /// A data path with `services` Services in its maps: the measured one and
 /// `services - 1` others of one backend each. The others are written
-/// straight into SERVICES (master entry and slot) without Maglev tables:
-/// the agent would give each its own table and rev-NAT id, and both run out
-/// before 100,000 (65,535 rev-NAT ids); the per-packet work of the measured
-/// Service is the same, against a map of the size under test.
+/// straight into SERVICES (master entry and slot), as the agent writes a
+/// ClusterIP (no Maglev table; one rev-NAT id for all of them here, as no
+/// packet of theirs is sent); the per-packet work of the measured Service
+/// is the same, against a map of the size under test.
 pub fn datapath_with(services: usize) -> Result<Datapath> {
     let mut dp = Datapath::load(None).context("loading the programs (root?)")?;
     let want = desired_state(&MapState::default(), &[measured_service()]);

@@ -77,10 +77,8 @@ pub fn write(r: &Results, out_dir: &Path) -> Result<()> {
         o,
         "The measured Service has 10 backends and a Maglev table (written by the \
          agent's own planner); the other Services of each column have one backend \
-         each and are written straight into the SERVICES map. The agent itself \
-         programs at most 65,535 frontends (rev-NAT ids are 16 bits), so the \
-         100,000 column measures the map at that size, beyond what the agent \
-         would write. New flows come from ever new client ports, so conntrack \
+         each and are written straight into the SERVICES map (ClusterIPs, which \
+         get no Maglev table). New flows come from ever new client ports, so conntrack \
          (an LRU of {} entries) runs full and evicts, as on a busy node.\n",
         lb_common::conntrack::CONNTRACK_MAX_ENTRIES
     );

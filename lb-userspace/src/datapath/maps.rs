@@ -14,7 +14,7 @@ use lb_common::{
     metrics::{reason, Counter},
     node::NodeConfig,
     policy::{EndpointInfo, IpcacheKey, PolicyEntry, PolicyKey},
-    service::{ServiceKey, ServiceValue, SourceRange},
+    service::{RevNatId, ServiceKey, ServiceValue, SourceRange},
 };
 
 use crate::plan::{MapOp, MapState};
@@ -37,7 +37,7 @@ pub struct Maps {
     /// This node's address and SNAT port range (one entry).
     pub node: Array<MapData, NodeConfig>,
     /// Tables this process wrote, so unchanged ones are not rewritten.
-    maglev_written: BTreeMap<u16, crate::plan::MaglevTable>,
+    maglev_written: BTreeMap<RevNatId, crate::plan::MaglevTable>,
     /// rev-NAT id -> the Service's Maglev table (an inner array map).
     pub maglev: HashOfMaps<MapData, u32, Array<MapData, u32>>,
     /// The kernel's id of the MAGLEV map, to open more handles on it.
@@ -111,17 +111,19 @@ impl Maps {
     /// What the service and backend maps hold now.
     pub fn state(&self) -> Result<MapState> {
         let mut state = MapState::default();
-        for item in self.services.iter() {
-            let (k, v) = item.context("reading the services map")?;
-            state.services.insert(k, v);
-        }
-        for item in self.backends.iter() {
-            let (k, v) = item.context("reading the backends map")?;
-            state.backends.insert(k, v);
-        }
+        // In batches: at 100,000 Services the maps hold over a million
+        // entries, two system calls each through aya's iterator.
+        super::batch::for_each_entry(&self.services, |k, v| {
+            state.services.insert(*k, *v);
+        })
+        .context("reading the services map")?;
+        super::batch::for_each_entry(&self.backends, |k, v| {
+            state.backends.insert(*k, *v);
+        })
+        .context("reading the backends map")?;
         for key in self.maglev.keys() {
             let key = key.context("reading the maglev map")?;
-            let id = key as u16;
+            let id = key;
             state.maglev.insert(
                 id,
                 self.maglev_written.get(&id).cloned().unwrap_or_default(),
@@ -150,7 +152,7 @@ impl Maps {
                 .take_while(|o| matches!(o, MapOp::PutMaglev(..)))
                 .count();
             if run > 1 {
-                let tables: Vec<(u16, &crate::plan::MaglevTable)> = rest[..run]
+                let tables: Vec<(RevNatId, &crate::plan::MaglevTable)> = rest[..run]
                     .iter()
                     .filter_map(|o| match o {
                         MapOp::PutMaglev(id, t) => Some((*id, t)),
@@ -187,7 +189,7 @@ impl Maps {
                 }
                 MapOp::DeleteMaglev(id) => {
                     self.maglev_written.remove(id);
-                    ignore_missing(self.maglev.remove(&u32::from(*id)))
+                    ignore_missing(self.maglev.remove(id))
                 }
                 MapOp::PutSourceRange(id, addr, len) => {
                     self.source_ranges
@@ -238,7 +240,7 @@ impl Maps {
 /// threads, each with its own handle on the map, the waits overlap.
 fn put_maglev_tables(
     outer_id: u32,
-    tables: &[(u16, &crate::plan::MaglevTable)],
+    tables: &[(RevNatId, &crate::plan::MaglevTable)],
 ) -> Vec<Result<(), aya::maps::MapError>> {
     const THREADS: usize = 16;
     let chunk = tables.len().div_ceil(THREADS).max(1);
@@ -288,7 +290,7 @@ fn put_maglev_tables(
 /// swapped in with one update, so a packet sees the old or the new table.
 fn put_maglev(
     outer: &mut HashOfMaps<MapData, u32, Array<MapData, u32>>,
-    id: u16,
+    id: RevNatId,
     table: &[u32],
 ) -> Result<(), aya::maps::MapError> {
     // BPF_F_INNER_MAP: inner tables may differ in size from the template.
@@ -301,18 +303,11 @@ fn put_maglev(
     super::batch::fill_array(&inner, table).map_err(|e| aya::maps::MapError::InvalidName {
         name: format!("filling Maglev table {id}: {e:#}"),
     })?;
-    outer.insert(u32::from(id), &inner, 0)
+    outer.insert(id, &inner, 0)
 }
 
-fn source_range_key(rev_nat_id: u16, addr: u32, len: u8) -> Key<SourceRange> {
-    Key::new(
-        32 + u32::from(len),
-        SourceRange {
-            rev_nat_id,
-            pad0: 0,
-            addr,
-        },
-    )
+fn source_range_key(rev_nat_id: RevNatId, addr: u32, len: u8) -> Key<SourceRange> {
+    Key::new(32 + u32::from(len), SourceRange { rev_nat_id, addr })
 }
 
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
