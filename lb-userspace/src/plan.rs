@@ -530,4 +530,4 @@ pub fn plan(current: &MapState, desired: &MapState) -> Vec<MapOp> {
 
 #[cfg(test)]
 #[path = "plan_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -2,7 +2,9 @@ use super::*;
 use crate::translate::DesiredService;
 use lb_common::PROTO_TCP;
 
-fn svc(vip: &str, port: u16, backends: &[&str]) -> DesiredService {
+/// A TCP frontend with backends on port 8080 (shared with the agent's
+/// writer tests).
+pub(crate) fn svc(vip: &str, port: u16, backends: &[&str]) -> DesiredService {
     DesiredService {
         name: format!("test/{vip}:{port}"),
         vip: vip.parse().unwrap(),

@@ -229,31 +229,9 @@ impl ServiceWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::translate::BackendAddr;
-    use lb_common::PROTO_TCP;
     use std::collections::BTreeMap;
 
-    fn frontend(vip: &str, port: u16, backends: &[&str]) -> DesiredService {
-        DesiredService {
-            name: format!("x/{vip}:{port}"),
-            vip: vip.parse().unwrap(),
-            port,
-            proto: PROTO_TCP,
-            flags: 0,
-            backends: backends
-                .iter()
-                .map(|ip| BackendAddr {
-                    ip: ip.parse().unwrap(),
-                    port: 8080,
-                    proto: PROTO_TCP,
-                    local: false,
-                })
-                .collect(),
-            retained: vec![],
-            affinity_timeout: None,
-            source_ranges: vec![],
-        }
-    }
+    use crate::plan::tests::svc as frontend;
 
     /// What a packet would see: each frontend's backends in slot order,
     /// by address (ids differ between a full and an incremental plan).
