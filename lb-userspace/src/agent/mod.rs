@@ -261,17 +261,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         );
     }
     if let Some(uplink) = &cfg.uplink {
-        match crate::datapath::attach::attach_uplink(
-            &mut dp,
-            &cfg.pin_dir.join("uplink"),
-            uplink,
-            &cfg.proc_sys_net,
-        ) {
-            Ok(()) => tracing::info!(interface = %uplink, "XDP attached to the uplink"),
-            Err(e) => {
-                tracing::error!(interface = %uplink, "XDP attach failed, no NodePort from outside: {e:#}")
-            }
-        }
+        attach_uplink(&mut dp, &cfg, uplink);
     }
 
     let mut side = ServiceSide::new(crate::plan::Capacity::default());
@@ -297,21 +287,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 health.sync(&side.health_checks()).await;
             }
             let errors: Vec<&ObjectError> = side.errors().chain(&policy.errors).collect();
-            let shown: BTreeSet<String> = errors
-                .iter()
-                .map(|e| format!("{}: {}", e.object, e.message))
-                .collect();
-            for e in shown.difference(&logged_errors) {
-                tracing::warn!("skipped: {e}");
-            }
-            logged_errors = shown;
-            events.sync(&errors);
+            report_errors(&errors, &mut logged_errors, &mut events, &stats);
             let mut st = stats.lock();
-            st.invalid_objects.clear();
-            for e in &errors {
-                let kind = e.object.split(' ').next().unwrap_or_default().to_string();
-                *st.invalid_objects.entry(kind).or_default() += 1;
-            }
             st.map_full = side.map_full();
             st.observe_sync(started.elapsed());
             work = Work::default();
@@ -340,22 +317,62 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 stats.lock().alive();
                 links::sync_links(&mut dp, &mut attacher, &cfg.interface_prefix);
             }
-            _ = ct_sweep.tick() => {
-                match crate::conntrack::sweep(&mut dp, &cfg.ct_timeouts) {
-                    Ok((summary, swept)) => {
-                        tracing::debug!(
-                            live = summary.total(),
-                            removed = swept.removed,
-                            kept = swept.kept,
-                            "conntrack sweep"
-                        );
-                        crate::conntrack::warn_if_filling(&summary);
-                        stats.lock().conntrack = Some(summary);
-                    }
-                    Err(e) => tracing::warn!("conntrack sweep: {e:#}"),
-                }
-            }
+            _ = ct_sweep.tick() => sweep_conntrack(&mut dp, &cfg, &stats),
         }
+    }
+}
+
+/// Removes idle conntrack entries; their summary goes to `/metrics`.
+fn sweep_conntrack(dp: &mut Datapath, cfg: &AgentConfig, stats: &crate::metrics::Shared) {
+    match crate::conntrack::sweep(dp, &cfg.ct_timeouts) {
+        Ok((summary, swept)) => {
+            tracing::debug!(
+                live = summary.total(),
+                removed = swept.removed,
+                kept = swept.kept,
+                "conntrack sweep"
+            );
+            crate::conntrack::warn_if_filling(&summary);
+            stats.lock().conntrack = Some(summary);
+        }
+        Err(e) => tracing::warn!("conntrack sweep: {e:#}"),
+    }
+}
+
+/// XDP on the node's uplink (NodePorts and LoadBalancer addresses from
+/// outside); without it the rest still works.
+fn attach_uplink(dp: &mut Datapath, cfg: &AgentConfig, uplink: &str) {
+    let links = cfg.pin_dir.join("uplink");
+    match crate::datapath::attach::attach_uplink(dp, &links, uplink, &cfg.proc_sys_net) {
+        Ok(()) => tracing::info!(interface = %uplink, "XDP attached to the uplink"),
+        Err(e) => {
+            tracing::error!(interface = %uplink, "XDP attach failed, no NodePort from outside: {e:#}")
+        }
+    }
+}
+
+/// Objects that could not be programmed: a log line for each new one, a
+/// Warning Event on each, and counts by kind.
+fn report_errors(
+    errors: &[&ObjectError],
+    logged: &mut BTreeSet<String>,
+    events: &mut crate::events::EventPublisher,
+    stats: &crate::metrics::Shared,
+) {
+    let shown: BTreeSet<String> = errors
+        .iter()
+        .map(|e| format!("{}: {}", e.object, e.message))
+        .collect();
+    for e in shown.difference(logged) {
+        tracing::warn!("skipped: {e}");
+    }
+    *logged = shown;
+    events.sync(errors);
+    let mut st = stats.lock();
+    st.invalid_objects.clear();
+    for e in errors {
+        let kind = e.object.split(' ').next().unwrap_or_default().to_string();
+        *st.invalid_objects.entry(kind).or_default() += 1;
     }
 }
 
