@@ -2,11 +2,7 @@
 //! functions, no I/O. Objects that cannot be translated are reported one by
 //! one and left out; everything else is still translated.
 
-use std::{
-    borrow::Borrow,
-    collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
-};
+use std::{borrow::Borrow, collections::BTreeMap, net::Ipv4Addr};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use lb_common::{
@@ -16,6 +12,11 @@ use lb_common::{
     },
     PROTO_TCP, PROTO_UDP,
 };
+
+mod endpoints;
+
+pub use endpoints::slices_by_service;
+use endpoints::{candidates_for, choose, Candidate};
 
 /// Label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -104,14 +105,14 @@ pub fn protocol_number(protocol: Option<&str>) -> Result<u8, String> {
     }
 }
 
-fn port_number(port: i32) -> Result<u16, String> {
+pub(crate) fn port_number(port: i32) -> Result<u16, String> {
     u16::try_from(port)
         .ok()
         .filter(|p| *p != 0)
         .ok_or_else(|| format!("port {port} is out of range 1-65535"))
 }
 
-fn name_of(
+pub(crate) fn name_of(
     kind: &str,
     meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
 ) -> String {
@@ -154,124 +155,6 @@ fn cluster_ips(svc: &Service) -> Result<Vec<Ipv4Addr>, String> {
     Ok(out)
 }
 
-/// An endpoint of one Service port, with what the choice of backends needs.
-#[derive(Clone, Copy, Debug)]
-struct Candidate {
-    addr: BackendAddr,
-    ready: bool,
-    serving_terminating: bool,
-}
-
-/// The endpoints of one Service port, from the Service's EndpointSlices, on
-/// the slice port whose name equals the Service port's name.
-fn candidates_for(
-    slices: &[&EndpointSlice],
-    port_name: &str,
-    proto: u8,
-    node: &NodeContext,
-    errors: &mut Vec<ObjectError>,
-) -> Vec<Candidate> {
-    let mut out: Vec<Candidate> = Vec::new();
-    for slice in slices {
-        if slice.address_type != "IPv4" {
-            continue;
-        }
-        for p in slice.ports.iter().flatten() {
-            if p.name.as_deref().unwrap_or("") == port_name {
-                if let Err(e) = protocol_number(p.protocol.as_deref()) {
-                    errors.push(ObjectError {
-                        object: name_of("EndpointSlice", &slice.metadata),
-                        message: format!("port {port_name:?}: {e}"),
-                    });
-                }
-            }
-        }
-        let Some(port) = slice.ports.iter().flatten().find(|p| {
-            p.name.as_deref().unwrap_or("") == port_name
-                && protocol_number(p.protocol.as_deref()).ok() == Some(proto)
-        }) else {
-            continue;
-        };
-        let port = match port.port.map(port_number) {
-            Some(Ok(p)) => p,
-            Some(Err(e)) => {
-                errors.push(ObjectError {
-                    object: name_of("EndpointSlice", &slice.metadata),
-                    message: e,
-                });
-                continue;
-            }
-            None => continue,
-        };
-        for ep in slice.endpoints.iter().flatten() {
-            let c = ep.conditions.as_ref();
-            // A nil condition means "unknown": ready and serving count as
-            // true, terminating as false, as the API documents.
-            let ready = c.and_then(|c| c.ready).unwrap_or(true);
-            let serving = c.and_then(|c| c.serving).unwrap_or(ready);
-            let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-            let local = node.name.is_some() && ep.node_name == node.name;
-            for a in &ep.addresses {
-                let Ok(ip) = a.parse::<Ipv4Addr>() else {
-                    errors.push(ObjectError {
-                        object: name_of("EndpointSlice", &slice.metadata),
-                        message: format!("endpoint address {a:?} is not an IPv4 address"),
-                    });
-                    continue;
-                };
-                let addr = BackendAddr {
-                    ip,
-                    port,
-                    proto,
-                    local,
-                };
-                if out.iter().any(|c| c.addr == addr) {
-                    continue; // the same endpoint in two slices
-                }
-                out.push(Candidate {
-                    addr,
-                    ready,
-                    serving_terminating: serving && terminating,
-                });
-            }
-        }
-    }
-    out
-}
-
-/// Backends for one frontend: (active, retained).
-///
-/// New flows go to ready endpoints (local ones only under a Local traffic
-/// policy); when there is none, to endpoints that are terminating but still
-/// serving, as kube-proxy does, so a Service whose last pod is shutting down
-/// keeps answering until the pod is gone. Every other listed endpoint is
-/// retained for the flows already on it.
-fn choose(candidates: &[Candidate], local_only: bool) -> (Vec<BackendAddr>, Vec<BackendAddr>) {
-    let eligible = |c: &&Candidate| !local_only || c.addr.local;
-    let mut active: BTreeSet<BackendAddr> = candidates
-        .iter()
-        .filter(eligible)
-        .filter(|c| c.ready)
-        .map(|c| c.addr)
-        .collect();
-    if active.is_empty() {
-        active = candidates
-            .iter()
-            .filter(eligible)
-            .filter(|c| c.serving_terminating)
-            .map(|c| c.addr)
-            .collect();
-    }
-    let retained = candidates
-        .iter()
-        .map(|c| c.addr)
-        .filter(|a| !active.contains(a))
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    (active.into_iter().collect(), retained)
-}
-
 fn parse_ipv4_list<'a>(
     ips: impl Iterator<Item = &'a str>,
     what: &str,
@@ -284,29 +167,6 @@ fn parse_ipv4_list<'a>(
             Ok(std::net::IpAddr::V6(_)) => {}
             Err(_) => errors.push(format!("{what} {ip:?} is not an IP address")),
         }
-    }
-    out
-}
-
-/// EndpointSlices by (namespace, Service name), so each Service finds its
-/// own without a scan of all of them (10,000 Services would make that
-/// quadratic).
-pub fn slices_by_service<E: Borrow<EndpointSlice>>(
-    slices: &[E],
-) -> BTreeMap<(&str, &str), Vec<&EndpointSlice>> {
-    let mut out: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
-    for s in slices {
-        let s: &EndpointSlice = s.borrow();
-        let Some(service) = s
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        else {
-            continue;
-        };
-        let ns = s.metadata.namespace.as_deref().unwrap_or("");
-        out.entry((ns, service.as_str())).or_default().push(s);
     }
     out
 }
@@ -627,5 +487,4 @@ pub fn protocol_name(p: u8) -> &'static str {
 }
 
 #[cfg(test)]
-#[path = "translate_tests.rs"]
 mod tests;

@@ -1,0 +1,160 @@
+//! Which endpoints serve a Service port: from the Service's own
+//! EndpointSlices, the ready ones for new flows (local ones only under a
+//! Local traffic policy), the others kept for the flows already on them.
+
+use std::{
+    borrow::Borrow,
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use super::{
+    name_of, port_number, protocol_number, BackendAddr, NodeContext, ObjectError,
+    SERVICE_NAME_LABEL,
+};
+
+/// An endpoint of one Service port, with what the choice of backends needs.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Candidate {
+    pub(super) addr: BackendAddr,
+    pub(super) ready: bool,
+    pub(super) serving_terminating: bool,
+}
+
+/// The endpoints of one Service port, from the Service's EndpointSlices, on
+/// the slice port whose name equals the Service port's name.
+pub(super) fn candidates_for(
+    slices: &[&EndpointSlice],
+    port_name: &str,
+    proto: u8,
+    node: &NodeContext,
+    errors: &mut Vec<ObjectError>,
+) -> Vec<Candidate> {
+    let mut out: Vec<Candidate> = Vec::new();
+    for slice in slices {
+        if slice.address_type != "IPv4" {
+            continue;
+        }
+        for p in slice.ports.iter().flatten() {
+            if p.name.as_deref().unwrap_or("") == port_name {
+                if let Err(e) = protocol_number(p.protocol.as_deref()) {
+                    errors.push(ObjectError {
+                        object: name_of("EndpointSlice", &slice.metadata),
+                        message: format!("port {port_name:?}: {e}"),
+                    });
+                }
+            }
+        }
+        let Some(port) = slice.ports.iter().flatten().find(|p| {
+            p.name.as_deref().unwrap_or("") == port_name
+                && protocol_number(p.protocol.as_deref()).ok() == Some(proto)
+        }) else {
+            continue;
+        };
+        let port = match port.port.map(port_number) {
+            Some(Ok(p)) => p,
+            Some(Err(e)) => {
+                errors.push(ObjectError {
+                    object: name_of("EndpointSlice", &slice.metadata),
+                    message: e,
+                });
+                continue;
+            }
+            None => continue,
+        };
+        for ep in slice.endpoints.iter().flatten() {
+            let c = ep.conditions.as_ref();
+            // A nil condition means "unknown": ready and serving count as
+            // true, terminating as false, as the API documents.
+            let ready = c.and_then(|c| c.ready).unwrap_or(true);
+            let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+            let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+            let local = node.name.is_some() && ep.node_name == node.name;
+            for a in &ep.addresses {
+                let Ok(ip) = a.parse::<Ipv4Addr>() else {
+                    errors.push(ObjectError {
+                        object: name_of("EndpointSlice", &slice.metadata),
+                        message: format!("endpoint address {a:?} is not an IPv4 address"),
+                    });
+                    continue;
+                };
+                let addr = BackendAddr {
+                    ip,
+                    port,
+                    proto,
+                    local,
+                };
+                if out.iter().any(|c| c.addr == addr) {
+                    continue; // the same endpoint in two slices
+                }
+                out.push(Candidate {
+                    addr,
+                    ready,
+                    serving_terminating: serving && terminating,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Backends for one frontend: (active, retained).
+///
+/// New flows go to ready endpoints (local ones only under a Local traffic
+/// policy); when there is none, to endpoints that are terminating but still
+/// serving, as kube-proxy does, so a Service whose last pod is shutting down
+/// keeps answering until the pod is gone. Every other listed endpoint is
+/// retained for the flows already on it.
+pub(super) fn choose(
+    candidates: &[Candidate],
+    local_only: bool,
+) -> (Vec<BackendAddr>, Vec<BackendAddr>) {
+    let eligible = |c: &&Candidate| !local_only || c.addr.local;
+    let mut active: BTreeSet<BackendAddr> = candidates
+        .iter()
+        .filter(eligible)
+        .filter(|c| c.ready)
+        .map(|c| c.addr)
+        .collect();
+    if active.is_empty() {
+        active = candidates
+            .iter()
+            .filter(eligible)
+            .filter(|c| c.serving_terminating)
+            .map(|c| c.addr)
+            .collect();
+    }
+    let retained = candidates
+        .iter()
+        .map(|c| c.addr)
+        .filter(|a| !active.contains(a))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    (active.into_iter().collect(), retained)
+}
+
+/// EndpointSlices by (namespace, Service name), so each Service finds its
+/// own without a scan of all of them (10,000 Services would make that
+/// quadratic).
+pub fn slices_by_service<E: Borrow<EndpointSlice>>(
+    slices: &[E],
+) -> BTreeMap<(&str, &str), Vec<&EndpointSlice>> {
+    let mut out: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+    for s in slices {
+        let s: &EndpointSlice = s.borrow();
+        let Some(service) = s
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        else {
+            continue;
+        };
+        let ns = s.metadata.namespace.as_deref().unwrap_or("");
+        out.entry((ns, service.as_str())).or_default().push(s);
+    }
+    out
+}
