@@ -230,7 +230,9 @@ fn service_addresses(
     cluster_ips: Vec<Ipv4Addr>,
     errors: &mut Vec<String>,
 ) -> ServiceAddresses {
-    let spec = svc.spec.clone().unwrap_or_default();
+    // Borrowed, not cloned: this runs per Service port on every pass.
+    let no_spec = k8s_openapi::api::core::v1::ServiceSpec::default();
+    let spec = svc.spec.as_ref().unwrap_or(&no_spec);
     // A bad source range must not open the Service to everyone: its
     // LoadBalancer addresses are left out (fail closed).
     let mut ranges_ok = true;
@@ -363,13 +365,15 @@ fn frontends_of_port(
     node: &NodeContext,
     t: &mut Translation,
 ) {
-    let spec = svc.spec.clone().unwrap_or_default();
+    // Borrowed, not cloned: this runs per Service port on every pass.
+    let no_spec = k8s_openapi::api::core::v1::ServiceSpec::default();
+    let spec = svc.spec.as_ref().unwrap_or(&no_spec);
     let ns = svc.metadata.namespace.as_deref().unwrap_or("");
     let name = svc.metadata.name.as_deref().unwrap_or("");
     let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
     let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
     let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-    let affinity_timeout = affinity_timeout(&spec);
+    let affinity_timeout = affinity_timeout(spec);
     let local_flag = if external_local { SERVICE_F_LOCAL } else { 0 };
     let mut push = |vip: Ipv4Addr,
                     port: u16,
