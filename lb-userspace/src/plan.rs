@@ -93,6 +93,20 @@ impl Default for Capacity {
     }
 }
 
+/// The error of a Service (`namespace/name`) left out whole because `map`
+/// (of `size` entries) would overflow; `is_map_full` recognises it.
+pub fn map_full_error(service: &str, map: &str, size: usize) -> crate::translate::ObjectError {
+    crate::translate::ObjectError {
+        object: format!("Service {service}"),
+        message: format!("map {map} is full ({size} entries): not programmed"),
+    }
+}
+
+/// Whether an error is `map_full_error`'s.
+pub fn is_map_full(e: &crate::translate::ObjectError) -> bool {
+    e.message.starts_with("map ") && e.message.ends_with(" entries): not programmed")
+}
+
 /// Keeps the Services that fit in the maps, in the order given, whole: a
 /// Service whose frontends would overflow a map is left out with all of
 /// them (never half-programmed), with an error naming the full map.
@@ -134,10 +148,7 @@ pub fn fit_to_capacity(
             None
         };
         if let Some((map, size)) = full {
-            errors.push(crate::translate::ObjectError {
-                object: format!("Service {name}"),
-                message: format!("map {map} is full ({size} entries): not programmed"),
-            });
+            errors.push(map_full_error(&name, map, size));
             continue;
         }
         entries += more_entries;

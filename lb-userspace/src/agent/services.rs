@@ -242,7 +242,7 @@ impl ServiceSide {
     /// Services left out because a map is full.
     pub fn map_full(&self) -> usize {
         self.errors()
-            .filter(|e| e.message.contains(" is full ("))
+            .filter(|e| crate::plan::is_map_full(e))
             .count()
     }
 

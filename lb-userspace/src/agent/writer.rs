@@ -10,7 +10,10 @@ use lb_common::service::ServiceKey;
 
 use super::index::ServiceRef;
 use crate::{
-    plan::{backend_addr, desired_state_with, plan, service_key, Capacity, Ids, MapOp, MapState},
+    plan::{
+        backend_addr, desired_state_with, map_full_error, plan, service_key, Capacity, Ids, MapOp,
+        MapState,
+    },
     translate::{DesiredService, ObjectError},
 };
 
@@ -129,10 +132,7 @@ impl ServiceWriter {
         let mut new_state = desired_state_with(&self.written, &mut self.ids, desired);
         let mut error = None;
         if let Some((map, size)) = self.overflow(&old_state, &new_state) {
-            error = Some(ObjectError {
-                object: format!("Service {svc}"),
-                message: format!("map {map} is full ({size} entries): not programmed"),
-            });
+            error = Some(map_full_error(&svc.to_string(), map, size));
             new_state = MapState::default();
         }
         let owned = owned_by(
@@ -324,6 +324,10 @@ mod tests {
         );
         let e = step.error.clone().expect("SERVICES is full");
         assert!(e.message.contains("SERVICES is full"), "{e:?}");
+        assert!(
+            crate::plan::is_map_full(&e),
+            "counted in lb_map_full_services"
+        );
         assert!(step.ops.is_empty(), "{:?}", step.ops);
         w.commit(step);
         assert_eq!(w.frontends(), 1);
