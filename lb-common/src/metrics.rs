@@ -49,7 +49,11 @@ pub mod reason {
     /// Of `TUPLE_CLASH`: the connection kept its client's own source
     /// (no SNAT, no moved port).
     pub const TUPLE_CLASH_OWN_SOURCE: u32 = 17;
-    pub const COUNT: u32 = 18;
+    /// A new flow's tuple at the backend, found free, was taken by another
+    /// new flow (on another CPU) before this one could write it: the next
+    /// port was tried, where the two would otherwise have clashed.
+    pub const TUPLE_RACED: u32 = 18;
+    pub const COUNT: u32 = 19;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "new_flow",
@@ -70,6 +74,7 @@ pub mod reason {
         "tuple_clash",
         "tuple_clash_reused",
         "tuple_clash_own_source",
+        "tuple_raced",
     ];
 }
 

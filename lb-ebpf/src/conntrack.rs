@@ -1,6 +1,6 @@
 //! Connection tracking for load-balanced flows (see `lb_common::conntrack`).
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use lb_common::{
     backend::Backend,
     conntrack::{
@@ -244,8 +244,10 @@ pub fn tuple_at_backend(backend: &Backend, src: u32, port: u16, proto: u8) -> Co
 /// Whether a new connection may have a tuple at the backend.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Claim {
-    /// No connection holds it, or the flow's own earlier one does.
-    Free,
+    /// No entry holds it.
+    Vacant,
+    /// The flow's own earlier connection holds it.
+    Own,
     /// A closed connection held it and may safely give it up.
     Reused,
     /// A live connection holds it, or a closed one the backend may still
@@ -266,7 +268,7 @@ pub enum Claim {
 #[inline(always)]
 pub fn claim(k: &ConntrackKey, flow: &Flow) -> Claim {
     let Some(held) = CONNTRACK.get_ptr(k) else {
-        return Claim::Free;
+        return Claim::Vacant;
     };
     // SAFETY: copied out at once.
     let held = unsafe { *held };
@@ -276,7 +278,7 @@ pub fn claim(k: &ConntrackKey, flow: &Flow) -> Claim {
         && client == flow.saddr
         && client_port == flow.sport
     {
-        return Claim::Free;
+        return Claim::Own;
     }
     let idle = unsafe { bpf_ktime_get_ns() }.saturating_sub(held.last_seen_ns);
     let hold = if flow.proto != PROTO_TCP {
@@ -294,23 +296,55 @@ pub fn claim(k: &ConntrackKey, flow: &Flow) -> Claim {
     }
 }
 
+/// Takes the tuple `k` for a new flow by writing its reply entry `reply`,
+/// after `claim` said it may. Deciding and writing are two steps, and
+/// another CPU may decide the same for another new flow between them (two
+/// SYNs whose port orders meet); both would then send their SYNs on one
+/// tuple, and the backend answer one with the other's ACK (a clash). A
+/// vacant tuple is taken only if still vacant (`BPF_NOEXIST`, as Linux
+/// conntrack's confirm step finds a clash on insert); a closed one's by
+/// removing it first, which only one of two contenders can do. False, and
+/// counted (`TUPLE_RACED`), when another flow took it first.
+#[inline(always)]
+fn take_tuple<P: Packet>(ctx: &P, k: &ConntrackKey, how: Claim, reply: &ConntrackEntry) -> bool {
+    let taken = match how {
+        Claim::Vacant => CONNTRACK.insert(k, reply, u64::from(BPF_NOEXIST)).is_ok(),
+        Claim::Reused => {
+            let reused = ConntrackEntry {
+                flags: reply.flags | CT_F_TUPLE_REUSED,
+                ..*reply
+            };
+            CONNTRACK.remove(k).is_ok()
+                && CONNTRACK.insert(k, reused, u64::from(BPF_NOEXIST)).is_ok()
+        }
+        Claim::Own => CONNTRACK.insert(k, reply, 0).is_ok(),
+        Claim::Taken => false,
+    };
+    if !taken && how != Claim::Taken {
+        count(ctx, reason::TUPLE_RACED);
+    }
+    taken
+}
+
 /// Ports tried for a new flow's source before giving up (Cilium's
 /// `SNAT_COLLISION_RETRIES`).
 pub const PORT_TRIES: u32 = 128;
 
 /// A source port in `min..min + count` for `flow` translated to `backend`
-/// from address `src`, whose tuple at the backend (`claim`) is free. The
-/// ports are tried in an order drawn from the flow's hash (a start and a
-/// stride, as Linux NAT starts from a hash), so a client port reused for a
-/// new connection, or a retransmitted SYN, finds its own tuple again
-/// before any other; the strides of different flows spread them over the
-/// range. Counts extra tries and tuples reused; says whether the port's
-/// tuple was reused (`CT_F_TUPLE_REUSED`).
+/// from address `src`, whose tuple at the backend (`claim`) is free, taken
+/// by writing `reply` (the flow's reply entry: it does not depend on the
+/// port, which is in its key) there (`take_tuple`). The ports are tried in
+/// an order drawn from the flow's hash (a start and a stride, as Linux NAT
+/// starts from a hash), so a client port reused for a new connection, or a
+/// retransmitted SYN, finds its own tuple again before any other; the
+/// strides of different flows spread them over the range. Counts extra
+/// tries and tuples reused; says whether the port's tuple was reused
+/// (`CT_F_TUPLE_REUSED`).
 #[inline(always)]
 pub fn free_port<P: Packet>(
     ctx: &P,
     flow: &Flow,
-    backend: &Backend,
+    (backend, reply): (&Backend, &ConntrackEntry),
     src: u32,
     (min, count_ports): (u16, u16),
     hash: u32,
@@ -326,19 +360,20 @@ pub fn free_port<P: Packet>(
         }
         let offset = hash.wrapping_add(i.wrapping_mul(stride)) % span;
         let port = min.wrapping_add(offset as u16).to_be();
-        match claim(&tuple_at_backend(backend, src, port, flow.proto), flow) {
-            Claim::Free => return Some((port, false)),
-            Claim::Reused => {
+        let k = tuple_at_backend(backend, src, port, flow.proto);
+        let how = claim(&k, flow);
+        if how != Claim::Taken && take_tuple(ctx, &k, how, reply) {
+            if how == Claim::Reused {
                 count(ctx, reason::TUPLE_REUSED);
-                return Some((port, true));
             }
-            Claim::Taken => {}
+            return Some((port, how == Claim::Reused));
         }
     }
     None
 }
 
 /// Where a new flow goes: its backend, and the source to give it (SNAT).
+#[derive(Clone, Copy)]
 pub struct NewFlow<'a> {
     pub backend_id: u32,
     pub backend: &'a Backend,
@@ -368,33 +403,53 @@ impl NewFlow<'_> {
     }
 }
 
-/// Records a new flow: the forward entry (where to DNAT, what to SNAT to)
-/// and the reply entry (which frontend to restore as the source of replies,
-/// and, with SNAT, which client to restore as their destination).
+/// The reply entry of a new flow (which frontend to restore as the source
+/// of replies, and, with SNAT, which client to restore as their
+/// destination), stamped `now`. The SNAT port is not in it but in its key.
 #[inline(always)]
-pub fn create(flow: &Flow, new: &NewFlow) -> Result<(), i32> {
-    let now = unsafe { bpf_ktime_get_ns() };
-    let forward = ConntrackEntry {
-        last_seen_ns: now,
-        syn_seq: if opens_connection(flow) {
-            flow.tcp_seq
-        } else {
-            0
-        },
-        ..new.forward()
-    };
+pub fn reply_entry(flow: &Flow, new: &NewFlow, now: u64) -> ConntrackEntry {
     let snat = new.snat.0 != 0;
-    let reply = ConntrackEntry {
+    ConntrackEntry {
+        last_seen_ns: now,
         nat_addr: flow.daddr,
         nat_port: flow.dport,
         snat_addr: if snat { flow.saddr } else { 0 },
         snat_port: if snat { flow.sport } else { 0 },
-        ..forward
+        syn_seq: first_seq(flow),
+        ..new.forward()
+    }
+}
+
+/// The sequence number of the SYN that opens the flow's connection, or 0.
+#[inline(always)]
+fn first_seq(flow: &Flow) -> u32 {
+    if opens_connection(flow) {
+        flow.tcp_seq
+    } else {
+        0
+    }
+}
+
+/// Records a new flow: the forward entry (where to DNAT, what to SNAT to)
+/// and the reply entry (`reply_entry`), unless `free_port` already took
+/// the flow's tuple with it (`reply_written`). The entry written first is
+/// removed again if the second cannot be.
+#[inline(always)]
+pub fn create(flow: &Flow, new: &NewFlow, reply_written: bool) -> Result<(), i32> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let forward = ConntrackEntry {
+        last_seen_ns: now,
+        syn_seq: first_seq(flow),
+        ..new.forward()
     };
     let forward_k = forward_key(flow);
     let reply_k = peer_key(&forward_k, &forward);
     // Reply entry first: once the forward entry exists, packets may reach the
     // backend and its answers must already find their way back.
-    CONNTRACK.insert(reply_k, reply, 0)?;
-    CONNTRACK.insert(forward_k, forward, 0)
+    if !reply_written {
+        CONNTRACK.insert(reply_k, reply_entry(flow, new, now), 0)?;
+    }
+    CONNTRACK.insert(forward_k, forward, 0).inspect_err(|_| {
+        let _ = CONNTRACK.remove(reply_k);
+    })
 }

@@ -98,7 +98,15 @@ pub fn from_pod(ctx: &TcContext) -> Result<i32, i32> {
     // from the pod, a packet from its own address would be a martian, so its
     // source becomes the Service address (replies come back through here).
     let hairpin = backend.addr == flow.saddr;
-    let (snat, reused) = if hairpin {
+    let mut new = NewFlow {
+        backend_id,
+        backend: &backend,
+        rev_nat_id: service.rev_nat_id,
+        snat: (0, 0),
+        flags: 0,
+    };
+    let mut reply_written = false;
+    if hairpin {
         let translated = Flow {
             daddr: backend.addr,
             dport: backend.port,
@@ -109,22 +117,19 @@ pub fn from_pod(ctx: &TcContext) -> Result<i32, i32> {
             ..translated
         };
         policy::admit_hairpin(&translated, &flow, &snatted);
-        ((flow.daddr, flow.sport), false)
+        new.snat = (flow.daddr, flow.sport);
     } else {
         egress_policy(ctx, &flow, backend.addr, backend.port)?;
-        match free_source_port(ctx, &flow, &backend) {
-            (Some(port), reused) => ((flow.saddr, port), reused),
-            (None, reused) => ((0, 0), reused),
+        let (port, reused) = free_source_port(ctx, &flow, &new);
+        if let Some(port) = port {
+            new.snat = (flow.saddr, port);
+            reply_written = true;
         }
-    };
-    let new = NewFlow {
-        backend_id,
-        backend: &backend,
-        rev_nat_id: service.rev_nat_id,
-        snat,
-        flags: if reused { CT_F_TUPLE_REUSED } else { 0 },
-    };
-    if conntrack::create(&flow, &new).is_err() {
+        if reused {
+            new.flags |= CT_F_TUPLE_REUSED;
+        }
+    }
+    if conntrack::create(&flow, &new, reply_written).is_err() {
         // Still forward: the flow works while it keeps this backend by hash.
         count(ctx, reason::CT_INSERT_FAILED);
     }
@@ -372,21 +377,36 @@ const REMAP_PORTS: (u16, u16) = (1024, 31744);
 /// backend, within the backend's TIME_WAIT), a free source port for this
 /// one, as Linux NAT picks one on a tuple clash: otherwise the backend's
 /// TIME_WAIT socket of the old connection answers the new SYN with a stale
-/// ACK, and the client waits a second to retry. None: the tuple is free
+/// ACK, and the client waits a second to retry. The port's tuple is taken
+/// with the flow's reply entry (`free_port`). None: the tuple is free
 /// (or no free port was found; the entry is then taken over, counted).
 /// Also whether the tuple taken was given up by a closed connection.
 #[inline(always)]
-fn free_source_port(ctx: &TcContext, flow: &Flow, backend: &Backend) -> (Option<u16>, bool) {
+fn free_source_port(ctx: &TcContext, flow: &Flow, new: &NewFlow) -> (Option<u16>, bool) {
+    let backend = new.backend;
     let k = conntrack::tuple_at_backend(backend, flow.saddr, flow.sport, flow.proto);
     match conntrack::claim(&k, flow) {
-        Claim::Free => return (None, false),
+        Claim::Vacant | Claim::Own => return (None, false),
         Claim::Reused => {
             count(ctx, reason::TUPLE_REUSED);
             return (None, true);
         }
         Claim::Taken => {}
     }
-    match conntrack::free_port(ctx, flow, backend, flow.saddr, REMAP_PORTS, flow_hash(flow)) {
+    let moved = NewFlow {
+        snat: (flow.saddr, 0),
+        ..*new
+    };
+    let reply = conntrack::reply_entry(flow, &moved, unsafe { bpf_ktime_get_ns() });
+    let tried = conntrack::free_port(
+        ctx,
+        flow,
+        (backend, &reply),
+        flow.saddr,
+        REMAP_PORTS,
+        flow_hash(flow),
+    );
+    match tried {
         Some((port, reused)) => (Some(port), reused),
         None => {
             count(ctx, reason::SNAT_ALLOC_FAILED);

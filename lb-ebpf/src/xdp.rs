@@ -3,9 +3,8 @@
 //! the replies of flows this node SNATed. ClusterIPs are not reachable from
 //! outside, as with kube-proxy.
 
-use aya_ebpf::{bindings::xdp_action::XDP_PASS, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action::XDP_PASS, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use lb_common::{
-    backend::Backend,
     conntrack::{ConntrackEntry, CT_F_EXTERNAL, CT_F_TUPLE_REUSED},
     metrics::reason,
     service::{SERVICE_F_CLUSTER_IP, SERVICE_F_LOCAL},
@@ -69,31 +68,35 @@ pub fn uplink(ctx: &XdpContext) -> Result<u32, u32> {
     };
     // externalTrafficPolicy: Cluster -> SNAT to the node, so the replies come
     // back here whichever node the backend is on; Local keeps the client.
-    let (snat, reused) = if service.flags & SERVICE_F_LOCAL != 0 {
-        ((0, 0), false)
-    } else {
-        snat_source(ctx, &flow, &backend).ok_or_else(|| {
-            count(ctx, reason::SNAT_ALLOC_FAILED);
-            DROP
-        })?
-    };
+    let local = service.flags & SERVICE_F_LOCAL != 0;
     let to_backend = Flow {
         daddr: backend.addr,
         dport: backend.port,
         ..flow
     };
-    if snat.0 != 0 && !policy::admit_at_entry(&to_backend) {
+    // Before the SNAT port is taken: a dropped flow must not hold one.
+    if !local && !policy::admit_at_entry(&to_backend) {
         count(ctx, reason::DROP_POLICY);
         return Err(DROP);
     }
-    let new = NewFlow {
+    let mut new = NewFlow {
         backend_id,
         backend: &backend,
         rev_nat_id: service.rev_nat_id,
-        snat,
-        flags: CT_F_EXTERNAL | if reused { CT_F_TUPLE_REUSED } else { 0 },
+        snat: (0, 0),
+        flags: CT_F_EXTERNAL,
     };
-    if conntrack::create(&flow, &new).is_err() {
+    if !local {
+        let (snat, reused) = snat_source(ctx, &flow, &new).ok_or_else(|| {
+            count(ctx, reason::SNAT_ALLOC_FAILED);
+            DROP
+        })?;
+        new.snat = snat;
+        if reused {
+            new.flags |= CT_F_TUPLE_REUSED;
+        }
+    }
+    if conntrack::create(&flow, &new, !local).is_err() {
         count(ctx, reason::CT_INSERT_FAILED);
         return Err(DROP);
     }
@@ -141,17 +144,30 @@ fn rewrite_both(
     rewrite_direct(ctx, &after, second, entry.snat_addr, entry.snat_port).map_err(fail)
 }
 
-/// The node's address and a free port for the flow's new source, and
-/// whether its tuple was given up by a closed connection.
+/// The node's address and a free port for the new flow's source, whose
+/// tuple at the backend it takes with its reply entry, and whether that
+/// tuple was given up by a closed connection.
 #[inline(always)]
-fn snat_source(ctx: &XdpContext, flow: &Flow, backend: &Backend) -> Option<((u32, u16), bool)> {
+fn snat_source(ctx: &XdpContext, flow: &Flow, new: &NewFlow) -> Option<((u32, u16), bool)> {
     let node = NODE.get(0)?;
     if node.addr == 0 {
         return None;
     }
     let range = (node.snat_port_min, node.snat_port_count);
-    let (port, reused) =
-        conntrack::free_port(ctx, flow, backend, node.addr, range, flow_hash(flow))?;
+    let planned = NewFlow {
+        snat: (node.addr, 0),
+        ..*new
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let reply = conntrack::reply_entry(flow, &planned, now);
+    let (port, reused) = conntrack::free_port(
+        ctx,
+        flow,
+        (new.backend, &reply),
+        node.addr,
+        range,
+        flow_hash(flow),
+    )?;
     Some(((node.addr, port), reused))
 }
 

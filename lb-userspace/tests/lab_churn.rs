@@ -29,7 +29,7 @@ const MUST_STAY_ZERO: [&str; 6] = [
     "drop_policy",
 ];
 /// Counters printed for what they tell of the run.
-const REPORTED: [&str; 7] = [
+const REPORTED: [&str; 8] = [
     "tuple_clash",
     "new_flow",
     "snat_retries",
@@ -37,6 +37,7 @@ const REPORTED: [&str; 7] = [
     "ct_reopened",
     "tuple_clash_reused",
     "tuple_clash_own_source",
+    "tuple_raced",
 ];
 
 fn phase_length() -> Duration {
