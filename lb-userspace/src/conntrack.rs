@@ -8,9 +8,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use lb_common::{
     conntrack::{
-        tcp_tuple_hold_ns, ConntrackEntry, ConntrackKey, SweepItem, CLOSED_HOLD_NS,
-        CONNTRACK_MAX_ENTRIES, CT_FORWARD, CT_F_BACKEND_CLOSED_FIRST, CT_F_CLOSING, CT_F_EXTERNAL,
-        CT_F_RESET, CT_REPLY, SWEEP_CHANGED, SWEEP_REMOVED,
+        tcp_tuple_hold_ns, ConntrackEntry, ConntrackKey, SweepItem, CLOSED_HOLD_NS, CT_FORWARD,
+        CT_F_BACKEND_CLOSED_FIRST, CT_F_CLOSING, CT_F_EXTERNAL, CT_F_RESET, CT_REPLY,
+        SWEEP_CHANGED, SWEEP_REMOVED,
     },
     PROTO_TCP,
 };
@@ -175,16 +175,16 @@ impl Tally {
 /// entries come in between sweeps, and an LRU that fills evicts the oldest
 /// closed connections' entries, the tuples' TIME_WAIT guards among them
 /// (then `tuple_clash`), before live ones.
-pub fn filling(live: usize) -> bool {
-    live as u64 * 10 > u64::from(CONNTRACK_MAX_ENTRIES) * 7
+pub fn filling(live: usize, capacity: u32) -> bool {
+    live as u64 * 10 > u64::from(capacity) * 7
 }
 
-/// Says so when the table is `filling`.
-pub fn warn_if_filling(summary: &Summary) {
-    if filling(summary.total()) {
+/// Says so when the table (of `capacity` entries) is `filling`.
+pub fn warn_if_filling(summary: &Summary, capacity: u32) {
+    if filling(summary.total(), capacity) {
         tracing::warn!(
             live = summary.total(),
-            capacity = CONNTRACK_MAX_ENTRIES,
+            capacity,
             ?summary,
             "the conntrack table is more than 70% full after a sweep: closed connections' \
              entries may be evicted early (watch lb_datapath_packets_total, reasons tuple_clash and ct_miss_midflow)"

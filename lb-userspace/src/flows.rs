@@ -17,21 +17,18 @@ use lb_common::{
     policy::{FlowEvent, DIR_INGRESS, VERDICT_ALLOW},
 };
 
-use crate::{
-    policy::{translate_policies, RuleName},
-    translate::NodeContext,
-};
+use crate::policy::{rule_names, RuleName};
 
 /// What names addresses and rules: refreshed from the API.
 #[derive(Default)]
 struct Names {
     pods: BTreeMap<Ipv4Addr, String>,
-    rules: Vec<RuleName>,
+    rules: BTreeMap<u32, RuleName>,
 }
 
-async fn names(client: &Client, node: &NodeContext) -> Result<Names> {
-    let (pods, namespaces, policies) = crate::trace::policy_objects(client).await?;
-    let rules = translate_policies(&pods, &namespaces, &policies, node).rule_names;
+async fn names(client: &Client) -> Result<Names> {
+    let (pods, _, policies) = crate::trace::policy_objects(client).await?;
+    let rules = rule_names(&policies);
     let pods = pods
         .iter()
         .filter_map(|p| {
@@ -91,7 +88,7 @@ fn line(e: &FlowEvent, names: &Names, wall_offset_ns: i128) -> String {
     let why = match (e.verdict == VERDICT_ALLOW, e.rule_id) {
         (false, _) => "no rule allows it".to_string(),
         (true, 0) => "the node's own traffic".to_string(),
-        (true, id) => match names.rules.get(id as usize - 1) {
+        (true, id) => match names.rules.get(&id) {
             Some(r) => format!("{} {} rule {}", r.policy, r.direction, r.index),
             None => format!("rule {id}"),
         },
@@ -114,21 +111,11 @@ fn line(e: &FlowEvent, names: &Names, wall_offset_ns: i128) -> String {
 
 /// Streams verdicts from the maps pinned in `pin_dir`, `count` of them or
 /// until interrupted.
-pub async fn run(
-    pin_dir: &Path,
-    client: Option<Client>,
-    node_name: Option<String>,
-    count: Option<usize>,
-) -> Result<()> {
+pub async fn run(pin_dir: &Path, client: Option<Client>, count: Option<usize>) -> Result<()> {
     let path = pin_dir.join(map_names::FLOWS);
     let data = MapData::from_pin(&path)
         .with_context(|| format!("opening {} (is the agent running?)", path.display()))?;
     let mut ring = RingBuf::try_from(Map::RingBuf(data))?;
-    let node = NodeContext {
-        name: node_name,
-        addrs: vec![],
-        ..Default::default()
-    };
     let now_mono = crate::conntrack::monotonic_ns()?;
     let now_wall = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
@@ -141,7 +128,7 @@ pub async fn run(
     loop {
         if let Some(client) = &client {
             if refreshed.is_none_or(|t| t.elapsed() > Duration::from_secs(2)) {
-                if let Ok(n) = names(client, &node).await {
+                if let Ok(n) = names(client).await {
                     known = n;
                 }
                 refreshed = Some(Instant::now());

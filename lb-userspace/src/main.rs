@@ -46,9 +46,6 @@ enum Command {
         /// To name pods and policies.
         #[arg(long, env = "KUBECONFIG")]
         kubeconfig: Option<PathBuf>,
-        /// This node's name (to name the deciding policy rules).
-        #[arg(long, env = "NODE_NAME")]
-        node_name: Option<String>,
         /// Stop after this many verdicts.
         #[arg(long)]
         count: Option<usize>,
@@ -249,14 +246,13 @@ fn main() -> Result<()> {
         Command::Flows {
             pin_dir,
             kubeconfig,
-            node_name,
             count,
         } => rt.block_on(async {
             let client = match &kubeconfig {
                 Some(k) => Some(agent::client(Some(k)).await?),
                 None => None,
             };
-            lb::flows::run(&pin_dir, client, node_name, count).await
+            lb::flows::run(&pin_dir, client, count).await
         }),
         Command::Lab { command } => match command {
             LabCommand::Up {

@@ -8,7 +8,7 @@ use std::{ffi::OsString, path::PathBuf, time::Duration};
 use anyhow::{bail, Context, Result};
 use clap::{parser::ValueSource, ArgMatches, Args, Command};
 
-use crate::agent::AgentConfig;
+use crate::{agent::AgentConfig, datapath::MapSizes};
 
 #[derive(Args, Debug, Clone)]
 pub struct AgentArgs {
@@ -60,10 +60,39 @@ pub struct AgentArgs {
     /// `lb::bpf`: costs per packet, so off by default.
     #[arg(long, env = "LB_BPF_LOG")]
     pub bpf_log: bool,
+    /// Entries of the SERVICES map: one per frontend (address, port,
+    /// protocol) and one per backend of each. A Service that does not fit
+    /// is left out whole, with an Event and `lb_map_full_services`.
+    #[arg(long, env = "LB_SERVICES_MAP_MAX", default_value_t = MapSizes::default().services)]
+    pub services_map_max: u32,
+    /// Entries of the BACKENDS map: one per distinct backend address, port and protocol.
+    #[arg(long, env = "LB_BACKENDS_MAP_MAX", default_value_t = MapSizes::default().backends)]
+    pub backends_map_max: u32,
+    /// Maglev tables: one per frontend reached from outside the node (NodePort, LoadBalancer, external IP).
+    #[arg(long, env = "LB_MAGLEV_TABLES_MAX", default_value_t = MapSizes::default().maglev_tables)]
+    pub maglev_tables_max: u32,
+    /// Entries of the CONNTRACK table (LRU, preallocated, about 100 bytes an entry).
+    #[arg(long, env = "LB_CONNTRACK_MAX", default_value_t = MapSizes::default().conntrack)]
+    pub conntrack_max: u32,
 }
 
 impl AgentArgs {
+    /// The sizes of the cluster-sized maps; none may be 0.
+    fn map_sizes(&self) -> Result<MapSizes> {
+        let sizes = MapSizes {
+            services: self.services_map_max,
+            backends: self.backends_map_max,
+            maglev_tables: self.maglev_tables_max,
+            conntrack: self.conntrack_max,
+        };
+        if let Some((name, _)) = sizes.by_map().iter().find(|(_, n)| *n == 0) {
+            bail!("the size of the {name} map must be at least 1");
+        }
+        Ok(sizes)
+    }
+
     pub fn into_config(self) -> Result<AgentConfig> {
+        let map_sizes = self.map_sizes()?;
         Ok(AgentConfig {
             metrics_addr: if self.metrics_addr.is_empty() {
                 None
@@ -89,6 +118,7 @@ impl AgentArgs {
             proc_sys_net: self.proc_sys_net,
             resync: Duration::from_secs(self.resync_seconds.max(1)),
             bpf_log: self.bpf_log,
+            map_sizes,
         })
     }
 }

@@ -36,7 +36,7 @@ fn explain(t: &PolicyTranslation, verdict: Option<u32>) -> (bool, String) {
             true,
             "not isolated in this direction (no policy selects it)".into(),
         ),
-        Some(id) => match t.rule_names.get(id as usize - 1) {
+        Some(id) => match t.rule_names.get(&id) {
             Some(r) => (
                 true,
                 format!("allowed by {} {} rule {}", r.policy, r.direction, r.index),

@@ -1066,7 +1066,8 @@ impl log::Log for Collect {
 #[test]
 fn programs_log_new_flows_only_when_loaded_with_bpf_log() {
     for enabled in [false, true] {
-        let mut dp = Datapath::load_with(None, enabled).expect("load programs");
+        let mut dp =
+            Datapath::load_with(None, enabled, &Default::default()).expect("load programs");
         let want = desired_state(
             &MapState::default(),
             &[service(80, PROTO_TCP, &[("10.244.1.2", 8080)])],

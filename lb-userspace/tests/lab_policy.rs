@@ -112,7 +112,7 @@ async fn network_policy_truth_table() {
         .to_string();
     let index: usize = a_node.trim_start_matches("node-").parse().unwrap();
     let mut flows = std::process::Command::new(env!("CARGO_BIN_EXE_lb"))
-        .args(["flows", "--node-name", &a_node, "--pin-dir"])
+        .args(["flows", "--pin-dir"])
         .arg(lab.pin_dir(index))
         .arg("--kubeconfig")
         .arg(lab.kubeconfig_path())

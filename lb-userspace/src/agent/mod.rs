@@ -10,6 +10,7 @@ use std::{
 
 mod index;
 mod links;
+mod policies;
 mod services;
 mod slices;
 mod watch;
@@ -33,6 +34,7 @@ use crate::{
     translate::{NodeContext, ObjectError},
 };
 use index::ServiceRef;
+use policies::{PolicyObject, PolicySide, PolicyWork};
 use services::ServiceSide;
 use watch::Change;
 
@@ -89,6 +91,8 @@ pub struct AgentConfig {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// The eBPF programs' own log lines, into this log (costs per packet).
     pub bpf_log: bool,
+    /// Entries of the maps that grow with the cluster.
+    pub map_sizes: crate::datapath::MapSizes,
 }
 
 /// Forwards the eBPF programs' log records (aya-log, through the `log`
@@ -166,9 +170,13 @@ impl Caches {
             services: watch::reflect(Api::all(client.clone()), c.clone(), watch::service_change),
             slices: watch::reflect(Api::all(client.clone()), c.clone(), watch::slice_change),
             nodes: watch::reflect(Api::all(client.clone()), c.clone(), watch::node_change),
-            pods: watch::reflect(Api::all(client.clone()), c.clone(), watch::policy_change),
-            namespaces: watch::reflect(Api::all(client.clone()), c.clone(), watch::policy_change),
-            policies: watch::reflect(Api::all(client.clone()), c, watch::policy_change),
+            pods: watch::reflect(Api::all(client.clone()), c.clone(), watch::pod_change),
+            namespaces: watch::reflect(
+                Api::all(client.clone()),
+                c.clone(),
+                watch::namespace_change,
+            ),
+            policies: watch::reflect(Api::all(client.clone()), c, watch::network_policy_change),
         }
     }
 
@@ -195,7 +203,7 @@ struct Work {
     /// Read the service maps back and repair drift (the periodic resync).
     repair: bool,
     services: BTreeSet<ServiceRef>,
-    policy: bool,
+    policy: PolicyWork,
 }
 
 impl Work {
@@ -203,13 +211,17 @@ impl Work {
         Self {
             full: true,
             read_maps: true,
-            policy: true,
+            policy: PolicyWork {
+                full: true,
+                repair: true,
+                ..Default::default()
+            },
             ..Default::default()
         }
     }
 
     fn any(&self) -> bool {
-        self.full || self.repair || self.policy || !self.services.is_empty()
+        self.full || self.repair || self.policy.any() || !self.services.is_empty()
     }
 
     fn add(&mut self, change: Change, side: &mut ServiceSide, caches: &Caches) {
@@ -224,14 +236,25 @@ impl Work {
             }
             Change::Node | Change::Relisted(_) => {
                 self.full = true;
-                self.policy = true;
+                self.policy.full = true;
             }
-            Change::Policy => self.policy = true,
+            Change::Pod(ns, name) => {
+                self.policy.objects.insert(PolicyObject::Pod(ns, name));
+            }
+            Change::Namespace(name) => {
+                self.policy.objects.insert(PolicyObject::Namespace(name));
+            }
+            Change::NetworkPolicy(ns, name) => {
+                self.policy
+                    .objects
+                    .insert(PolicyObject::NetworkPolicy(ns, name));
+            }
         }
     }
 }
 
 pub async fn run(cfg: AgentConfig) -> Result<()> {
+    let start = Instant::now();
     let stats = crate::metrics::Shared::new(cfg.pin_dir.clone());
     if let Some(addr) = cfg.metrics_addr {
         let stats = stats.clone();
@@ -241,20 +264,30 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             }
         });
     }
-    let mut dp = Datapath::load_with(Some(&cfg.pin_dir), cfg.bpf_log)?;
+    let mut dp = Datapath::load_with(Some(&cfg.pin_dir), cfg.bpf_log, &cfg.map_sizes)?;
     if cfg.bpf_log {
         spawn_bpf_log(&mut dp)?;
         tracing::info!("eBPF log lines on (--bpf-log): they cost per packet");
     }
     let mut attacher = Attacher::new(&cfg.pin_dir)?;
-    tracing::info!(pin_dir = %cfg.pin_dir.display(), node = ?cfg.node_name, "data path loaded");
+    tracing::info!(
+        pin_dir = %cfg.pin_dir.display(),
+        node = ?cfg.node_name,
+        at_ms = start.elapsed().as_millis() as u64,
+        "data path loaded"
+    );
 
     let client = client(cfg.kubeconfig.as_ref()).await?;
     let (changes, mut changed) = tokio::sync::mpsc::unbounded_channel();
     let caches = Caches::watch(&client, &changes);
     let mut events = crate::events::EventPublisher::new(client, cfg.node_name.as_deref());
     caches.wait_until_ready().await?;
-    tracing::info!("caches synced");
+    // Where the time and memory of a start go (the control bench reads it).
+    tracing::info!(
+        at_ms = start.elapsed().as_millis() as u64,
+        rss_mib = resident_mib(),
+        "caches synced"
+    );
     if cfg.node_name.is_none() {
         tracing::warn!(
             "no --node-name (NODE_NAME): NodePorts and node-local endpoints are not programmed"
@@ -264,7 +297,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         attach_uplink(&mut dp, &cfg, uplink);
     }
 
-    let mut side = ServiceSide::new(crate::plan::Capacity::default());
+    let mut side = ServiceSide::new(cfg.map_sizes.capacity());
     let mut policy = PolicySide::default();
     let mut logged_errors = BTreeSet::new();
     let mut resync = tokio::time::interval(cfg.resync);
@@ -278,8 +311,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         if work.any() {
             let started = Instant::now();
             let node = node_context(cfg.node_name.as_ref(), &caches.nodes);
-            if work.policy {
-                policy.pass(&mut dp, &caches, &node, &stats);
+            if work.policy.any() {
+                policy.pass(&mut dp, &caches, &node, &work.policy, &stats);
             }
             let services_changed = work.full || work.repair || !work.services.is_empty();
             if services_changed {
@@ -304,7 +337,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             _ = resync.tick() => {
                 // The policy pass compares the policy maps with what it wants.
                 work.repair = true;
-                work.policy = true;
+                work.policy.repair = true;
                 if !side.written_known() {
                     // A pass failed: program everything again.
                     work = Work::everything();
@@ -332,7 +365,7 @@ fn sweep_conntrack(dp: &mut Datapath, cfg: &AgentConfig, stats: &crate::metrics:
                 kept = swept.kept,
                 "conntrack sweep"
             );
-            crate::conntrack::warn_if_filling(&summary);
+            crate::conntrack::warn_if_filling(&summary, cfg.map_sizes.conntrack);
             stats.lock().conntrack = Some(summary);
         }
         Err(e) => tracing::warn!("conntrack sweep: {e:#}"),
@@ -423,6 +456,7 @@ fn service_pass(
                     backends = w.backends,
                     services = if work.full { 0 } else { work.services.len() },
                     took_ms = started.elapsed().as_millis() as u64,
+                    rss_mib = resident_mib(),
                     "maps updated"
                 );
             }
@@ -438,62 +472,14 @@ fn service_pass(
     }
 }
 
-/// The policy side: still the whole cluster per pass, run only when a
-/// Pod, Namespace, NetworkPolicy or Node changed.
-#[derive(Default)]
-struct PolicySide {
-    last: Option<crate::policy::PolicyState>,
-    errors: Vec<ObjectError>,
-}
-
-impl PolicySide {
-    fn pass(
-        &mut self,
-        dp: &mut Datapath,
-        caches: &Caches,
-        node: &NodeContext,
-        stats: &crate::metrics::Shared,
-    ) {
-        let all_pods: Vec<Pod> = caches.pods.state().iter().map(|p| (**p).clone()).collect();
-        let all_ns: Vec<Namespace> = caches
-            .namespaces
-            .state()
-            .iter()
-            .map(|n| (**n).clone())
-            .collect();
-        let all_np: Vec<NetworkPolicy> = caches
-            .policies
-            .state()
-            .iter()
-            .map(|p| (**p).clone())
-            .collect();
-        let pt = crate::policy::translate_policies(&all_pods, &all_ns, &all_np, node);
-        stats.lock().alive();
-        match crate::datapath::policy_maps::apply(&mut dp.maps, &pt.state) {
-            Ok(n @ 1..) if self.last.as_ref() == Some(&pt.state) => {
-                tracing::warn!(writes = n, "policy maps had drifted; repaired");
-                stats.lock().drift_repairs += n as u64;
-            }
-            Ok(0) => {}
-            Ok(n) => tracing::info!(
-                writes = n,
-                endpoints = pt.state.endpoints.len(),
-                rules = pt.state.rules.len(),
-                "policy maps updated"
-            ),
-            Err(e) => {
-                stats.lock().error("policy_write");
-                tracing::error!("updating policy maps: {e:#}");
-                self.last = None;
-                self.errors = pt.errors;
-                return;
-            }
-        }
-        let mut st = stats.lock();
-        st.policies = all_np.len();
-        st.policy_entries = pt.state.rules.len();
-        st.endpoints = pt.state.endpoints.len();
-        self.last = Some(pt.state);
-        self.errors = pt.errors;
-    }
+/// This process's resident memory (VmRSS), MiB; 0 if unknown.
+fn resident_mib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024)
 }

@@ -28,8 +28,12 @@ pub enum Change {
     Slice(String, String),
     /// A Node: its addresses are the NodePort frontends (all Services).
     Node,
-    /// A Pod, Namespace or NetworkPolicy: the policy maps.
-    Policy,
+    /// A Pod (namespace, name): its policy endpoint and identity.
+    Pod(String, String),
+    /// A Namespace: its pods' identities.
+    Namespace(String),
+    /// A NetworkPolicy (namespace, name).
+    NetworkPolicy(String, String),
     /// A watch of this kind listed everything again (after a lost
     /// connection): deletions meanwhile were not seen one by one.
     Relisted(&'static str),
@@ -156,6 +160,16 @@ pub fn node_change(_: &Node) -> Change {
     Change::Node
 }
 
-pub fn policy_change<K>(_: &K) -> Change {
-    Change::Policy
+pub fn pod_change(p: &Pod) -> Change {
+    let (ns, name) = namespaced_name(&p.metadata);
+    Change::Pod(ns, name)
+}
+
+pub fn namespace_change(n: &Namespace) -> Change {
+    Change::Namespace(n.metadata.name.clone().unwrap_or_default())
+}
+
+pub fn network_policy_change(p: &NetworkPolicy) -> Change {
+    let (ns, name) = namespaced_name(&p.metadata);
+    Change::NetworkPolicy(ns, name)
 }

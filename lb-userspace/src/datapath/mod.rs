@@ -4,6 +4,7 @@ pub mod attach;
 pub mod batch;
 pub mod maps;
 pub mod policy_maps;
+pub mod sizes;
 
 use std::path::{Path, PathBuf};
 
@@ -18,6 +19,7 @@ use lb_common::{
 };
 
 pub use maps::Maps;
+pub use sizes::MapSizes;
 
 /// The eBPF object built by `build.rs` from the `lb-ebpf` crate.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
@@ -44,21 +46,23 @@ impl Datapath {
     /// already pinned there are reused, so an agent restart keeps the state the
     /// data path runs on (conntrack included).
     pub fn load(pin_dir: Option<&Path>) -> Result<Self> {
-        Self::load_with(pin_dir, false)
+        Self::load_with(pin_dir, false, &MapSizes::default())
     }
 
-    /// `load`, with the programs' own log lines (aya-log) on or off: read
-    /// them through `logger`.
-    pub fn load_with(pin_dir: Option<&Path>, bpf_log: bool) -> Result<Self> {
+    /// `load`, with the programs' own log lines (aya-log) on or off (read
+    /// them through `logger`), and the cluster-sized maps of `sizes`.
+    pub fn load_with(pin_dir: Option<&Path>, bpf_log: bool, sizes: &MapSizes) -> Result<Self> {
         if EBPF_OBJECT.is_empty() {
             bail!("this binary was built with AYA_BUILD_SKIP: it carries no eBPF programs");
         }
         let log_flag = u8::from(bpf_log);
         let mut loader = EbpfLoader::new();
         loader.override_global("LB_LOG", &log_flag, true);
+        sizes.apply(&mut loader);
         if let Some(dir) = pin_dir {
             ensure_bpffs()?;
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            sizes.check_pinned(dir)?;
             for name in map_names::ALL {
                 loader.map_pin_path(name, dir.join(name));
             }

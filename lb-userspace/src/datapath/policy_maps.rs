@@ -4,7 +4,58 @@ use aya::maps::lpm_trie::Key;
 use lb_common::policy::{IpcacheKey, PolicyEntry, POLICY_KEY_FIXED_BITS};
 
 use super::Maps;
-use crate::policy::PolicyState;
+use crate::policy::{PolicyDelta, PolicyState};
+
+/// Writes what changed (`PolicyEngine::flush`), in `apply`'s order:
+/// ipcache and rules first, then endpoints, removals last. The count of
+/// writes.
+pub fn apply_delta(maps: &mut Maps, delta: &PolicyDelta) -> anyhow::Result<usize> {
+    let ipcache_key = |k: &(u32, u8)| Key::new(u32::from(k.1), IpcacheKey { addr: k.0 });
+    let rule_key = |k: &(lb_common::policy::PolicyKey, u8)| {
+        Key::new(POLICY_KEY_FIXED_BITS + u32::from(k.1), k.0)
+    };
+    for (k, v) in &delta.ipcache {
+        if let Some(v) = v {
+            maps.ipcache.insert(&ipcache_key(k), v, 0)?;
+        }
+    }
+    for (k, v) in &delta.rules {
+        if let Some(rule) = v {
+            maps.policy
+                .insert(&rule_key(k), PolicyEntry { rule_id: *rule }, 0)?;
+        }
+    }
+    for (addr, v) in &delta.endpoints {
+        if let Some(ep) = v {
+            maps.endpoints.insert(addr, ep, 0)?;
+        }
+    }
+    for (addr, present) in &delta.peer_nodes {
+        if *present {
+            maps.peer_nodes.insert(addr, 1, 0)?;
+        } else {
+            let _ = maps.peer_nodes.remove(addr);
+        }
+    }
+    // Removals of what is already gone are not errors (a repair may have
+    // removed it first).
+    for (addr, v) in &delta.endpoints {
+        if v.is_none() {
+            let _ = maps.endpoints.remove(addr);
+        }
+    }
+    for (k, v) in &delta.rules {
+        if v.is_none() {
+            let _ = maps.policy.remove(&rule_key(k));
+        }
+    }
+    for (k, v) in &delta.ipcache {
+        if v.is_none() {
+            let _ = maps.ipcache.remove(&ipcache_key(k));
+        }
+    }
+    Ok(delta.len())
+}
 
 /// Brings the policy maps to `want`: ipcache and rules first, then the
 /// endpoints (so a pod becomes isolated only once its rules are there, and

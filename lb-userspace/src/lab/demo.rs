@@ -122,7 +122,7 @@ pub async fn show(lab: &Lab) -> Result<()> {
         lab.pin_dir(1).display()
     );
     println!(
-        "  {exe} flows --node-name node-1 --pin-dir {} --kubeconfig {}   # policy verdicts as they happen",
+        "  {exe} flows --pin-dir {} --kubeconfig {}   # policy verdicts as they happen",
         lab.pin_dir(1).display(),
         lab.kubeconfig_path().display()
     );

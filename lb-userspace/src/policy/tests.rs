@@ -2,7 +2,7 @@
 //! data path looks its maps up.
 
 use super::*;
-use lb_common::{PROTO_TCP, PROTO_UDP};
+use lb_common::{policy::DIR_EGRESS, PROTO_TCP, PROTO_UDP};
 use serde_json::json;
 
 fn ns(name: &str) -> Namespace {
