@@ -25,6 +25,8 @@ pub struct Settings {
     pub syncs: usize,
     /// Endpoint changes timed after the last sync.
     pub changes: usize,
+    /// The NetworkPolicy side, in a lab of its own.
+    pub policy: super::policy::Settings,
 }
 
 #[derive(Debug, Default)]
@@ -38,6 +40,7 @@ pub struct Results {
     pub propagation: Vec<Duration>,
     /// Peak memory at the very end (after the changes), MiB.
     pub final_peak_mib: f64,
+    pub policy: super::policy::Results,
 }
 
 /// Endpoint `e` of Service `i`: unrouted addresses, no pod behind them
@@ -92,6 +95,7 @@ pub async fn run(s: &Settings, prefix: &str, lb_binary: &std::path::Path) -> Res
             Duration::from_secs(900),
         )?;
         let took = started.elapsed();
+        print_start_log(&lab);
         let pid = lab.agent_pid(1).context("the agent's pid")?;
         let peak = peak_mib(pid);
         eprintln!(
@@ -106,7 +110,46 @@ pub async fn run(s: &Settings, prefix: &str, lb_binary: &std::path::Path) -> Res
             out.final_peak_mib = peak_mib(pid);
         }
     }
+    out.policy = policy_part(s, prefix, lb_binary).await?;
     Ok(out)
+}
+
+/// Many pods and policies, a new agent's first programming of them, and
+/// pod relabels (`super::policy`).
+async fn policy_part(
+    s: &Settings,
+    prefix: &str,
+    lb_binary: &std::path::Path,
+) -> Result<super::policy::Results> {
+    let mut cfg = LabConfig::new(prefix, lb_binary);
+    cfg.agents = false;
+    let mut lab = Lab::up(cfg).await?;
+    super::policy::create(&lab, &s.policy)?;
+    let started = Instant::now();
+    lab.start_agent(1)?;
+    let r = super::policy::run(&lab, &s.policy, started)?;
+    print_start_log(&lab);
+    eprintln!(
+        "bench: {} pods and {} policies programmed in {:.1?}; {} relabels",
+        r.pods,
+        r.policies,
+        r.sync,
+        r.relabel.len()
+    );
+    Ok(r)
+}
+
+/// Where the agent's start went: its log lines that say (data path
+/// loaded, caches synced, the first passes).
+fn print_start_log(lab: &Lab) {
+    let log = std::fs::read_to_string(lab.log_path("agent-node-1")).unwrap_or_default();
+    let said = log
+        .lines()
+        .filter(|l| l.contains("at_ms") || l.contains("maps updated"))
+        .take(6);
+    for line in said {
+        eprintln!("  agent: {line}");
+    }
 }
 
 /// Takes an endpoint away from a Service (or gives it back) through the

@@ -12,6 +12,7 @@ pub mod kube_proxy;
 pub mod lab_report;
 pub mod maglev;
 pub mod plot;
+pub mod policy;
 pub mod report;
 
 use std::path::Path;
@@ -88,6 +89,13 @@ impl Plan {
             endpoints: 10,
             syncs: 3,
             changes: 100,
+            policy: policy::Settings {
+                pods: 10_000,
+                policies: 1_000,
+                namespaces: 20,
+                apps: 50,
+                relabels: 200,
+            },
         },
     };
     pub const QUICK: Plan = Plan {
@@ -114,6 +122,13 @@ impl Plan {
             endpoints: 10,
             syncs: 1,
             changes: 10,
+            policy: policy::Settings {
+                pods: 500,
+                policies: 50,
+                namespaces: 5,
+                apps: 10,
+                relabels: 20,
+            },
         },
     };
 }
