@@ -1,6 +1,9 @@
 //! Connection tracking for load-balanced flows (see `lb_common::conntrack`).
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_ktime_get_ns, bpf_loop},
+};
 use lb_common::{
     backend::Backend,
     conntrack::{
@@ -14,7 +17,7 @@ use lb_common::{
 
 use crate::{
     maps::CONNTRACK,
-    metrics::count,
+    metrics::{count, count_events},
     packet::{Flow, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -297,38 +300,85 @@ pub fn claim(k: &ConntrackKey, flow: &Flow) -> Claim {
 }
 
 /// Takes the tuple `k` for a new flow by writing its reply entry `reply`,
-/// after `claim` said it may. Deciding and writing are two steps, and
-/// another CPU may decide the same for another new flow between them (two
-/// SYNs whose port orders meet); both would then send their SYNs on one
-/// tuple, and the backend answer one with the other's ACK (a clash). A
+/// after `claim` said it may (`how`). Deciding and writing are two steps,
+/// and another CPU may decide the same for another new flow between them
+/// (two SYNs whose port orders meet); both would then send their SYNs on
+/// one tuple, and the backend answer one with the other's ACK (a clash). A
 /// vacant tuple is taken only if still vacant (`BPF_NOEXIST`, as Linux
 /// conntrack's confirm step finds a clash on insert); a closed one's by
-/// removing it first, which only one of two contenders can do. False, and
-/// counted (`TUPLE_RACED`), when another flow took it first.
+/// removing it first, which only one of two contenders can do. False when
+/// another flow took it first.
 #[inline(always)]
-fn take_tuple<P: Packet>(ctx: &P, k: &ConntrackKey, how: Claim, reply: &ConntrackEntry) -> bool {
-    let taken = match how {
-        Claim::Vacant => CONNTRACK.insert(k, reply, u64::from(BPF_NOEXIST)).is_ok(),
+fn take_tuple(k: &ConntrackKey, how: Claim, reply: &ConntrackEntry) -> bool {
+    let noexist = u64::from(BPF_NOEXIST);
+    match how {
+        Claim::Vacant => CONNTRACK.insert(k, reply, noexist).is_ok(),
         Claim::Reused => {
             let reused = ConntrackEntry {
                 flags: reply.flags | CT_F_TUPLE_REUSED,
                 ..*reply
             };
-            CONNTRACK.remove(k).is_ok()
-                && CONNTRACK.insert(k, reused, u64::from(BPF_NOEXIST)).is_ok()
+            CONNTRACK.remove(k).is_ok() && CONNTRACK.insert(k, reused, noexist).is_ok()
         }
         Claim::Own => CONNTRACK.insert(k, reply, 0).is_ok(),
         Claim::Taken => false,
-    };
-    if !taken && how != Claim::Taken {
-        count(ctx, reason::TUPLE_RACED);
     }
-    taken
 }
 
 /// Ports tried for a new flow's source before giving up (Cilium's
 /// `SNAT_COLLISION_RETRIES`).
 pub const PORT_TRIES: u32 = 128;
+
+/// The state of a port search (`free_port`), shared with `try_port`
+/// through `bpf_loop`.
+#[repr(C)]
+struct PortSearch {
+    flow: Flow,
+    backend: Backend,
+    reply: ConntrackEntry,
+    src: u32,
+    hash: u32,
+    stride: u32,
+    span: u32,
+    min: u16,
+    /// Out: the port found (0: none), whether its tuple was reused, how
+    /// many tries it took, and whether another flow took one first.
+    port: u16,
+    reused: u8,
+    raced: u8,
+    tries: u32,
+}
+
+/// Try `i` of a port search: stops it (1) once a port's tuple is taken.
+/// A `bpf_loop` callback, so that the verifier checks this body once,
+/// not once per try as in an unrolled loop.
+#[inline(never)]
+extern "C" fn try_port(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: `free_port` passes its own `PortSearch`.
+    let s = unsafe { &mut *(ctx as *mut PortSearch) };
+    let i = i as u32;
+    let Some(offset) = s
+        .hash
+        .wrapping_add(i.wrapping_mul(s.stride))
+        .checked_rem(s.span)
+    else {
+        return 1;
+    };
+    let port = s.min.wrapping_add(offset as u16).to_be();
+    let k = tuple_at_backend(&s.backend, s.src, port, s.flow.proto);
+    let how = claim(&k, &s.flow);
+    if how == Claim::Taken {
+        return 0;
+    }
+    if !take_tuple(&k, how, &s.reply) {
+        s.raced = 1;
+        return 0;
+    }
+    s.port = port;
+    s.reused = u8::from(how == Claim::Reused);
+    s.tries = i;
+    1
+}
 
 /// A source port in `min..min + count` for `flow` translated to `backend`
 /// from address `src`, whose tuple at the backend (`claim`) is free, taken
@@ -337,7 +387,8 @@ pub const PORT_TRIES: u32 = 128;
 /// an order drawn from the flow's hash (a start and a stride, as Linux NAT
 /// starts from a hash), so a client port reused for a new connection, or a
 /// retransmitted SYN, finds its own tuple again before any other; the
-/// strides of different flows spread them over the range. Counts extra
+/// strides of different flows spread them over the range. A tuple another
+/// CPU's new flow took first is passed over (`TUPLE_RACED`). Counts extra
 /// tries and tuples reused; says whether the port's tuple was reused
 /// (`CT_F_TUPLE_REUSED`).
 #[inline(always)]
@@ -352,24 +403,41 @@ pub fn free_port<P: Packet>(
     if count_ports == 0 {
         return None;
     }
-    let span = u32::from(count_ports);
-    let stride = (hash >> 16) | 1;
-    for i in 0..PORT_TRIES {
-        if i > 0 {
-            count(ctx, reason::SNAT_RETRIES);
-        }
-        let offset = hash.wrapping_add(i.wrapping_mul(stride)) % span;
-        let port = min.wrapping_add(offset as u16).to_be();
-        let k = tuple_at_backend(backend, src, port, flow.proto);
-        let how = claim(&k, flow);
-        if how != Claim::Taken && take_tuple(ctx, &k, how, reply) {
-            if how == Claim::Reused {
-                count(ctx, reason::TUPLE_REUSED);
-            }
-            return Some((port, how == Claim::Reused));
-        }
+    let mut search = PortSearch {
+        flow: *flow,
+        backend: *backend,
+        reply: *reply,
+        src,
+        hash,
+        stride: (hash >> 16) | 1,
+        span: u32::from(count_ports),
+        min,
+        port: 0,
+        reused: 0,
+        raced: 0,
+        tries: PORT_TRIES - 1,
+    };
+    // SAFETY: the callback is a static function of this program, its
+    // context this stack frame's search.
+    unsafe {
+        bpf_loop(
+            PORT_TRIES,
+            try_port as *mut core::ffi::c_void,
+            &mut search as *mut PortSearch as *mut core::ffi::c_void,
+            0,
+        )
+    };
+    if search.raced != 0 {
+        count(ctx, reason::TUPLE_RACED);
     }
-    None
+    count_events(reason::SNAT_RETRIES, search.tries);
+    if search.port == 0 {
+        return None;
+    }
+    if search.reused != 0 {
+        count(ctx, reason::TUPLE_REUSED);
+    }
+    Some((search.port, search.reused != 0))
 }
 
 /// Where a new flow goes: its backend, and the source to give it (SNAT).

@@ -12,3 +12,12 @@ pub fn count<P: Packet>(ctx: &P, reason: u32) {
         }
     }
 }
+
+/// Adds `n` to a counter of events that are not packets (bytes unchanged).
+#[inline(always)]
+pub fn count_events(reason: u32, n: u32) {
+    if let Some(counter) = METRICS.get_ptr_mut(reason) {
+        // SAFETY: as in `count`.
+        unsafe { (*counter).packets += u64::from(n) };
+    }
+}
