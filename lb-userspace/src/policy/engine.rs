@@ -543,34 +543,39 @@ impl PolicyEngine {
     }
 
     fn put_ipcache(&mut self, k: (u32, u8), v: Option<u32>) {
-        if self.state.ipcache.get(&k) != v.as_ref() {
-            match v {
-                Some(v) => self.state.ipcache.insert(k, v),
-                None => self.state.ipcache.remove(&k),
-            };
-            self.delta.ipcache.insert(k, v);
-        }
+        put(&mut self.state.ipcache, &mut self.delta.ipcache, k, v);
     }
 
     fn put_endpoint(&mut self, addr: u32, v: Option<EndpointInfo>) {
-        if self.state.endpoints.get(&addr) != v.as_ref() {
-            match v {
-                Some(v) => self.state.endpoints.insert(addr, v),
-                None => self.state.endpoints.remove(&addr),
-            };
-            self.delta.endpoints.insert(addr, v);
-        }
+        put(
+            &mut self.state.endpoints,
+            &mut self.delta.endpoints,
+            addr,
+            v,
+        );
     }
 
     fn put_rule(&mut self, k: (PolicyKey, u8), v: Option<u32>) {
-        if self.state.rules.get(&k) != v.as_ref() {
-            match v {
-                Some(v) => self.state.rules.insert(k, v),
-                None => self.state.rules.remove(&k),
-            };
-            self.delta.rules.insert(k, v);
-        }
+        put(&mut self.state.rules, &mut self.delta.rules, k, v);
     }
+}
+
+/// Sets `k` to `v` (None: removes it) in a map of the state, and records
+/// it in the delta when that changed the map.
+fn put<K: Ord + Copy, V: PartialEq + Copy>(
+    state: &mut BTreeMap<K, V>,
+    delta: &mut BTreeMap<K, Option<V>>,
+    k: K,
+    v: Option<V>,
+) {
+    if state.get(&k) == v.as_ref() {
+        return;
+    }
+    match v {
+        Some(v) => state.insert(k, v),
+        None => state.remove(&k),
+    };
+    delta.insert(k, v);
 }
 
 /// Whether a rule's peer of a policy in `policy_ns` selects an identity.
