@@ -380,10 +380,10 @@ extern "C" fn try_port(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     1
 }
 
-/// A source port in `min..min + count` for `flow` translated to `backend`
-/// from address `src`, whose tuple at the backend (`claim`) is free, taken
-/// by writing `reply` (the flow's reply entry: it does not depend on the
-/// port, which is in its key) there (`take_tuple`). The ports are tried in
+/// A source port in `min..min + count` for `new` flow `flow` SNATed to
+/// address `src`, whose tuple at the backend (`claim`) is free, taken by
+/// writing the flow's reply entry there (`take_tuple`; the entry does not
+/// depend on the port, which is in its key). The ports are tried in
 /// an order drawn from the flow's hash (a start and a stride, as Linux NAT
 /// starts from a hash), so a client port reused for a new connection, or a
 /// retransmitted SYN, finds its own tuple again before any other; the
@@ -395,7 +395,7 @@ extern "C" fn try_port(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
 pub fn free_port<P: Packet>(
     ctx: &P,
     flow: &Flow,
-    (backend, reply): (&Backend, &ConntrackEntry),
+    new: &NewFlow,
     src: u32,
     (min, count_ports): (u16, u16),
     hash: u32,
@@ -403,10 +403,15 @@ pub fn free_port<P: Packet>(
     if count_ports == 0 {
         return None;
     }
+    let snatted = NewFlow {
+        snat: (src, 0),
+        ..*new
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
     let mut search = PortSearch {
         flow: *flow,
-        backend: *backend,
-        reply: *reply,
+        backend: *new.backend,
+        reply: reply_entry(flow, &snatted, now),
         src,
         hash,
         stride: (hash >> 16) | 1,

@@ -393,19 +393,7 @@ fn free_source_port(ctx: &TcContext, flow: &Flow, new: &NewFlow) -> (Option<u16>
         }
         Claim::Taken => {}
     }
-    let moved = NewFlow {
-        snat: (flow.saddr, 0),
-        ..*new
-    };
-    let reply = conntrack::reply_entry(flow, &moved, unsafe { bpf_ktime_get_ns() });
-    let tried = conntrack::free_port(
-        ctx,
-        flow,
-        (backend, &reply),
-        flow.saddr,
-        REMAP_PORTS,
-        flow_hash(flow),
-    );
+    let tried = conntrack::free_port(ctx, flow, new, flow.saddr, REMAP_PORTS, flow_hash(flow));
     match tried {
         Some((port, reused)) => (Some(port), reused),
         None => {

@@ -3,7 +3,7 @@
 //! the replies of flows this node SNATed. ClusterIPs are not reachable from
 //! outside, as with kube-proxy.
 
-use aya_ebpf::{bindings::xdp_action::XDP_PASS, helpers::bpf_ktime_get_ns, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action::XDP_PASS, programs::XdpContext};
 use lb_common::{
     conntrack::{ConntrackEntry, CT_F_EXTERNAL, CT_F_TUPLE_REUSED},
     metrics::reason,
@@ -154,20 +154,7 @@ fn snat_source(ctx: &XdpContext, flow: &Flow, new: &NewFlow) -> Option<((u32, u1
         return None;
     }
     let range = (node.snat_port_min, node.snat_port_count);
-    let planned = NewFlow {
-        snat: (node.addr, 0),
-        ..*new
-    };
-    let now = unsafe { bpf_ktime_get_ns() };
-    let reply = conntrack::reply_entry(flow, &planned, now);
-    let (port, reused) = conntrack::free_port(
-        ctx,
-        flow,
-        (new.backend, &reply),
-        node.addr,
-        range,
-        flow_hash(flow),
-    )?;
+    let (port, reused) = conntrack::free_port(ctx, flow, new, node.addr, range, flow_hash(flow))?;
     Some(((node.addr, port), reused))
 }
 
