@@ -228,9 +228,14 @@ pub fn to_pod(ctx: &TcContext) -> Result<i32, i32> {
     };
     // Replies of flows the pod sent to a Service are admitted by the flow's
     // translation (`policy::admit_egress`): still to be reverse-translated
-    // (a backend elsewhere), or already (a backend on this node).
+    // (a backend elsewhere), or already (a backend on this node). The
+    // checks go from the most common packet to the least, each a lookup.
     let reply = conntrack::lookup_translated(ctx, &conntrack::reply_key(&flow), &flow);
-    if reply.is_none() && !conntrack::answers_translated(&flow) && !policy::admit_ingress(&flow) {
+    let admitted = reply.is_some()
+        || policy::already_received(&flow)
+        || conntrack::answers_translated(&flow)
+        || policy::admit_ingress(&flow);
+    if !admitted {
         count(ctx, reason::DROP_POLICY);
         return Err(DROP);
     }

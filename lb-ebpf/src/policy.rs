@@ -206,15 +206,20 @@ pub fn admit_hairpin(translated: &Flow, original: &Flow, snatted: &Flow) {
     track(&key(snatted, CT_POLICY_INGRESS, false));
 }
 
-/// Traffic delivered to a local pod (before reverse NAT): a reply of a flow
-/// it sent, a flow it already receives, or a new flow its ingress policy allows.
+/// A packet of a flow the pod already receives (admitted by its ingress
+/// policy at its first packet): most packets a pod receives, so the
+/// caller asks this first.
+#[inline(always)]
+pub fn already_received(flow: &Flow) -> bool {
+    known(&key(flow, CT_POLICY_INGRESS, false), flow)
+}
+
+/// Traffic delivered to a local pod (before reverse NAT) that is not of a
+/// flow it already receives (`already_received`): a reply of a flow it
+/// sent, or a new flow its ingress policy allows.
 #[inline(always)]
 pub fn admit_ingress(flow: &Flow) -> bool {
     if known(&key(flow, CT_POLICY_EGRESS, true), flow) {
-        return true;
-    }
-    let k = key(flow, CT_POLICY_INGRESS, false);
-    if known(&k, flow) {
         return true;
     }
     let Some(ep) = endpoint(flow.daddr) else {
@@ -228,6 +233,6 @@ pub fn admit_ingress(flow: &Flow) -> bool {
             return false;
         }
     }
-    track(&k);
+    track(&key(flow, CT_POLICY_INGRESS, false));
     true
 }

@@ -245,6 +245,9 @@ fn churn_table(o: &mut String, c: &churn::Results, path: churn::Path) {
             );
         }
     }
+    if let Some(lb) = row(churn::Mode::Lb) {
+        program_costs(o, lb);
+    }
     for x in c.rows.iter().filter(|x| x.path == path && x.failures > 0) {
         let _ = writeln!(
             o,
@@ -382,4 +385,39 @@ pub fn plot(r: &Results) -> String {
         &counts.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
         &series,
     )
+}
+
+/// lb's programs during its run on a path, as the kernel timed them.
+fn program_costs(o: &mut String, lb: &churn::Row) {
+    if lb.programs.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "\nlb's programs, timed by the kernel in a second run of lb a quarter \
+         as long ({} requests; `kernel.bpf_stats_enabled`: run_time_ns and \
+         run_cnt of every copy on both nodes, before and after; the timing \
+         itself adds two clock reads to each run):\n",
+        lb.timed_requests
+    );
+    let _ = writeln!(
+        o,
+        "| program | runs per request | ns per run | ns per request |"
+    );
+    let _ = writeln!(o, "|---|---|---|---|");
+    let requests = lb.timed_requests.max(1) as f64;
+    let mut total = 0.0;
+    for p in &lb.programs {
+        let per_request = p.run_time_ns as f64 / requests;
+        total += per_request;
+        let _ = writeln!(
+            o,
+            "| {} | {:.1} | {:.0} | {:.0} |",
+            p.name,
+            p.runs as f64 / requests,
+            p.ns_per_run(),
+            per_request
+        );
+    }
+    let _ = writeln!(o, "| all | | | {total:.0} |");
 }

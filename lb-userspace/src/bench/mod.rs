@@ -13,6 +13,7 @@ pub mod lab_report;
 pub mod maglev;
 pub mod plot;
 pub mod policy;
+pub mod prog_stats;
 pub mod report;
 
 use std::path::Path;
