@@ -13,6 +13,7 @@ mod links;
 mod policies;
 mod services;
 mod slices;
+mod slim;
 mod watch;
 mod writer;
 

@@ -19,6 +19,8 @@ use kube::{
 };
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::slim::Slim;
+
 /// What changed, as the agent's loop needs to know it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
@@ -89,6 +91,9 @@ impl kube::runtime::utils::Backoff for WatchBackoff {
 /// Starts a reflector for `K`; each change goes to `changes` as `key` of
 /// the object. The first listing is not sent (the agent's first pass reads
 /// the caches whole); later listings are sent as `Change::Relisted`.
+/// Objects are cut to what the agent reads (`Slim`) before they are
+/// stored, and listed in pages of 500 (kube's default), so a first list
+/// of a large cluster is never held whole.
 pub fn reflect<K>(
     api: Api<K>,
     changes: UnboundedSender<Change>,
@@ -97,6 +102,7 @@ pub fn reflect<K>(
 where
     K: kube::Resource<DynamicType = ()>
         + k8s_openapi::Resource
+        + Slim
         + Clone
         + std::fmt::Debug
         + serde::de::DeserializeOwned
@@ -110,8 +116,8 @@ where
         K::URL_PATH_SEGMENT
     );
     let (reader, writer) = reflector::store();
-    let stream = reflector(writer, watcher(api, watcher::Config::default()))
-        .backoff(WatchBackoff::default());
+    let events = watcher(api, watcher::Config::default()).modify(Slim::slim);
+    let stream = reflector(writer, events).backoff(WatchBackoff::default());
     tokio::spawn(async move {
         futures::pin_mut!(stream);
         let mut listed = false;

@@ -20,7 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::{
     kinds::Kind,
-    store::{meta_str, Store, StoreError},
+    store::{meta_str, PageRequest, Store, StoreError},
 };
 
 pub fn router(store: Store) -> Router {
@@ -128,7 +128,7 @@ async fn handle(
             if matches!(q.get("watch").map(String::as_str), Some("true" | "1")) {
                 watch(store, t, selector, &q)
             } else {
-                list(&store, &t, selector.as_ref())
+                list(&store, &t, selector.as_ref(), &q)
             }
         }
         (Method::GET, Some(name)) => match store.get(t.kind, &ns, name) {
@@ -210,17 +210,65 @@ fn body_object(body: &[u8], t: &Target) -> Result<Value, StoreError> {
     Ok(obj)
 }
 
-fn list(store: &Store, t: &Target, selector: Option<&LabelSelector>) -> Response {
-    let (items, rv) = store.list(t.kind, t.namespace.as_deref());
-    let items: Vec<Value> = items
-        .into_iter()
-        .filter(|o| selector.is_none_or(|s| s.matches(o)))
-        .collect();
+fn list(
+    store: &Store,
+    t: &Target,
+    selector: Option<&LabelSelector>,
+    q: &HashMap<String, String>,
+) -> Response {
+    let page = match page_request(q) {
+        Ok(p) => p,
+        Err(e) => return error(&StoreError::Invalid(e)),
+    };
+    let keep = |o: &Value| selector.is_none_or(|s| s.matches(o));
+    let (items, more, rv) = match store.list_page(t.kind, t.namespace.as_deref(), &page, keep) {
+        Ok(r) => r,
+        Err(e) => return error(&e),
+    };
+    let mut metadata = json!({"resourceVersion": rv.to_string()});
+    if let (true, Some(last)) = (more, items.last()) {
+        metadata["continue"] = json!(continue_token(rv, last));
+    }
     json_response(
         200,
         &json!({"kind": format!("{}List", t.kind.name()), "apiVersion": t.kind.api_version(),
-                "metadata": {"resourceVersion": rv.to_string()}, "items": items}),
+                "metadata": metadata, "items": items}),
     )
+}
+
+/// `limit` (absent or 0: everything) and `continue` of a list request.
+fn page_request(q: &HashMap<String, String>) -> Result<PageRequest, String> {
+    let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
+        None | Some(Ok(0)) => usize::MAX,
+        Some(Ok(n)) => n,
+        Some(Err(_)) => return Err(format!("limit: not a count: {:?}", q.get("limit"))),
+    };
+    let after =
+        match q.get("continue").filter(|c| !c.is_empty()) {
+            None => None,
+            Some(token) => Some(parse_continue(token).ok_or_else(|| {
+                format!("continue: {token:?} is not a token this server gave out")
+            })?),
+        };
+    Ok(PageRequest { limit, after })
+}
+
+/// The token for the page after `last`: the list's resourceVersion and
+/// where it stopped (names and namespaces hold no `/`).
+fn continue_token(rv: u64, last: &Value) -> String {
+    format!(
+        "{rv}/{}/{}",
+        meta_str(last, "namespace"),
+        meta_str(last, "name")
+    )
+}
+
+fn parse_continue(token: &str) -> Option<(u64, String, String)> {
+    let mut parts = token.splitn(3, '/');
+    let rv = parts.next()?.parse().ok()?;
+    let ns = parts.next()?.to_string();
+    let name = parts.next()?.to_string();
+    Some((rv, ns, name))
 }
 
 fn watch_event(event_type: &str, object: &Value) -> Bytes {

@@ -67,6 +67,14 @@ impl StoreError {
 
 pub type Key = (Kind, String, String);
 
+/// Which page of a list: at most `limit` objects, after `after`
+/// (the first page's resourceVersion, and the last namespace and name sent).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageRequest {
+    pub limit: usize,
+    pub after: Option<(u64, String, String)>,
+}
+
 #[derive(Default)]
 pub struct Inner {
     pub rv: u64,
@@ -287,6 +295,45 @@ impl Store {
         )
     }
 
+    /// One page of a list, as kube-apiserver pages with `limit` and
+    /// `continue`: up to `limit` objects of `kind` (in `ns`, or all) that
+    /// `keep` admits, after the object named `after` (namespace, name),
+    /// whether more follow, and the resourceVersion of the list's first
+    /// page (`snapshot_rv`, or now for a first page). Later pages show the
+    /// objects as they are now: a change between pages comes again to the
+    /// watch that resumes at the first page's version, so a client sees
+    /// every object at its latest state either way. `Gone` when that
+    /// version's history is compacted away (kube-apiserver's "continue
+    /// token too old").
+    pub fn list_page(
+        &self,
+        kind: Kind,
+        ns: Option<&str>,
+        page: &PageRequest,
+        keep: impl Fn(&Value) -> bool,
+    ) -> Result<(Vec<Value>, bool, u64), StoreError> {
+        let inner = self.lock();
+        let rv = match &page.after {
+            Some((rv, _, _)) if *rv < inner.oldest_rv => return Err(StoreError::Gone(*rv)),
+            Some((rv, _, _)) => *rv,
+            None => inner.rv,
+        };
+        let start = match &page.after {
+            Some((_, n, name)) => std::ops::Bound::Excluded((kind, n.clone(), name.clone())),
+            None => std::ops::Bound::Included((kind, String::new(), String::new())),
+        };
+        let mut matching = inner
+            .objects
+            .range((start, std::ops::Bound::Unbounded))
+            .take_while(|((k, _, _), _)| *k == kind)
+            .filter(|((_, n, _), _)| ns.is_none_or(|ns| ns == n))
+            .map(|(_, v)| v)
+            .filter(|v| keep(v));
+        let items: Vec<Value> = matching.by_ref().take(page.limit).cloned().collect();
+        let more = matching.next().is_some();
+        Ok((items, more, rv))
+    }
+
     /// Events after `rv` for a watch, and a receiver for later ones; both
     /// taken under the lock so nothing falls between them.
     pub fn watch_from(
@@ -425,6 +472,50 @@ pub fn parse_rfc3339(s: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn names(items: &[Value]) -> Vec<&str> {
+        items.iter().map(|o| meta_str(o, "name")).collect()
+    }
+
+    #[test]
+    fn a_list_comes_in_pages_that_resume_after_the_last_name_and_keep_the_first_version() {
+        let store = Store::new();
+        for name in ["a", "b", "c", "d", "e"] {
+            store
+                .create(Kind::Namespace, json!({"metadata": {"name": name}}))
+                .expect("namespace");
+        }
+        let first = PageRequest {
+            limit: 2,
+            after: None,
+        };
+        let (items, more, rv) = store
+            .list_page(Kind::Namespace, None, &first, |_| true)
+            .expect("first page");
+        assert_eq!((names(&items), more), (vec!["a", "b"], true));
+        // A change between pages: the deleted object is not listed, and the
+        // version stays the first page's (the watch resumes from there).
+        store.delete(Kind::Namespace, "", "c").expect("delete");
+        let next = PageRequest {
+            limit: 2,
+            after: Some((rv, String::new(), "b".into())),
+        };
+        let (items, more, rv2) = store
+            .list_page(Kind::Namespace, None, &next, |_| true)
+            .expect("second page");
+        assert_eq!((names(&items), more, rv2), (vec!["d", "e"], false, rv));
+        let only_e = store
+            .list_page(Kind::Namespace, None, &first, |o| {
+                meta_str(o, "name") == "e"
+            })
+            .expect("filtered");
+        assert_eq!((names(&only_e.0), only_e.1), (vec!["e"], false));
+        store.compact();
+        assert!(matches!(
+            store.list_page(Kind::Namespace, None, &next, |_| true),
+            Err(StoreError::Gone(_))
+        ));
+    }
 
     #[test]
     fn times_are_written_and_read_back_in_whole_seconds() {

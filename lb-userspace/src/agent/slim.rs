@@ -1,0 +1,173 @@
+//! What the agent keeps of each watched object: only the fields its
+//! translation reads, cut before the reflector stores the object. The
+//! API's objects carry much the agent never looks at (managedFields,
+//! annotations such as kubectl's last-applied-configuration, owner
+//! references, an EndpointSlice's targetRefs and hints, a Pod's volumes,
+//! images, environment and status conditions): at 10,000 Services and
+//! 10,000 Pods that is most of the agent's memory. A field read by
+//! `translate` or `policy` must be kept here: the tests below name them.
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Container, Namespace, Node, Pod, PodSpec, PodStatus, Service},
+        discovery::v1::EndpointSlice,
+        networking::v1::NetworkPolicy,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+
+/// Cuts an object down to what the agent reads.
+pub trait Slim {
+    fn slim(&mut self);
+}
+
+/// Identity, labels and version: what every kind keeps of its metadata.
+fn slim_meta(meta: &mut ObjectMeta) {
+    meta.managed_fields = None;
+    meta.annotations = None;
+    meta.owner_references = None;
+    meta.finalizers = None;
+}
+
+impl Slim for Service {
+    fn slim(&mut self) {
+        slim_meta(&mut self.metadata);
+    }
+}
+
+impl Slim for EndpointSlice {
+    fn slim(&mut self) {
+        slim_meta(&mut self.metadata);
+        for e in self.endpoints.iter_mut().flatten() {
+            e.target_ref = None;
+            e.hints = None;
+            e.deprecated_topology = None;
+        }
+    }
+}
+
+impl Slim for Node {
+    fn slim(&mut self) {
+        slim_meta(&mut self.metadata);
+        if let Some(status) = &mut self.status {
+            status.images = None;
+            status.conditions = None;
+            status.node_info = None;
+            status.volumes_attached = None;
+            status.volumes_in_use = None;
+        }
+    }
+}
+
+impl Slim for Namespace {
+    fn slim(&mut self) {
+        slim_meta(&mut self.metadata);
+    }
+}
+
+impl Slim for NetworkPolicy {
+    fn slim(&mut self) {
+        slim_meta(&mut self.metadata);
+    }
+}
+
+/// A Pod is read for its labels, address, node and named container ports
+/// (`policy::PodFacts::of`).
+impl Slim for Pod {
+    fn slim(&mut self) {
+        slim_meta(&mut self.metadata);
+        self.spec = self.spec.take().map(|s| PodSpec {
+            node_name: s.node_name,
+            host_network: s.host_network,
+            containers: s
+                .containers
+                .into_iter()
+                .map(|c| Container {
+                    name: c.name,
+                    ports: c.ports,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        });
+        self.status = self.status.take().map(|s| PodStatus {
+            pod_ip: s.pod_ip,
+            pod_ips: s.pod_ips,
+            phase: s.phase,
+            ..Default::default()
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::parse::PodFacts;
+
+    fn pod() -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-1", "namespace": "shop",
+                         "labels": {"app": "web"},
+                         "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"},
+                         "managedFields": [{"manager": "kubectl"}]},
+            "spec": {"nodeName": "node-1", "volumes": [{"name": "data"}],
+                     "containers": [{"name": "web", "image": "nginx",
+                                     "env": [{"name": "A", "value": "1"}],
+                                     "ports": [{"name": "http", "containerPort": 8080}]}]},
+            "status": {"podIP": "10.244.1.5", "phase": "Running",
+                       "conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .expect("pod")
+    }
+
+    #[test]
+    fn a_slim_pod_gives_the_policy_engine_the_same_facts_and_drops_the_rest() {
+        let full = pod();
+        let mut slim = full.clone();
+        slim.slim();
+        assert!(PodFacts::of(&full) == PodFacts::of(&slim));
+        assert!(slim.metadata.annotations.is_none() && slim.metadata.managed_fields.is_none());
+        let spec = slim.spec.as_ref().expect("spec");
+        assert!(spec.volumes.is_none() && spec.containers[0].image.is_none());
+        assert!(spec.containers[0].env.is_none());
+        assert!(slim.status.as_ref().is_some_and(|s| s.conditions.is_none()));
+    }
+
+    #[test]
+    fn a_slim_service_and_slice_keep_every_field_translation_reads() {
+        let svc: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop",
+                         "annotations": {"a": "b"}},
+            "spec": {"clusterIP": "10.96.0.10", "type": "NodePort",
+                     "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}]}
+        }))
+        .expect("service");
+        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-abc", "namespace": "shop",
+                         "labels": {"kubernetes.io/service-name": "web"},
+                         "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": "web", "uid": "1"}]},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["10.244.1.5"], "conditions": {"ready": true},
+                           "nodeName": "node-1", "zone": "a",
+                           "targetRef": {"kind": "Pod", "name": "web-1", "namespace": "shop"},
+                           "hints": {"forZones": [{"name": "a"}]}}]
+        }))
+        .expect("slice");
+        let (mut slim_svc, mut slim_slice) = (svc.clone(), slice.clone());
+        slim_svc.slim();
+        slim_slice.slim();
+        assert_eq!(slim_svc.spec, svc.spec);
+        assert_eq!(slim_slice.ports, slice.ports);
+        assert_eq!(slim_slice.metadata.labels, slice.metadata.labels);
+        let first = |s: &EndpointSlice| s.endpoints.as_ref().and_then(|e| e.first()).cloned();
+        let (Some(a), Some(b)) = (first(&slim_slice), first(&slice)) else {
+            panic!("the slices lost their endpoint");
+        };
+        assert_eq!(
+            (&a.addresses, &a.conditions, &a.node_name, &a.zone),
+            (&b.addresses, &b.conditions, &b.node_name, &b.zone)
+        );
+        assert!(a.target_ref.is_none() && a.hints.is_none());
+    }
+}
