@@ -275,6 +275,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         pin_dir = %cfg.pin_dir.display(),
         node = ?cfg.node_name,
         at_ms = start.elapsed().as_millis() as u64,
+        rss_mib = resident_mib(),
         "data path loaded"
     );
 
@@ -460,6 +461,13 @@ fn service_pass(
                     rss_mib = resident_mib(),
                     "maps updated"
                 );
+            }
+            if work.full {
+                // A full pass builds the whole desired state beside the
+                // written one; glibc keeps what it freed unless asked.
+                // SAFETY: malloc_trim only hands free heap pages back.
+                unsafe { libc::malloc_trim(0) };
+                tracing::info!(rss_mib = resident_mib(), "freed memory handed back");
             }
             st.services = w.frontends;
             st.backends = w.backends;

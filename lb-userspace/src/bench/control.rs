@@ -145,8 +145,8 @@ fn print_start_log(lab: &Lab) {
     let log = std::fs::read_to_string(lab.log_path("agent-node-1")).unwrap_or_default();
     let said = log
         .lines()
-        .filter(|l| l.contains("at_ms") || l.contains("maps updated"))
-        .take(6);
+        .filter(|l| l.contains("at_ms") || l.contains("rss_mib"))
+        .take(8);
     for line in said {
         eprintln!("  agent: {line}");
     }
