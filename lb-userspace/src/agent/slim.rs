@@ -14,11 +14,15 @@ use k8s_openapi::{
         networking::v1::NetworkPolicy,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    Metadata,
 };
 
-/// Cuts an object down to what the agent reads.
-pub trait Slim {
-    fn slim(&mut self);
+/// Cuts an object down to what the agent reads: by default its metadata
+/// (`slim_meta`); kinds with more to drop say so.
+pub trait Slim: Metadata<Ty = ObjectMeta> {
+    fn slim(&mut self) {
+        slim_meta(self.metadata_mut());
+    }
 }
 
 /// Identity, labels and version: what every kind keeps of its metadata.
@@ -29,11 +33,9 @@ fn slim_meta(meta: &mut ObjectMeta) {
     meta.finalizers = None;
 }
 
-impl Slim for Service {
-    fn slim(&mut self) {
-        slim_meta(&mut self.metadata);
-    }
-}
+impl Slim for Service {}
+impl Slim for Namespace {}
+impl Slim for NetworkPolicy {}
 
 impl Slim for EndpointSlice {
     fn slim(&mut self) {
@@ -56,18 +58,6 @@ impl Slim for Node {
             status.volumes_attached = None;
             status.volumes_in_use = None;
         }
-    }
-}
-
-impl Slim for Namespace {
-    fn slim(&mut self) {
-        slim_meta(&mut self.metadata);
-    }
-}
-
-impl Slim for NetworkPolicy {
-    fn slim(&mut self) {
-        slim_meta(&mut self.metadata);
     }
 }
 

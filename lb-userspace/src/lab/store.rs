@@ -4,6 +4,7 @@
 
 use std::{
     collections::{BTreeMap, VecDeque},
+    ops::Bound,
     sync::{Arc, Mutex, MutexGuard},
 };
 
@@ -89,12 +90,22 @@ pub struct Inner {
 
 impl Inner {
     pub fn list(&self, kind: Kind, ns: Option<&str>) -> Vec<&Value> {
+        let first = Bound::Included((kind, String::new(), String::new()));
+        self.list_from(kind, ns, first).collect()
+    }
+
+    /// Objects of `kind` (in `ns`, or all) in key order, from `start` on.
+    fn list_from<'a, 'n>(
+        &'a self,
+        kind: Kind,
+        ns: Option<&'n str>,
+        start: Bound<Key>,
+    ) -> impl Iterator<Item = &'a Value> + use<'a, 'n> {
         self.objects
-            .range((kind, String::new(), String::new())..)
-            .take_while(|((k, _, _), _)| *k == kind)
-            .filter(|((_, n, _), _)| ns.is_none_or(|ns| ns == n))
+            .range((start, Bound::Unbounded))
+            .take_while(move |((k, _, _), _)| *k == kind)
+            .filter(move |((_, n, _), _)| ns.is_none_or(|ns| ns == n))
             .map(|(_, v)| v)
-            .collect()
     }
 
     pub fn get(&self, kind: Kind, ns: &str, name: &str) -> Option<&Value> {
@@ -319,16 +330,10 @@ impl Store {
             None => inner.rv,
         };
         let start = match &page.after {
-            Some((_, n, name)) => std::ops::Bound::Excluded((kind, n.clone(), name.clone())),
-            None => std::ops::Bound::Included((kind, String::new(), String::new())),
+            Some((_, n, name)) => Bound::Excluded((kind, n.clone(), name.clone())),
+            None => Bound::Included((kind, String::new(), String::new())),
         };
-        let mut matching = inner
-            .objects
-            .range((start, std::ops::Bound::Unbounded))
-            .take_while(|((k, _, _), _)| *k == kind)
-            .filter(|((_, n, _), _)| ns.is_none_or(|ns| ns == n))
-            .map(|(_, v)| v)
-            .filter(|v| keep(v));
+        let mut matching = inner.list_from(kind, ns, start).filter(|v| keep(v));
         let items: Vec<Value> = matching.by_ref().take(page.limit).cloned().collect();
         let more = matching.next().is_some();
         Ok((items, more, rv))
