@@ -4,8 +4,10 @@
 //!   conntrack lookup, Service lookup, backend selection and DNAT.
 //! - `lb_to_pod` (tc egress on a pod's host-side veth: packets the pod receives):
 //!   reverse NAT of replies, so the pod sees answers from the Service address.
-//! - `lb_uplink` (XDP on the node's uplink): NodePort, LoadBalancer and
-//!   external-IP frontends for traffic from outside the node, with SNAT.
+//! - `lb_uplink` (XDP on the node's uplink) or `lb_uplink_tc` (tc ingress
+//!   there, where XDP would copy every packet: a veth): NodePort,
+//!   LoadBalancer and external-IP frontends for traffic from outside the
+//!   node, with SNAT.
 //! - `lb_ct_sweep` (never attached): the agent's removal of expired
 //!   conntrack entries, run through BPF_PROG_TEST_RUN.
 //!
@@ -25,7 +27,7 @@ mod packet;
 mod policy;
 mod reject;
 mod sweep;
-mod xdp;
+mod uplink;
 
 use aya_ebpf::{
     macros::{classifier, xdp},
@@ -48,8 +50,19 @@ pub fn lb_to_pod(ctx: TcContext) -> i32 {
 
 #[xdp]
 pub fn lb_uplink(ctx: XdpContext) -> u32 {
-    match xdp::uplink(&ctx) {
-        Ok(verdict) | Err(verdict) => verdict,
+    use aya_ebpf::bindings::xdp_action::{XDP_DROP, XDP_PASS};
+    match uplink::uplink(&ctx) {
+        Ok(v) | Err(v) if v == uplink::Verdict::Pass => XDP_PASS,
+        _ => XDP_DROP,
+    }
+}
+
+#[classifier]
+pub fn lb_uplink_tc(ctx: TcContext) -> i32 {
+    use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT};
+    match uplink::uplink(&ctx) {
+        Ok(v) | Err(v) if v == uplink::Verdict::Pass => TC_ACT_OK,
+        _ => TC_ACT_SHOT,
     }
 }
 

@@ -8,7 +8,10 @@ use std::{ffi::OsString, path::PathBuf, time::Duration};
 use anyhow::{bail, Context, Result};
 use clap::{parser::ValueSource, ArgMatches, Args, Command};
 
-use crate::{agent::AgentConfig, datapath::MapSizes};
+use crate::{
+    agent::AgentConfig,
+    datapath::{attach::UplinkHook, MapSizes},
+};
 
 #[derive(Args, Debug, Clone)]
 pub struct AgentArgs {
@@ -27,9 +30,13 @@ pub struct AgentArgs {
     /// Pod veths: host-side interfaces whose names start with this.
     #[arg(long, env = "LB_INTERFACE_PREFIX", default_value = "veth")]
     pub interface_prefix: String,
-    /// The node's uplink, for NodePort/LoadBalancer traffic from outside (XDP); "" for none.
+    /// The node's uplink, for NodePort/LoadBalancer traffic from outside; "" for none.
     #[arg(long, env = "LB_UPLINK", default_value = "eth0")]
     pub uplink: String,
+    /// The uplink program's hook: xdp, tc, or auto (XDP on a NIC, tc ingress
+    /// on a virtual device such as a veth, where XDP copies every packet).
+    #[arg(long, env = "LB_UPLINK_HOOK", value_enum, default_value_t = UplinkHook::Auto)]
+    pub uplink_hook: UplinkHook,
     /// This network namespace's /proc/sys/net (a container mounts the host's elsewhere).
     #[arg(long, env = "LB_PROC_SYS_NET", default_value = "/proc/sys/net")]
     pub proc_sys_net: PathBuf,
@@ -115,6 +122,7 @@ impl AgentArgs {
             pin_dir: self.pin_dir,
             interface_prefix: self.interface_prefix,
             uplink: Some(self.uplink).filter(|u| !u.is_empty()),
+            uplink_hook: self.uplink_hook,
             proc_sys_net: self.proc_sys_net,
             resync: Duration::from_secs(self.resync_seconds.max(1)),
             bpf_log: self.bpf_log,

@@ -1,5 +1,7 @@
 //! NodePort, LoadBalancer and external IPs with real traffic from a client
-//! outside the nodes (XDP on the nodes' uplinks) and from pods.
+//! outside the nodes (the uplink program: tc ingress on the lab nodes'
+//! veths, as `--uplink-hook auto` picks; XDP in the tests that ask for it)
+//! and from pods.
 
 mod common;
 
@@ -47,22 +49,33 @@ async fn nodeport_lab(letter: char) -> Lab {
     common::lab_with(letter, common::test_manifests("nodeport"), 2).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nodeport_from_outside_reaches_pods_on_both_nodes_through_either_node() {
-    let lab = nodeport_lab('n').await;
+/// The uplink program's link pinned on node `i`: which hook runs it.
+fn uplink_hooks(lab: &Lab, i: usize) -> Vec<String> {
+    let dir = lab.pin_dir(i).join("uplink");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Through node 1 and node 2 in turn, pods on both nodes answer, and see
+/// the entry node's address (externalTrafficPolicy: Cluster).
+async fn reaches_pods_on_both_nodes_through_either_node(lab: &Lab) {
     for entry in [1, 2] {
-        common::wait_backends_on(&lab, entry, node_addr(entry, 30080), 4).await;
-        let answers = from_outside(&lab, node_addr(entry, 30080), 30).await;
+        common::wait_backends_on(lab, entry, node_addr(entry, 30080), 4).await;
+        let answers = from_outside(lab, node_addr(entry, 30080), 30).await;
         let nodes: BTreeSet<String> = answers
             .iter()
-            .map(|a| common::node_of(&lab, &a.pod))
+            .map(|a| common::node_of(lab, &a.pod))
             .collect();
         assert_eq!(
             nodes.len(),
             2,
             "through node {entry}: pods on both nodes answer (remote ones via SNAT): {answers:?}"
         );
-        // externalTrafficPolicy: Cluster: the pods see the entry node's address.
         assert!(
             answers
                 .iter()
@@ -70,6 +83,34 @@ async fn nodeport_from_outside_reaches_pods_on_both_nodes_through_either_node() 
             "SNAT to node {entry}: {answers:?}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodeport_from_outside_reaches_pods_on_both_nodes_through_either_node() {
+    let lab = nodeport_lab('n').await;
+    for i in [1, 2] {
+        assert_eq!(
+            uplink_hooks(&lab, i),
+            ["eth0_ingress"],
+            "a veth uplink gets the tc program"
+        );
+    }
+    reaches_pods_on_both_nodes_through_either_node(&lab).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodeport_through_the_xdp_hook_reaches_pods_on_both_nodes() {
+    let lab = common::lab_with_agent_args(
+        'x',
+        common::test_manifests("nodeport"),
+        2,
+        &["--uplink-hook", "xdp"],
+    )
+    .await;
+    for i in [1, 2] {
+        assert_eq!(uplink_hooks(&lab, i), ["eth0_xdp"], "asked for XDP");
+    }
+    reaches_pods_on_both_nodes_through_either_node(&lab).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -79,6 +79,8 @@ pub struct AgentConfig {
     /// The node's uplink, where XDP serves traffic from outside the node
     /// (NodePorts, LoadBalancer IPs); none to leave it alone.
     pub uplink: Option<String>,
+    /// Which hook runs the uplink program (`datapath::attach::UplinkHook`).
+    pub uplink_hook: crate::datapath::attach::UplinkHook,
     /// This network namespace's /proc/sys/net (a container mounts the
     /// host's at another path, as its own is read-only).
     pub proc_sys_net: PathBuf,
@@ -374,15 +376,25 @@ fn sweep_conntrack(dp: &mut Datapath, cfg: &AgentConfig, stats: &crate::metrics:
     }
 }
 
-/// XDP on the node's uplink (NodePorts and LoadBalancer addresses from
-/// outside); without it the rest still works.
+/// The uplink program on the node's uplink (NodePorts and LoadBalancer
+/// addresses from outside); without it the rest still works.
 fn attach_uplink(dp: &mut Datapath, cfg: &AgentConfig, uplink: &str) {
     let links = cfg.pin_dir.join("uplink");
-    match crate::datapath::attach::attach_uplink(dp, &links, uplink, &cfg.proc_sys_net) {
-        Ok(()) => tracing::info!(interface = %uplink, "XDP attached to the uplink"),
-        Err(e) => {
-            tracing::error!(interface = %uplink, "XDP attach failed, no NodePort from outside: {e:#}")
+    let attached = crate::datapath::attach::attach_uplink(
+        dp,
+        &links,
+        uplink,
+        cfg.uplink_hook,
+        &cfg.proc_sys_net,
+    );
+    match attached {
+        Ok(hook) => {
+            tracing::info!(interface = %uplink, hook = hook.name(), "uplink program attached")
         }
+        Err(e) => tracing::error!(
+            interface = %uplink,
+            "uplink program not attached, no NodePort from outside: {e:#}"
+        ),
     }
 }
 

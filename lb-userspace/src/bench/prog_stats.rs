@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 
 const SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
 /// The programs that run on the lab's packets (see `lb-ebpf/src/main.rs`).
-pub const DATA_PATH: [&str; 3] = ["lb_from_pod", "lb_to_pod", "lb_uplink"];
+pub const DATA_PATH: [&str; 4] = ["lb_from_pod", "lb_to_pod", "lb_uplink", "lb_uplink_tc"];
 
 /// Statistics on while alive; the sysctl's value before is put back on drop.
 pub struct Enabled {

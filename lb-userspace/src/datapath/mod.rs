@@ -30,6 +30,9 @@ pub const PROG_FROM_POD: &str = "lb_from_pod";
 pub const PROG_TO_POD: &str = "lb_to_pod";
 /// XDP program on the node's uplink: traffic from outside the node.
 pub const PROG_UPLINK: &str = "lb_uplink";
+/// The same as a tc ingress program, for uplinks where XDP copies every
+/// packet (`attach::UplinkHook`).
+pub const PROG_UPLINK_TC: &str = "lb_uplink_tc";
 /// The conntrack sweep's remover: run through BPF_PROG_TEST_RUN, never
 /// attached (see `remove_unchanged`).
 pub const PROG_CT_SWEEP: &str = "lb_ct_sweep";
@@ -70,7 +73,7 @@ impl Datapath {
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
-        for name in [PROG_FROM_POD, PROG_TO_POD] {
+        for name in [PROG_FROM_POD, PROG_TO_POD, PROG_UPLINK_TC] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the object"))?

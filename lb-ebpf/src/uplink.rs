@@ -1,9 +1,18 @@
-//! `lb_uplink`: XDP on the node's uplink, for traffic that arrives from
-//! outside the node: NodePort, LoadBalancer and external-IP frontends, and
-//! the replies of flows this node SNATed. ClusterIPs are not reachable from
-//! outside, as with kube-proxy.
+//! `lb_uplink` (XDP) and `lb_uplink_tc` (tc ingress): the node's uplink,
+//! for traffic that arrives from outside the node: NodePort, LoadBalancer
+//! and external-IP frontends, and the replies of flows this node SNATed.
+//! ClusterIPs are not reachable from outside, as with kube-proxy.
+//!
+//! One program body for both hooks (`Hook`). XDP is the cheaper hook where
+//! the driver runs it on its own receive buffers (a NIC). On a veth (a kind
+//! node's eth0, the lab's nodes) native XDP copies nearly every packet into
+//! a page of its own first (`veth_convert_skb_to_xdp_buff`: a TCP packet is
+//! a clone, and has less headroom than XDP wants), and generic XDP does the
+//! same: there tc ingress, which reads the packet where it lies and copies
+//! only the header of a packet it rewrites, costs less (the agent picks the
+//! hook: `datapath::attach::UplinkHook`).
 
-use aya_ebpf::{bindings::xdp_action::XDP_PASS, programs::XdpContext};
+use aya_ebpf::programs::{TcContext, XdpContext};
 use lb_common::{
     conntrack::{ConntrackEntry, CT_F_EXTERNAL, CT_F_TUPLE_REUSED},
     metrics::reason,
@@ -18,16 +27,45 @@ use crate::{
     },
     maps::{ENDPOINTS, NODE},
     metrics::count,
-    nat::{rewrite_direct, Side},
-    packet::{self, Flow},
+    nat::{self, rewrite_direct, Side},
+    packet::{self, Flow, Packet},
     policy,
 };
 
-const PASS: u32 = XDP_PASS;
-const DROP: u32 = aya_ebpf::bindings::xdp_action::XDP_DROP;
+/// What the uplink program decides for a packet; each hook has its codes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    Drop,
+}
+
+use Verdict::{Drop as DROP, Pass as PASS};
+
+/// The one thing the two hooks do differently: rewriting a packet.
+pub trait Hook: Packet {
+    fn rewrite(&self, flow: &Flow, side: Side, addr: u32, port: u16) -> Result<(), ()>;
+}
+
+impl Hook for XdpContext {
+    /// Direct writes: no checksum helpers in XDP, and packets from the wire
+    /// carry complete checksums.
+    #[inline(always)]
+    fn rewrite(&self, flow: &Flow, side: Side, addr: u32, port: u16) -> Result<(), ()> {
+        rewrite_direct(self, flow, side, addr, port)
+    }
+}
+
+impl Hook for TcContext {
+    /// With the L4 checksum helper, as on the pods' veths: a packet that
+    /// crossed a veth from a local socket may carry a partial checksum.
+    #[inline(always)]
+    fn rewrite(&self, flow: &Flow, side: Side, addr: u32, port: u16) -> Result<(), ()> {
+        nat::rewrite(self, flow, side, addr, port).map_err(|_| ())
+    }
+}
 
 #[inline(always)]
-pub fn uplink(ctx: &XdpContext) -> Result<u32, u32> {
+pub fn uplink<H: Hook>(ctx: &H) -> Result<Verdict, Verdict> {
     let Some(flow) = packet::flow_or_count(ctx) else {
         return Ok(PASS);
     };
@@ -109,17 +147,18 @@ pub fn uplink(ctx: &XdpContext) -> Result<u32, u32> {
 /// Rewrites `first` to the entry's NAT address, then, with SNAT, the other
 /// side to the entry's SNAT address.
 #[inline(always)]
-fn rewrite_both(
-    ctx: &XdpContext,
+fn rewrite_both<H: Hook>(
+    ctx: &H,
     flow: &Flow,
     first: Side,
     entry: &ConntrackEntry,
-) -> Result<(), u32> {
+) -> Result<(), Verdict> {
     let fail = |()| {
         count(ctx, reason::DROP_REWRITE_FAILED);
         DROP
     };
-    rewrite_direct(ctx, flow, first, entry.nat_addr, entry.nat_port).map_err(fail)?;
+    ctx.rewrite(flow, first, entry.nat_addr, entry.nat_port)
+        .map_err(fail)?;
     if entry.snat_addr == 0 {
         return Ok(());
     }
@@ -141,14 +180,15 @@ fn rewrite_both(
             },
         ),
     };
-    rewrite_direct(ctx, &after, second, entry.snat_addr, entry.snat_port).map_err(fail)
+    ctx.rewrite(&after, second, entry.snat_addr, entry.snat_port)
+        .map_err(fail)
 }
 
 /// The node's address and a free port for the new flow's source, whose
 /// tuple at the backend it takes with its reply entry, and whether that
 /// tuple was given up by a closed connection.
 #[inline(always)]
-fn snat_source(ctx: &XdpContext, flow: &Flow, new: &NewFlow) -> Option<((u32, u16), bool)> {
+fn snat_source<H: Hook>(ctx: &H, flow: &Flow, new: &NewFlow) -> Option<((u32, u16), bool)> {
     let node = NODE.get(0)?;
     if node.addr == 0 {
         return None;
@@ -165,7 +205,7 @@ fn snat_source(ctx: &XdpContext, flow: &Flow, new: &NewFlow) -> Option<((u32, u1
 /// on those ports does not count; SYNs open connections of their own.
 /// Replies of local backends are not seen here (they pass the pod's tc).
 #[inline(always)]
-fn count_reply_miss(ctx: &XdpContext, flow: &Flow) {
+fn count_reply_miss<H: Hook>(ctx: &H, flow: &Flow) {
     if conntrack::opens_connection(flow) {
         return;
     }
