@@ -43,6 +43,10 @@ pub fn admit(
                 obj["metadata"]["labels"] = json!({});
             }
             obj["metadata"]["labels"]["kubernetes.io/metadata.name"] = json!(name);
+            // What the namespace controller reports (`kubectl get ns` prints it).
+            if obj["status"]["phase"].is_null() {
+                obj["status"]["phase"] = json!("Active");
+            }
             Ok(())
         }
         _ => Ok(()),

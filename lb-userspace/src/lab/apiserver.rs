@@ -1,5 +1,6 @@
 //! A small API server speaking the Kubernetes JSON list/watch protocol over
-//! plain HTTP, for the kinds of `kinds.rs`. kube-rs talks to it unchanged.
+//! plain HTTP, for the kinds of `kinds.rs`. kube-rs talks to it unchanged;
+//! kubectl finds its resources through discovery (`discovery.rs`).
 //!
 //! Fault injection for tests: `POST /lab/compact` (watches resuming from an
 //! older resourceVersion get 410 Gone) and `POST /lab/drop-watches` (every
@@ -10,7 +11,7 @@ use std::{collections::HashMap, convert::Infallible, time::Duration};
 use axum::{
     body::{Body, Bytes},
     extract::{Query, State},
-    http::{header, Method, StatusCode, Uri},
+    http::{header, HeaderMap, Method, StatusCode, Uri},
     response::{IntoResponse, Response},
     Router,
 };
@@ -19,7 +20,9 @@ use tokio::sync::{broadcast::error::RecvError, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::{
+    discovery,
     kinds::Kind,
+    printing,
     store::{meta_str, PageRequest, Store, StoreError},
 };
 
@@ -78,6 +81,7 @@ async fn handle(
     State(store): State<Store>,
     method: Method,
     uri: Uri,
+    headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
     body: Bytes,
 ) -> Response {
@@ -91,10 +95,12 @@ async fn handle(
             .into_response();
     }
     match (method.as_str(), uri.path()) {
+        // 1.32: the kubectl these machines have (a dispatcher that runs
+        // the kubectl of the server's minor version) then runs its 1.32.
         ("GET", "/version") => {
             return json_response(
                 200,
-                &json!({"major": "1", "minor": "34", "gitVersion": "v1.34.0-lb-lab"}),
+                &json!({"major": "1", "minor": "32", "gitVersion": "v1.32.0-lb-lab"}),
             )
         }
         ("GET", "/healthz" | "/readyz" | "/livez") => return "ok".into_response(),
@@ -107,6 +113,11 @@ async fn handle(
             return json_response(200, &json!({}));
         }
         _ => {}
+    }
+    if method == Method::GET {
+        if let Some(r) = discovery_response(&headers, uri.path()) {
+            return r;
+        }
     }
     let Some(t) = parse_path(uri.path()) else {
         return error(&StoreError::NotFound(format!(
@@ -128,11 +139,17 @@ async fn handle(
             if matches!(q.get("watch").map(String::as_str), Some("true" | "1")) {
                 watch(store, t, selector, &q)
             } else {
-                list(&store, &t, selector.as_ref(), &q)
+                list(&store, &t, selector.as_ref(), &q, as_table(&headers))
             }
         }
         (Method::GET, Some(name)) => match store.get(t.kind, &ns, name) {
-            Ok(v) => json_response(200, &v),
+            Ok(v) => match as_table(&headers) {
+                Some(now) => {
+                    let rv = meta_str(&v, "resourceVersion").to_string();
+                    json_response(200, &printing::table(t.kind, &[v], &rv, now))
+                }
+                None => json_response(200, &v),
+            },
             Err(e) => error(&e),
         },
         (Method::POST, None) => match body_object(&body, &t) {
@@ -178,6 +195,20 @@ async fn handle(
     }
 }
 
+/// The discovery answer for `path`, in the form the Accept header asks for.
+fn discovery_response(headers: &HeaderMap, path: &str) -> Option<Response> {
+    let text = |h: header::HeaderName| headers.get(h).and_then(|v| v.to_str().ok());
+    let aggregated = discovery::wants_aggregated(text(header::ACCEPT).unwrap_or(""));
+    let server = text(header::HOST).unwrap_or("127.0.0.1");
+    let (body, aggregated) = discovery::answer(path, aggregated, server)?;
+    let content_type = if aggregated {
+        discovery::AGGREGATED
+    } else {
+        "application/json"
+    };
+    Some(([(header::CONTENT_TYPE, content_type)], body.to_string()).into_response())
+}
+
 /// RFC 7386: objects merge key by key, `null` removes, anything else replaces.
 fn merge_patch(target: &mut Value, patch: &Value) {
     let Value::Object(patch) = patch else {
@@ -210,11 +241,26 @@ fn body_object(body: &[u8], t: &Target) -> Result<Value, StoreError> {
     Ok(obj)
 }
 
+/// When the request asks for a Table (`kubectl get`): the time to print
+/// ages at, in seconds since the epoch.
+fn as_table(headers: &HeaderMap) -> Option<i64> {
+    let accept = headers.get(header::ACCEPT)?.to_str().ok()?;
+    if !printing::wants_table(accept) {
+        return None;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Some(i64::try_from(now).unwrap_or(i64::MAX))
+}
+
+/// A list, or its Table when `table` holds the time to print at.
 fn list(
     store: &Store,
     t: &Target,
     selector: Option<&LabelSelector>,
     q: &HashMap<String, String>,
+    table: Option<i64>,
 ) -> Response {
     let page = match page_request(q) {
         Ok(p) => p,
@@ -228,6 +274,11 @@ fn list(
     let mut metadata = json!({"resourceVersion": rv.to_string()});
     if let (true, Some(last)) = (more, items.last()) {
         metadata["continue"] = json!(continue_token(rv, last));
+    }
+    if let Some(now) = table {
+        let mut printed = printing::table(t.kind, &items, &rv.to_string(), now);
+        printed["metadata"] = metadata;
+        return json_response(200, &printed);
     }
     json_response(
         200,

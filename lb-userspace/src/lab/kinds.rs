@@ -68,6 +68,43 @@ impl Kind {
         !matches!(self, Kind::Namespace | Kind::Node)
     }
 
+    /// The singular resource name discovery gives (`kubectl get service`).
+    pub fn singular(self) -> String {
+        self.name().to_ascii_lowercase()
+    }
+
+    /// The short names kube-apiserver gives the kind (`kubectl get svc`).
+    pub fn short_names(self) -> &'static [&'static str] {
+        match self {
+            Kind::Namespace => &["ns"],
+            Kind::Node => &["no"],
+            Kind::Pod => &["po"],
+            Kind::Service => &["svc"],
+            Kind::EndpointSlice => &[],
+            Kind::NetworkPolicy => &["netpol"],
+            Kind::Deployment => &["deploy"],
+            Kind::ReplicaSet => &["rs"],
+            Kind::Event => &["ev"],
+        }
+    }
+
+    /// Category `all` (`kubectl get all`), as kube-apiserver puts these in it.
+    pub fn in_category_all(self) -> bool {
+        matches!(
+            self,
+            Kind::Pod | Kind::Service | Kind::Deployment | Kind::ReplicaSet
+        )
+    }
+
+    /// Whether the lab serves `.../NAME/status` for the kind as
+    /// kube-apiserver does (the lab's status writes go through it).
+    pub fn has_status(self) -> bool {
+        !matches!(
+            self,
+            Kind::EndpointSlice | Kind::NetworkPolicy | Kind::Event
+        )
+    }
+
     /// Finds a kind by apiVersion and kind (as in a manifest). events.k8s.io
     /// Events are stored with core Events.
     pub fn from_manifest(api_version: &str, kind: &str) -> Option<Kind> {

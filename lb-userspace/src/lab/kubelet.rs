@@ -295,9 +295,25 @@ impl Kubelet {
         let status = if ready { "True" } else { "False" };
         let now = now_rfc3339();
         cur["metadata"]["annotations"][NETNS_ANNOTATION] = json!(self.names.pod_ns(k));
+        // One status per container, as a kubelet reports them (`kubectl get
+        // pods` counts READY from these).
+        let containers: Vec<Value> = cur["spec"]["containers"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .map(|c| {
+                json!({
+                    "name": c["name"], "image": c["image"], "imageID": "", "containerID": "",
+                    "ready": ready, "started": true, "restartCount": 0,
+                    "state": {"running": {"startedAt": now}},
+                })
+            })
+            .collect();
         cur["status"] = json!({
             "phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}],
             "hostIP": net::node_ip(node).to_string(), "startTime": now,
+            "containerStatuses": containers,
             "conditions": [
                 {"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
                 {"type": "Initialized", "status": "True", "lastTransitionTime": now},
