@@ -76,6 +76,11 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root());
+    // A CI run builds once from a fresh clone: incremental state would only
+    // add gigabytes to its disk.
+    if std::env::var_os("CI").is_some() {
+        c.env("CARGO_INCREMENTAL", "0");
+    }
     c
 }
 
