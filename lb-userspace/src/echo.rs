@@ -67,6 +67,9 @@ pub async fn run(name: String, listen: Vec<Listen>, drain: Duration) -> Result<(
             }
         }
     }
+    // What `kubectl logs` of a lab pod shows (the kubelet sends stderr to
+    // the pod's log).
+    eprintln!("{name}: serving {listen:?}");
     // The kubelet waits for this line before it reports the pod ready.
     println!("ready");
     tokio::select! {

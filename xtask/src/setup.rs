@@ -42,7 +42,21 @@ fn works(cmd: &mut Command) -> bool {
 pub fn setup() -> Result<()> {
     nightly_with_rust_src()?;
     bpf_linker()?;
-    debian_packages()
+    debian_packages()?;
+    kubectl_present();
+    Ok(())
+}
+
+/// kubectl is not in Debian's packages nor in the registries these machines
+/// reach, so setup cannot install it; it says so, and the tests that drive
+/// the lab with kubectl (lab_api, lab_kubectl) fail naming it.
+fn kubectl_present() {
+    if !works(Command::new("kubectl").args(["version", "--client"])) {
+        eprintln!(
+            "setup: kubectl is not on the PATH: lab_api and lab_kubectl will fail. Install \
+             kubectl v1.32 (https://kubernetes.io/docs/tasks/tools/) and run again."
+        );
+    }
 }
 
 fn nightly_with_rust_src() -> Result<()> {

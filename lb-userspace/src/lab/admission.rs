@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use super::{
     kinds::Kind,
     store::{meta_str, Inner, StoreError},
+    validation,
 };
 
 pub const SERVICE_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 96, 0, 0), 16);
@@ -58,24 +59,9 @@ pub fn admit(
 /// as in a cluster. Semantic nonsense (port 70000, protocol "HTTP") passes,
 /// as far as the API's schema lets it: the agent must cope with that.
 fn well_typed(kind: Kind, obj: &Value) -> Result<(), StoreError> {
-    use k8s_openapi::api::networking::v1 as networking;
-    use k8s_openapi::api::{apps::v1 as apps, core::v1 as core, discovery::v1 as discovery};
-    fn check<T: serde::de::DeserializeOwned>(kind: Kind, obj: &Value) -> Result<(), StoreError> {
-        serde_json::from_value::<T>(obj.clone())
-            .map(drop)
-            .map_err(|e| StoreError::Invalid(format!("{} is not well-typed: {e}", kind.name())))
-    }
-    match kind {
-        Kind::Namespace => check::<core::Namespace>(kind, obj),
-        Kind::Node => check::<core::Node>(kind, obj),
-        Kind::Pod => check::<core::Pod>(kind, obj),
-        Kind::Service => check::<core::Service>(kind, obj),
-        Kind::EndpointSlice => check::<discovery::EndpointSlice>(kind, obj),
-        Kind::NetworkPolicy => check::<networking::NetworkPolicy>(kind, obj),
-        Kind::Deployment => check::<apps::Deployment>(kind, obj),
-        Kind::ReplicaSet => check::<apps::ReplicaSet>(kind, obj),
-        Kind::Event => Ok(()),
-    }
+    validation::decoded(kind, obj)
+        .map(drop)
+        .map_err(|e| StoreError::Invalid(format!("{} is not well-typed: {e}", kind.name())))
 }
 
 fn in_service_cidr(ip: Ipv4Addr) -> bool {

@@ -20,14 +20,26 @@ use tokio::sync::{broadcast::error::RecvError, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::{
-    discovery,
+    discovery, exec,
     kinds::Kind,
-    printing,
+    logs, openapi, printing,
+    selectors::Selectors,
     store::{meta_str, PageRequest, Store, StoreError},
+    writes::Write,
 };
 
 pub fn router(store: Store) -> Router {
-    Router::new().fallback(handle).with_state(store)
+    Router::new()
+        .route(
+            "/api/v1/namespaces/{ns}/pods/{name}/exec",
+            axum::routing::any(exec::handler),
+        )
+        .route(
+            "/api/v1/namespaces/{ns}/pods/{name}/log",
+            axum::routing::get(logs::handler),
+        )
+        .fallback(handle)
+        .with_state(store)
 }
 
 /// What a request path names.
@@ -36,6 +48,7 @@ struct Target {
     kind: Kind,
     namespace: Option<String>,
     name: Option<String>,
+    scale: bool,
 }
 
 fn parse_path(path: &str) -> Option<Target> {
@@ -51,15 +64,19 @@ fn parse_path(path: &str) -> Option<Target> {
         _ => return None,
     };
     let kind = Kind::from_path(&gv, rest.0)?;
-    let name = match rest.1 {
-        [] => None,
-        [name] | [name, "status"] => Some(name.to_string()),
+    // The status subresource takes whole objects here, as the lab's own
+    // controllers write them.
+    let (name, scale) = match rest.1 {
+        [] => (None, false),
+        [name] | [name, "status"] => (Some(name.to_string()), false),
+        [name, "scale"] => (Some(name.to_string()), true),
         _ => return None,
     };
     Some(Target {
         kind,
         namespace,
         name,
+        scale,
     })
 }
 
@@ -118,6 +135,9 @@ async fn handle(
         if let Some(r) = discovery_response(&headers, uri.path()) {
             return r;
         }
+        if let Some(doc) = openapi::answer(uri.path()) {
+            return json_response(200, &doc);
+        }
     }
     let Some(t) = parse_path(uri.path()) else {
         return error(&StoreError::NotFound(format!(
@@ -126,73 +146,72 @@ async fn handle(
         )));
     };
     let ns = t.namespace.clone().unwrap_or_default();
-    match (method, t.name.as_deref()) {
+    let write = Write {
+        kind: t.kind,
+        namespace: t.namespace.as_deref(),
+        query: &q,
+    };
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json");
+    let answer = match (method, t.name.as_deref()) {
         (Method::GET, None) => {
-            let selector = match q
-                .get("labelSelector")
-                .map(|s| LabelSelector::parse(s))
-                .transpose()
-            {
-                Ok(s) => s,
-                Err(e) => return error(&StoreError::Invalid(e)),
-            };
+            let selectors =
+                match Selectors::from_query(q.get("labelSelector"), q.get("fieldSelector")) {
+                    Ok(s) => s,
+                    Err(e) => return error(&StoreError::BadRequest(e)),
+                };
             if matches!(q.get("watch").map(String::as_str), Some("true" | "1")) {
-                watch(store, t, selector, &q)
-            } else {
-                list(&store, &t, selector.as_ref(), &q, as_table(&headers))
+                let table = as_table(&headers).is_some();
+                return watch(store, t, selectors, &q, table);
             }
+            return list(&store, &t, &selectors, &q, as_table(&headers));
         }
-        (Method::GET, Some(name)) => match store.get(t.kind, &ns, name) {
-            Ok(v) => match as_table(&headers) {
-                Some(now) => {
-                    let rv = meta_str(&v, "resourceVersion").to_string();
-                    json_response(200, &printing::table(t.kind, &[v], &rv, now))
-                }
-                None => json_response(200, &v),
-            },
-            Err(e) => error(&e),
-        },
-        (Method::POST, None) => match body_object(&body, &t) {
-            Ok(obj) => match store.create(t.kind, obj) {
-                Ok(v) => json_response(201, &v),
-                Err(e) => error(&e),
-            },
-            Err(e) => error(&e),
-        },
-        (Method::PUT, Some(name)) => match body_object(&body, &t) {
-            Ok(obj) if meta_str(&obj, "name") != name => {
-                error(&StoreError::Invalid("name in body and URL differ".into()))
-            }
-            Ok(obj) => match store.replace(t.kind, obj) {
-                Ok(v) => json_response(200, &v),
-                Err(e) => error(&e),
-            },
-            Err(e) => error(&e),
-        },
-        // JSON merge patch (RFC 7386), what kube's event recorder sends.
-        (Method::PATCH, Some(name)) => {
-            let patch: Value = match serde_json::from_slice(&body) {
-                Ok(p) => p,
-                Err(e) => return error(&StoreError::Invalid(format!("patch: {e}"))),
-            };
-            let merged = store.get(t.kind, &ns, name).map(|mut obj| {
-                merge_patch(&mut obj, &patch);
-                obj
-            });
-            match merged.and_then(|obj| store.replace(t.kind, obj)) {
-                Ok(v) => json_response(200, &v),
+        (Method::GET, Some(name)) if t.scale => write.get_scale(&store, name),
+        (Method::GET, Some(name)) => {
+            return match store.get(t.kind, &ns, name) {
+                Ok(v) => match as_table(&headers) {
+                    Some(now) => {
+                        let rv = meta_str(&v, "resourceVersion").to_string();
+                        json_response(200, &printing::table(t.kind, &[v], &rv, now))
+                    }
+                    None => json_response(200, &v),
+                },
                 Err(e) => error(&e),
             }
         }
-        (Method::DELETE, Some(name)) => match store.request_delete(t.kind, &ns, name) {
-            Ok(v) => json_response(200, &v),
-            Err(e) => error(&e),
-        },
-        (m, _) => json_response(
-            405,
-            &json!({"kind": "Status", "status": "Failure", "code": 405, "message": format!("method {m} not allowed")}),
-        ),
+        (Method::POST, None) => write.create(&store, &body),
+        (Method::PUT, Some(name)) if t.scale => write.write_scale(&store, name, None, &body),
+        (Method::PUT, Some(name)) => write.replace(&store, name, &body),
+        (Method::PATCH, Some(name)) if t.scale => {
+            write.write_scale(&store, name, Some(content_type), &body)
+        }
+        (Method::PATCH, Some(name)) => write.patch(&store, name, content_type, &body),
+        (Method::DELETE, Some(name)) => write.delete(&store, name, &body),
+        (m, _) => {
+            return json_response(
+                405,
+                &json!({"kind": "Status", "status": "Failure", "code": 405, "message": format!("method {m} not allowed")}),
+            )
+        }
+    };
+    match answer {
+        Ok((code, obj, warnings)) => with_warnings(json_response(code, &obj), &warnings),
+        Err(e) => error(&e),
     }
+}
+
+/// `Warning: 299 - "..."` headers, as kube-apiserver sends field
+/// validation warnings (kubectl prints them).
+fn with_warnings(mut r: Response, warnings: &[String]) -> Response {
+    for w in warnings {
+        let text = format!("299 - \"{}\"", w.replace('"', "'"));
+        if let Ok(v) = header::HeaderValue::from_str(&text) {
+            r.headers_mut().append(header::WARNING, v);
+        }
+    }
+    r
 }
 
 /// The discovery answer for `path`, in the form the Accept header asks for.
@@ -209,38 +228,6 @@ fn discovery_response(headers: &HeaderMap, path: &str) -> Option<Response> {
     Some(([(header::CONTENT_TYPE, content_type)], body.to_string()).into_response())
 }
 
-/// RFC 7386: objects merge key by key, `null` removes, anything else replaces.
-fn merge_patch(target: &mut Value, patch: &Value) {
-    let Value::Object(patch) = patch else {
-        *target = patch.clone();
-        return;
-    };
-    if !target.is_object() {
-        *target = json!({});
-    }
-    if let Value::Object(t) = target {
-        for (k, v) in patch {
-            if v.is_null() {
-                t.remove(k);
-            } else {
-                merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
-            }
-        }
-    }
-}
-
-fn body_object(body: &[u8], t: &Target) -> Result<Value, StoreError> {
-    let mut obj: Value = serde_json::from_slice(body)
-        .map_err(|e| StoreError::Invalid(format!("request body is not a JSON object: {e}")))?;
-    if let Some(ns) = &t.namespace {
-        if !obj["metadata"].is_object() {
-            obj["metadata"] = json!({});
-        }
-        obj["metadata"]["namespace"] = json!(ns);
-    }
-    Ok(obj)
-}
-
 /// When the request asks for a Table (`kubectl get`): the time to print
 /// ages at, in seconds since the epoch.
 fn as_table(headers: &HeaderMap) -> Option<i64> {
@@ -248,17 +235,21 @@ fn as_table(headers: &HeaderMap) -> Option<i64> {
     if !printing::wants_table(accept) {
         return None;
     }
+    Some(unix_now())
+}
+
+fn unix_now() -> i64 {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    Some(i64::try_from(now).unwrap_or(i64::MAX))
+    i64::try_from(now).unwrap_or(i64::MAX)
 }
 
 /// A list, or its Table when `table` holds the time to print at.
 fn list(
     store: &Store,
     t: &Target,
-    selector: Option<&LabelSelector>,
+    selectors: &Selectors,
     q: &HashMap<String, String>,
     table: Option<i64>,
 ) -> Response {
@@ -266,7 +257,7 @@ fn list(
         Ok(p) => p,
         Err(e) => return error(&StoreError::Invalid(e)),
     };
-    let keep = |o: &Value| selector.is_none_or(|s| s.matches(o));
+    let keep = |o: &Value| selectors.matches(o);
     let (items, more, rv) = match store.list_page(t.kind, t.namespace.as_deref(), &page, keep) {
         Ok(r) => r,
         Err(e) => return error(&e),
@@ -331,8 +322,9 @@ fn watch_event(event_type: &str, object: &Value) -> Bytes {
 fn watch(
     store: Store,
     t: Target,
-    selector: Option<LabelSelector>,
+    selectors: Selectors,
     q: &HashMap<String, String>,
+    table: bool,
 ) -> Response {
     let timeout = q
         .get("timeoutSeconds")
@@ -341,12 +333,25 @@ fn watch(
     let bookmarks = q.get("allowWatchBookmarks").is_some_and(|v| v == "true");
     let rv_param = q.get("resourceVersion").cloned().unwrap_or_default();
     let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(1024);
+    // `kubectl get -w` asks for Tables: each event's object is a Table of
+    // one row (kubectl prints the header once, while the columns stay).
+    let event = move |event_type: &str, obj: &Value| {
+        if !table {
+            return watch_event(event_type, obj);
+        }
+        let rv = meta_str(obj, "resourceVersion").to_string();
+        let now = unix_now();
+        watch_event(
+            event_type,
+            &printing::table(t.kind, std::slice::from_ref(obj), &rv, now),
+        )
+    };
     let wanted = move |kind: Kind, obj: &Value| {
         kind == t.kind
             && t.namespace
                 .as_deref()
                 .is_none_or(|ns| ns == meta_str(obj, "namespace"))
-            && selector.as_ref().is_none_or(|s| s.matches(obj))
+            && selectors.matches(obj)
     };
     tokio::spawn(async move {
         // "" or "0": start from the current state, sent as ADDED events.
@@ -376,16 +381,13 @@ fn watch(
             }
         };
         for (kind, obj) in &current {
-            if wanted(*kind, obj) && tx.send(Ok(watch_event("ADDED", obj))).await.is_err() {
+            if wanted(*kind, obj) && tx.send(Ok(event("ADDED", obj))).await.is_err() {
                 return;
             }
         }
         for ev in &backlog {
             if wanted(ev.kind, &ev.object)
-                && tx
-                    .send(Ok(watch_event(ev.event_type, &ev.object)))
-                    .await
-                    .is_err()
+                && tx.send(Ok(event(ev.event_type, &ev.object))).await.is_err()
             {
                 return;
             }
@@ -406,7 +408,7 @@ fn watch(
                 }
                 ev = events.recv() => match ev {
                     Ok(ev) => {
-                        if wanted(ev.kind, &ev.object) && tx.send(Ok(watch_event(ev.event_type, &ev.object))).await.is_err() {
+                        if wanted(ev.kind, &ev.object) && tx.send(Ok(event(ev.event_type, &ev.object))).await.is_err() {
                             return;
                         }
                     }
@@ -427,68 +429,9 @@ fn watch(
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-/// Equality-based label selectors: `a=b`, `a==b`, `a!=b`, `a`, `!a`.
-#[derive(Debug, Clone)]
-pub struct LabelSelector(Vec<(String, Op)>);
-
-#[derive(Debug, Clone)]
-enum Op {
-    Eq(String),
-    Ne(String),
-    Exists,
-    Absent,
-}
-
-impl LabelSelector {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let mut reqs = Vec::new();
-        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let req = if let Some((k, v)) = part.split_once("!=") {
-                (k.trim().to_string(), Op::Ne(v.trim().to_string()))
-            } else if let Some((k, v)) = part.split_once("==").or_else(|| part.split_once('=')) {
-                (k.trim().to_string(), Op::Eq(v.trim().to_string()))
-            } else if let Some(k) = part.strip_prefix('!') {
-                (k.trim().to_string(), Op::Absent)
-            } else if part.contains(' ') || part.contains('(') {
-                return Err(format!("unsupported label selector {part:?}"));
-            } else {
-                (part.to_string(), Op::Exists)
-            };
-            reqs.push(req);
-        }
-        Ok(Self(reqs))
-    }
-
-    pub fn matches(&self, obj: &Value) -> bool {
-        let labels = &obj["metadata"]["labels"];
-        self.0.iter().all(|(k, op)| {
-            let v = labels[k].as_str();
-            match op {
-                Op::Eq(want) => v == Some(want),
-                Op::Ne(want) => v != Some(want),
-                Op::Exists => v.is_some(),
-                Op::Absent => v.is_none(),
-            }
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn merge_patch_merges_objects_removes_nulls_replaces_the_rest() {
-        let mut obj = json!({"a": {"b": 1, "c": 2}, "d": [1], "e": "x"});
-        merge_patch(
-            &mut obj,
-            &json!({"a": {"b": 5, "c": null}, "d": [2, 3], "f": {"g": 1}}),
-        );
-        assert_eq!(
-            obj,
-            json!({"a": {"b": 5}, "d": [2, 3], "e": "x", "f": {"g": 1}})
-        );
-    }
 
     #[test]
     fn paths_name_kind_namespace_and_object() {
@@ -497,6 +440,7 @@ mod tests {
                 kind,
                 namespace: ns.map(str::to_string),
                 name: name.map(str::to_string),
+                scale: false,
             })
         };
         assert_eq!(parse_path("/api/v1/services"), t(Kind::Service, None, None));
@@ -524,27 +468,20 @@ mod tests {
             parse_path("/apis/apps/v1/namespaces/d/deployments/web/status"),
             t(Kind::Deployment, Some("d"), Some("web"))
         );
+        assert_eq!(
+            parse_path("/apis/apps/v1/namespaces/d/deployments/web/scale"),
+            Some(Target {
+                kind: Kind::Deployment,
+                namespace: Some("d".into()),
+                name: Some("web".into()),
+                scale: true,
+            })
+        );
+        assert_eq!(
+            parse_path("/api/v1/endpoints"),
+            t(Kind::Endpoints, None, None)
+        );
         assert_eq!(parse_path("/api/v2/services"), None);
         assert_eq!(parse_path("/nonsense"), None);
-    }
-
-    #[test]
-    fn label_selectors() {
-        let obj = json!({"metadata": {"labels": {"app": "web", "tier": "front"}}});
-        for (sel, want) in [
-            ("app=web", true),
-            ("app==web,tier", true),
-            ("app!=web", false),
-            ("!tier", false),
-            ("db", false),
-            ("", true),
-        ] {
-            assert_eq!(
-                LabelSelector::parse(sel).unwrap().matches(&obj),
-                want,
-                "{sel}"
-            );
-        }
-        assert!(LabelSelector::parse("app in (a,b)").is_err());
     }
 }

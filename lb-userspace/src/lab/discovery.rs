@@ -38,6 +38,7 @@ static GROUPS: [GroupVersion; 5] = [
             Kind::Node,
             Kind::Pod,
             Kind::Service,
+            Kind::Endpoints,
             Kind::Event,
         ],
     },
@@ -110,6 +111,11 @@ pub fn answer(path: &str, aggregated: bool, server: &str) -> Option<(Value, bool
     }
 }
 
+/// Every group version the lab serves: (group, version, kinds).
+pub fn served() -> impl Iterator<Item = (&'static str, &'static str, &'static [Kind])> {
+    GROUPS.iter().map(|gv| (gv.group, gv.version, gv.kinds))
+}
+
 fn find(group: &str, version: &str) -> Option<&'static GroupVersion> {
     GROUPS
         .iter()
@@ -179,6 +185,17 @@ fn resource_list(gv: &GroupVersion) -> Value {
                 "verbs": ["get", "patch", "update"],
             }));
         }
+        if kind.has_scale() {
+            resources.push(json!({
+                "name": format!("{}/scale", kind.plural()),
+                "singularName": "",
+                "namespaced": kind.namespaced(),
+                "group": "autoscaling",
+                "version": "v1",
+                "kind": "Scale",
+                "verbs": ["get", "patch", "update"],
+            }));
+        }
     }
     json!({
         "kind": "APIResourceList",
@@ -225,12 +242,23 @@ fn discovered(gv: &GroupVersion, kind: Kind) -> Value {
             r["categories"] = json!(["all"]);
         }
     }
+    let mut subresources = Vec::new();
     if kind.has_status() {
-        r["subresources"] = json!([{
+        subresources.push(json!({
             "subresource": "status",
             "responseKind": response_kind,
             "verbs": ["get", "patch", "update"],
-        }]);
+        }));
+    }
+    if kind.has_scale() {
+        subresources.push(json!({
+            "subresource": "scale",
+            "responseKind": {"group": "autoscaling", "version": "v1", "kind": "Scale"},
+            "verbs": ["get", "patch", "update"],
+        }));
+    }
+    if !subresources.is_empty() {
+        r["subresources"] = json!(subresources);
     }
     r
 }

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 
 use super::{
+    endpoints_v1,
     kinds::Kind,
     objects::{is_terminating, labels_match, owner_ref, pod_ready, short_hash},
     store::{meta_str, Store},
@@ -105,6 +106,7 @@ pub fn reconcile(store: &Store) {
     let (pods, _) = store.list(Kind::Pod, None);
     let (slices, _) = store.list(Kind::EndpointSlice, None);
     let mut wanted: BTreeMap<(String, String), Value> = BTreeMap::new();
+    let mut by_service: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
     for svc in &services {
         let selector = &svc["spec"]["selector"];
         if selector.as_object().is_none_or(|s| s.is_empty())
@@ -112,10 +114,26 @@ pub fn reconcile(store: &Store) {
         {
             continue;
         }
+        let ns = meta_str(svc, "namespace").to_string();
+        let names = by_service
+            .entry((ns.clone(), meta_str(svc, "name").to_string()))
+            .or_default();
         for (name, slice) in desired_slices(svc, &pods) {
-            wanted.insert((meta_str(svc, "namespace").to_string(), name), slice);
+            names.push(name.clone());
+            wanted.insert((ns.clone(), name), slice);
         }
     }
+    let slices_of_service = by_service
+        .into_iter()
+        .map(|((ns, svc), names)| {
+            let slices = names
+                .into_iter()
+                .filter_map(|n| wanted.get(&(ns.clone(), n)))
+                .collect();
+            ((ns, svc), slices)
+        })
+        .collect();
+    endpoints_v1::reconcile(store, &services, &slices_of_service);
     let mut existing: BTreeMap<(String, String), &Value> = BTreeMap::new();
     for s in slices
         .iter()

@@ -6,6 +6,7 @@ pub enum Kind {
     Node,
     Pod,
     Service,
+    Endpoints,
     EndpointSlice,
     NetworkPolicy,
     Deployment,
@@ -14,11 +15,12 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Namespace,
         Kind::Node,
         Kind::Pod,
         Kind::Service,
+        Kind::Endpoints,
         Kind::EndpointSlice,
         Kind::NetworkPolicy,
         Kind::Deployment,
@@ -32,6 +34,7 @@ impl Kind {
             Kind::Node => "Node",
             Kind::Pod => "Pod",
             Kind::Service => "Service",
+            Kind::Endpoints => "Endpoints",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::NetworkPolicy => "NetworkPolicy",
             Kind::Deployment => "Deployment",
@@ -46,6 +49,7 @@ impl Kind {
             Kind::Node => "nodes",
             Kind::Pod => "pods",
             Kind::Service => "services",
+            Kind::Endpoints => "endpoints",
             Kind::EndpointSlice => "endpointslices",
             Kind::NetworkPolicy => "networkpolicies",
             Kind::Deployment => "deployments",
@@ -57,7 +61,12 @@ impl Kind {
     /// `apiVersion` as written in objects.
     pub fn api_version(self) -> &'static str {
         match self {
-            Kind::Namespace | Kind::Node | Kind::Pod | Kind::Service | Kind::Event => "v1",
+            Kind::Namespace
+            | Kind::Node
+            | Kind::Pod
+            | Kind::Service
+            | Kind::Endpoints
+            | Kind::Event => "v1",
             Kind::EndpointSlice => "discovery.k8s.io/v1",
             Kind::NetworkPolicy => "networking.k8s.io/v1",
             Kind::Deployment | Kind::ReplicaSet => "apps/v1",
@@ -80,6 +89,7 @@ impl Kind {
             Kind::Node => &["no"],
             Kind::Pod => &["po"],
             Kind::Service => &["svc"],
+            Kind::Endpoints => &["ep"],
             Kind::EndpointSlice => &[],
             Kind::NetworkPolicy => &["netpol"],
             Kind::Deployment => &["deploy"],
@@ -101,8 +111,14 @@ impl Kind {
     pub fn has_status(self) -> bool {
         !matches!(
             self,
-            Kind::EndpointSlice | Kind::NetworkPolicy | Kind::Event
+            Kind::Endpoints | Kind::EndpointSlice | Kind::NetworkPolicy | Kind::Event
         )
+    }
+
+    /// Whether the lab serves `.../NAME/scale` (autoscaling/v1 Scale), as
+    /// `kubectl scale` uses.
+    pub fn has_scale(self) -> bool {
+        matches!(self, Kind::Deployment | Kind::ReplicaSet)
     }
 
     /// Finds a kind by apiVersion and kind (as in a manifest). events.k8s.io

@@ -26,6 +26,8 @@ use crate::netns;
 
 /// Annotation naming the pod's network namespace (read by `lb lab exec`).
 pub const NETNS_ANNOTATION: &str = "lab.lb.dev/netns";
+/// Where the pod's output goes: what `kubectl logs` reads.
+pub const LOG_ANNOTATION: &str = "lab.lb.dev/log";
 /// How long a terminating pod may take before it is killed.
 const MAX_GRACE: Duration = Duration::from_secs(10);
 
@@ -251,11 +253,7 @@ impl Kubelet {
                 listen.push(format!("{proto}:{port}"));
             }
         }
-        let log = std::fs::File::create(self.log_dir.join(format!(
-            "pod-{}-{}.log",
-            meta_str(pod, "namespace"),
-            meta_str(pod, "name")
-        )))?;
+        let log = std::fs::File::create(self.pod_log(pod))?;
         let mut cmd = netns::command_in(&self.names.pod_ns(k), &self.lb_binary, true)?;
         cmd.arg("echo").arg("--name").arg(meta_str(pod, "name"));
         for l in &listen {
@@ -282,6 +280,14 @@ impl Kubelet {
         }
     }
 
+    fn pod_log(&self, pod: &Value) -> PathBuf {
+        self.log_dir.join(format!(
+            "pod-{}-{}.log",
+            meta_str(pod, "namespace"),
+            meta_str(pod, "name")
+        ))
+    }
+
     fn set_status(&self, pod: &Value, node: usize, ip: Ipv4Addr, ready: bool, k: u32) {
         let Ok(mut cur) =
             self.store
@@ -295,6 +301,8 @@ impl Kubelet {
         let status = if ready { "True" } else { "False" };
         let now = now_rfc3339();
         cur["metadata"]["annotations"][NETNS_ANNOTATION] = json!(self.names.pod_ns(k));
+        cur["metadata"]["annotations"][LOG_ANNOTATION] =
+            json!(self.pod_log(pod).display().to_string());
         // One status per container, as a kubelet reports them (`kubectl get
         // pods` counts READY from these).
         let containers: Vec<Value> = cur["spec"]["containers"]

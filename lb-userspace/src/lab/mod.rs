@@ -7,15 +7,24 @@ pub mod cloud;
 pub mod demo;
 pub mod discovery;
 pub mod endpoints;
+pub mod endpoints_v1;
+pub mod exec;
+pub mod gc;
 pub mod kinds;
 pub mod kubelet;
+pub mod logs;
 pub mod manifests;
 pub mod net;
 pub mod objects;
+pub mod openapi;
+pub mod patch;
 pub mod printing;
 pub mod rollout;
+pub mod selectors;
 pub mod store;
+pub mod validation;
 pub mod workloads;
+pub mod writes;
 
 use std::{
     path::{Path, PathBuf},
@@ -493,6 +502,7 @@ async fn controllers(store: Store, kubelet: Kubelet) {
         if changed {
             endpoints::reconcile(&store);
             cloud::reconcile(&store);
+            gc::reconcile(&store);
         }
     }
 }

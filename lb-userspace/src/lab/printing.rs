@@ -54,6 +54,7 @@ fn columns(kind: Kind) -> Vec<Column> {
             wide("Nominated Node"),
             wide("Readiness Gates"),
         ],
+        Kind::Endpoints => vec![NAME, s("Endpoints"), AGE],
         Kind::EndpointSlice => vec![NAME, s("AddressType"), s("Ports"), s("Endpoints"), AGE],
         Kind::NetworkPolicy => vec![NAME, s("Pod-Selector"), AGE],
         Kind::Deployment => vec![
@@ -135,6 +136,7 @@ fn cells(kind: Kind, o: &Value, now: i64) -> Vec<Value> {
     match kind {
         Kind::Service => service_cells(o, name, age),
         Kind::Pod => pod_cells(o, name, age),
+        Kind::Endpoints => vec![name, json!(endpoints_addresses(o)), age],
         Kind::EndpointSlice => vec![
             name,
             json!(text_or(&o["addressType"], "<unset>")),
@@ -341,6 +343,27 @@ fn slice_addresses(o: &Value) -> String {
     at_most_three(&addrs, "<unset>")
 }
 
+/// `ip:port` for every port of every subset (`ip` alone in a subset
+/// without ports), as `formatEndpoints` prints them.
+fn endpoints_addresses(o: &Value) -> String {
+    let mut shown = Vec::new();
+    for subset in list(&o["subsets"]) {
+        let ips: Vec<String> = list(&subset["addresses"])
+            .iter()
+            .map(|a| text_or(&a["ip"], "").to_string())
+            .collect();
+        let ports = list(&subset["ports"]);
+        if ports.is_empty() {
+            shown.extend(ips);
+            continue;
+        }
+        for port in ports {
+            shown.extend(ips.iter().map(|ip| format!("{ip}:{}", int(&port["port"]))));
+        }
+    }
+    at_most_three(&shown, "<none>")
+}
+
 /// The first three, then `" + N more..."`, as kube-apiserver shortens
 /// endpoint lists.
 fn at_most_three(items: &[String], empty: &str) -> String {
@@ -357,7 +380,7 @@ fn at_most_three(items: &[String], empty: &str) -> String {
 /// A label selector as `metav1.FormatLabelSelector` writes it: `<none>`
 /// for the empty one; `k=v` pairs and `key in (a,b)` expressions, sorted
 /// by key as the selector's requirements are.
-fn selector(sel: &Value) -> String {
+pub fn selector(sel: &Value) -> String {
     let mut parts: Vec<(String, String)> = Vec::new();
     if let Some(labels) = sel["matchLabels"].as_object() {
         for (k, v) in labels {

@@ -271,3 +271,25 @@ fn every_kind_has_a_cell_per_column_and_rows_carry_metadata() {
         assert_eq!(t["rows"][0]["object"]["kind"], "PartialObjectMetadata");
     }
 }
+
+#[test]
+fn endpoints_print_ip_port_pairs_the_first_three_then_a_count() {
+    let ep = json!({
+        "metadata": {"name": "web", "creationTimestamp": CREATED},
+        "subsets": [{"addresses": [{"ip": "10.244.1.2"}, {"ip": "10.244.2.2"}],
+                     "ports": [{"name": "http", "port": 8080}, {"name": "metrics", "port": 9090}]}],
+    });
+    assert_eq!(
+        strings_of(&row(Kind::Endpoints, ep)),
+        [
+            "web",
+            "10.244.1.2:8080,10.244.2.2:8080,10.244.1.2:9090 + 1 more...",
+            "5m"
+        ]
+    );
+    let empty = json!({"metadata": {"name": "none", "creationTimestamp": CREATED}});
+    assert_eq!(
+        strings_of(&row(Kind::Endpoints, empty)),
+        ["none", "<none>", "5m"]
+    );
+}

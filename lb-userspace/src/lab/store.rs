@@ -33,6 +33,12 @@ pub enum StoreError {
     AlreadyExists(String),
     #[error("{0}")]
     Invalid(String),
+    /// A request the server cannot read (400), as opposed to an object it
+    /// read and refuses (Invalid, 422).
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    UnsupportedMedia(String),
     #[error("resourceVersion {0} is too old")]
     Gone(u64),
     #[error("the object has been modified; please apply your changes to the latest version")]
@@ -45,6 +51,8 @@ impl StoreError {
             StoreError::NotFound(_) => 404,
             StoreError::AlreadyExists(_) | StoreError::Conflict => 409,
             StoreError::Invalid(_) => 422,
+            StoreError::BadRequest(_) => 400,
+            StoreError::UnsupportedMedia(_) => 415,
             StoreError::Gone(_) => 410,
         }
     }
@@ -55,6 +63,8 @@ impl StoreError {
             StoreError::AlreadyExists(_) => "AlreadyExists",
             StoreError::Conflict => "Conflict",
             StoreError::Invalid(_) => "Invalid",
+            StoreError::BadRequest(_) => "BadRequest",
+            StoreError::UnsupportedMedia(_) => "UnsupportedMediaType",
             StoreError::Gone(_) => "Expired",
         }
     }
