@@ -44,9 +44,21 @@ impl Kubectl {
 
     /// kubectl with `input` on its stdin.
     async fn try_run_with_input(&self, args: &[&str], input: &str) -> Run {
-        let mut cmd = Command::new("kubectl");
-        cmd.args(args)
-            .env("KUBECONFIG", &self.kubeconfig)
+        self.spawn(Command::new("kubectl").args(args), input).await
+    }
+
+    /// What `kubectl get -w ARGS` prints in its first `secs` seconds.
+    async fn watch(&self, args: &[&str], secs: u32) -> String {
+        let mut cmd = Command::new("timeout");
+        cmd.arg(secs.to_string())
+            .args(["kubectl", "get", "-w"])
+            .args(args);
+        self.spawn(&mut cmd, "").await.stdout
+    }
+
+    async fn spawn(&self, cmd: &mut Command, input: &str) -> Run {
+        let mut cmd = std::mem::replace(cmd, Command::new("true"));
+        cmd.env("KUBECONFIG", &self.kubeconfig)
             .env("HOME", &self.home)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())

@@ -90,7 +90,7 @@ fn json_response(code: u16, v: &Value) -> Response {
         .into_response()
 }
 
-fn error(e: &StoreError) -> Response {
+pub(super) fn error(e: &StoreError) -> Response {
     json_response(e.code(), &e.status())
 }
 

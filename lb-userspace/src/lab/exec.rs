@@ -18,7 +18,7 @@ use axum::{
         Path, State,
     },
     http::Uri,
-    response::{IntoResponse, Response},
+    response::Response,
 };
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -28,6 +28,7 @@ use tokio::{
 };
 
 use super::{
+    apiserver::error,
     kinds::Kind,
     store::{Store, StoreError},
 };
@@ -60,12 +61,6 @@ impl ExecRequest {
         }
         Ok(r)
     }
-}
-
-fn error(e: &StoreError) -> Response {
-    let code = axum::http::StatusCode::from_u16(e.code())
-        .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
-    (code, e.status().to_string()).into_response()
 }
 
 pub async fn handler(

@@ -4,12 +4,13 @@
 
 use axum::{
     extract::{Path, Query, State},
-    http::{header, StatusCode},
+    http::header,
     response::{IntoResponse, Response},
 };
 use std::collections::HashMap;
 
 use super::{
+    apiserver::error,
     kinds::Kind,
     kubelet::LOG_ANNOTATION,
     store::{Store, StoreError},
@@ -26,16 +27,6 @@ pub fn tail(text: &str, n: Option<usize>) -> &str {
         Some((at, _)) => &text[at + 1..],
         None => text,
     }
-}
-
-fn error(e: &StoreError) -> Response {
-    let code = StatusCode::from_u16(e.code()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (
-        code,
-        [(header::CONTENT_TYPE, "application/json")],
-        e.status().to_string(),
-    )
-        .into_response()
 }
 
 pub async fn handler(
