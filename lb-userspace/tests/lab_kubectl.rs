@@ -247,6 +247,21 @@ async fn the_tutorials_kubectl_commands_work_against_the_lab() {
         ])
         .await;
     assert_eq!(by_label.trim(), "deployment.apps/example-2");
+    // get -w: the list's Table, then a row per change from the watch's
+    // Tables (the annotation below), the header once.
+    let (watched, _) = tokio::join!(k.watch(&["deploy"], 4), async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        k.run(&["annotate", "deploy", "example-2", "watched=yes"])
+            .await
+    });
+    let watched = rows(&watched);
+    assert_eq!(watched[0][..2], ["NAME", "READY"], "{watched:?}");
+    assert!(watched.len() >= 3, "a row from the watch: {watched:?}");
+    assert_eq!(watched.iter().filter(|r| r[0] == "NAME").count(), 1);
+    assert!(
+        watched[1..].iter().all(|r| r[..2] == ["example-2", "4/4"]),
+        "{watched:?}"
+    );
     let scaled = k
         .run(&["scale", "deploy", "example-2", "--replicas=2"])
         .await;
