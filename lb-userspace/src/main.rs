@@ -133,6 +133,15 @@ enum LabCommand {
         #[arg(long, default_value = "lb")]
         prefix: String,
     },
+    /// The lab's cluster DNS server, as the kube-dns pod runs it.
+    #[command(hide = true)]
+    Dns {
+        /// The pod's network namespace, where it answers on port 53.
+        #[arg(long)]
+        netns: String,
+        #[arg(long)]
+        kubeconfig: PathBuf,
+    },
     /// Run a command inside a pod's network namespace: `lb lab exec NS/POD -- CMD...`.
     Exec {
         pod: String,
@@ -285,6 +294,8 @@ fn main() -> Result<()> {
                 prefix,
                 command,
             } => lab_exec(&pod, &prefix, &command),
+            LabCommand::Dns { netns, kubeconfig } => tokio::runtime::Runtime::new()?
+                .block_on(lb::lab::dns_server::run(netns, kubeconfig)),
         },
     }
 }
@@ -349,7 +360,7 @@ fn lab_exec(pod: &str, prefix: &str, command: &[String]) -> Result<()> {
         lab::pod_netns(&serde_json::to_value(&pod)?)
     })?;
     let (program, args) = command.split_first().context("no command given")?;
-    let status = lb::netns::command_in(&netns, program, false)?
+    let status = lb::netns::command_in_pod(&netns, program)?
         .args(args)
         .status()
         .with_context(|| format!("running {program}"))?;

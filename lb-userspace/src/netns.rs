@@ -43,6 +43,69 @@ pub fn command_in(
     Ok(cmd)
 }
 
+/// `/etc/netns/NAME`: files `ip netns exec` binds over `/etc` (resolv.conf).
+pub fn etc_dir(name: &str) -> PathBuf {
+    PathBuf::from("/etc/netns").join(name)
+}
+
+/// `command_in` for a pod's command (`lb lab exec`, `kubectl exec`): also in
+/// a mount namespace of its own where the pod's resolv.conf, if it has one,
+/// is bound over /etc/resolv.conf, as `ip netns exec` does, so names resolve
+/// through cluster DNS. Nothing else is remounted (/sys/fs/bpf stays).
+pub fn command_in_pod(name: &str, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+    let mut cmd = command_in(name, program, false)?;
+    let resolv = etc_dir(name).join("resolv.conf");
+    if resolv.exists() {
+        let source = std::ffi::CString::new(resolv.as_os_str().as_encoded_bytes())
+            .context("resolv.conf path")?;
+        // SAFETY: only async-signal-safe calls (unshare, mount) between fork
+        // and exec, on strings made before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                let ok = |r: libc::c_int| {
+                    if r == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                };
+                ok(libc::unshare(libc::CLONE_NEWNS))?;
+                // Our mounts must not propagate back to the machine's.
+                ok(libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_SLAVE,
+                    std::ptr::null(),
+                ))?;
+                ok(libc::mount(
+                    source.as_ptr(),
+                    c"/etc/resolv.conf".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ))
+            });
+        }
+    }
+    Ok(cmd)
+}
+
+/// A command on the host that gets SIGKILL when this process dies.
+pub fn host_command_dying_with_parent(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    // SAFETY: prctl is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
 /// Runs `f` on a new thread that has entered network namespace `name`;
 /// sockets created there stay in that namespace.
 pub fn run_in<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {

@@ -364,6 +364,18 @@ async fn the_tutorials_kubectl_commands_work_against_the_lab() {
         names.iter().any(|n| answer.contains(n.as_str())),
         "{answer}"
     );
+    // Cluster DNS: by the Service's name through the pod's search path, and
+    // by its FQDN (both through kube-dns, itself a Service lb balances).
+    for host in ["ex2-internal", "ex2-internal.default.svc.cluster.local"] {
+        let url = format!("http://{host}:8080/");
+        let answer = k
+            .run(&["exec", &client, "--", "curl", "-s", "--max-time", "5", &url])
+            .await;
+        assert!(
+            names.iter().any(|n| answer.contains(n.as_str())),
+            "{url}: {answer}"
+        );
+    }
     let failed = k
         .try_run(&["exec", &client, "--", "sh", "-c", "echo oops >&2; exit 3"])
         .await;

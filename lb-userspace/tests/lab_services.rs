@@ -118,6 +118,9 @@ async fn headless_and_external_name_services_get_no_frontend() {
         (common::vip(&lab, "solo", 80), PROTO_TCP),
         (common::vip(&lab, "sticky", 80), PROTO_TCP),
         (common::vip(&lab, "node-local", 80), PROTO_TCP),
+        // Cluster DNS, which every lab has as every kind cluster has.
+        (SocketAddr::new(lb::lab::dns::DNS_IP.into(), 53), PROTO_UDP),
+        (SocketAddr::new(lb::lab::dns::DNS_IP.into(), 53), PROTO_TCP),
     ];
     want.sort();
     assert_eq!(

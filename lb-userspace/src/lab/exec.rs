@@ -130,7 +130,7 @@ async fn pump(mut from: impl AsyncRead + Unpin, channel: u8, out: mpsc::Sender<M
 
 async fn run(socket: WebSocket, netns: String, request: ExecRequest) {
     let (mut sink, mut stream) = socket.split();
-    let spawned = crate::netns::command_in(&netns, &request.command[0], true).and_then(|mut c| {
+    let spawned = crate::netns::command_in_pod(&netns, &request.command[0]).and_then(|mut c| {
         c.args(&request.command[1..])
             .stdin(if request.stdin {
                 Stdio::piped()

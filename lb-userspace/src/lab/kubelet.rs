@@ -60,6 +60,8 @@ pub struct Kubelet {
     nodes: Vec<String>,
     lb_binary: PathBuf,
     log_dir: PathBuf,
+    /// The lab's kubeconfig, for the cluster DNS pod.
+    kubeconfig: PathBuf,
     state: Arc<Mutex<State>>,
     /// Agents run: a pod is ready only once its veth carries the programs,
     /// as a CNI plugin returns only when the pod's network is complete.
@@ -74,6 +76,7 @@ impl Kubelet {
         nodes: Vec<String>,
         lb_binary: PathBuf,
         log_dir: PathBuf,
+        kubeconfig: PathBuf,
     ) -> Self {
         Self {
             store,
@@ -81,6 +84,7 @@ impl Kubelet {
             nodes,
             lb_binary,
             log_dir,
+            kubeconfig,
             state: Arc::default(),
             wait_for_datapath: false,
         }
@@ -243,22 +247,24 @@ impl Kubelet {
         if self.wait_for_datapath {
             self.wait_for_programs(node, &self.names.host_veth(k)).await;
         }
-        let mut listen = Vec::new();
-        for c in pod["spec"]["containers"].as_array().into_iter().flatten() {
-            for p in c["ports"].as_array().into_iter().flatten() {
-                let port = p["containerPort"]
-                    .as_i64()
-                    .context("containerPort missing")?;
-                let proto = p["protocol"].as_str().unwrap_or("TCP").to_ascii_lowercase();
-                listen.push(format!("{proto}:{port}"));
-            }
-        }
+        net::write_resolv_conf(&self.names.pod_ns(k), meta_str(pod, "namespace"))?;
         let log = std::fs::File::create(self.pod_log(pod))?;
-        let mut cmd = netns::command_in(&self.names.pod_ns(k), &self.lb_binary, true)?;
-        cmd.arg("echo").arg("--name").arg(meta_str(pod, "name"));
-        for l in &listen {
-            cmd.arg("--listen").arg(l);
-        }
+        let mut cmd = if super::cluster_dns::is_dns_pod(pod) {
+            // The DNS server watches the API from the host and answers in
+            // the pod's namespace (`dns_server.rs`).
+            let mut cmd = netns::host_command_dying_with_parent(&self.lb_binary);
+            cmd.args([
+                "lab",
+                "dns",
+                "--netns",
+                &self.names.pod_ns(k),
+                "--kubeconfig",
+            ])
+            .arg(&self.kubeconfig);
+            cmd
+        } else {
+            self.echo_command(pod, k)?
+        };
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(log)
@@ -278,6 +284,22 @@ impl Kubelet {
                 bail!("echo server did not become ready: {other:?}")
             }
         }
+    }
+
+    /// `lb echo` in the pod's namespace, answering on every containerPort.
+    fn echo_command(&self, pod: &Value, k: u32) -> Result<std::process::Command> {
+        let mut cmd = netns::command_in(&self.names.pod_ns(k), &self.lb_binary, true)?;
+        cmd.arg("echo").arg("--name").arg(meta_str(pod, "name"));
+        for c in pod["spec"]["containers"].as_array().into_iter().flatten() {
+            for p in c["ports"].as_array().into_iter().flatten() {
+                let port = p["containerPort"]
+                    .as_i64()
+                    .context("containerPort missing")?;
+                let proto = p["protocol"].as_str().unwrap_or("TCP").to_ascii_lowercase();
+                cmd.arg("--listen").arg(format!("{proto}:{port}"));
+            }
+        }
+        Ok(cmd)
     }
 
     fn pod_log(&self, pod: &Value) -> PathBuf {

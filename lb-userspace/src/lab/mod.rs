@@ -4,8 +4,11 @@
 pub mod admission;
 pub mod apiserver;
 pub mod cloud;
+pub mod cluster_dns;
 pub mod demo;
 pub mod discovery;
+pub mod dns;
+pub mod dns_server;
 pub mod endpoints;
 pub mod endpoints_v1;
 pub mod exec;
@@ -138,6 +141,7 @@ impl Lab {
             node_names,
             cfg.lb_binary.clone(),
             dir.join("logs"),
+            dir.join("kubeconfig"),
         );
         kubelet.wait_for_datapath = cfg.agents;
         let mut lab = Lab {
@@ -178,6 +182,7 @@ impl Lab {
         )?;
         lab.tasks
             .push(tokio::spawn(controllers(store.clone(), kubelet)));
+        cluster_dns::install(&store)?;
         if let Some(m) = &cfg.manifests {
             manifests::apply(&store, manifests::load(m)?)?;
         }

@@ -267,7 +267,25 @@ pub async fn create_pod(n: &Names, node: usize, k: u32, pod_ip: Ipv4Addr) -> Res
 
 /// Removes a pod's namespace (its veth goes with it).
 pub async fn delete_pod(n: &Names, k: u32) -> Result<()> {
+    let _ = std::fs::remove_dir_all(crate::netns::etc_dir(&n.pod_ns(k)));
     ip(&["netns", "del", &n.pod_ns(k)]).await
+}
+
+/// The pod's resolv.conf, where `ip netns exec` (and `lb lab exec`,
+/// `kubectl exec`) bind it over /etc/resolv.conf: cluster DNS with the
+/// search path of a pod in namespace `namespace`, as the kubelet writes it.
+pub fn write_resolv_conf(netns: &str, namespace: &str) -> Result<()> {
+    let dir = crate::netns::etc_dir(netns);
+    std::fs::create_dir_all(&dir)?;
+    let d = super::dns::DOMAIN;
+    std::fs::write(
+        dir.join("resolv.conf"),
+        format!(
+            "search {namespace}.svc.{d} svc.{d} {d}\nnameserver {}\noptions ndots:5\n",
+            super::dns::DNS_IP
+        ),
+    )?;
+    Ok(())
 }
 
 /// Every namespace of the lab with this prefix (also those of a lab that died).
@@ -303,5 +321,6 @@ pub fn destroy(prefix: &str) {
         let _ = std::process::Command::new("ip")
             .args(["netns", "del", &ns])
             .status();
+        let _ = std::fs::remove_dir_all(crate::netns::etc_dir(&ns));
     }
 }
