@@ -15,7 +15,7 @@ use super::{
 
 pub const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
 const CONTROLLER: &str = "endpointslice-controller.lb-lab";
-const SERVICE_NAME: &str = "kubernetes.io/service-name";
+pub const SERVICE_NAME: &str = "kubernetes.io/service-name";
 
 /// The number a Service port's targetPort means for this pod, if any.
 fn resolve_target_port(svc_port: &Value, pod: &Value) -> Option<i64> {
@@ -106,7 +106,6 @@ pub fn reconcile(store: &Store) {
     let (pods, _) = store.list(Kind::Pod, None);
     let (slices, _) = store.list(Kind::EndpointSlice, None);
     let mut wanted: BTreeMap<(String, String), Value> = BTreeMap::new();
-    let mut by_service: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
     for svc in &services {
         let selector = &svc["spec"]["selector"];
         if selector.as_object().is_none_or(|s| s.is_empty())
@@ -114,26 +113,11 @@ pub fn reconcile(store: &Store) {
         {
             continue;
         }
-        let ns = meta_str(svc, "namespace").to_string();
-        let names = by_service
-            .entry((ns.clone(), meta_str(svc, "name").to_string()))
-            .or_default();
         for (name, slice) in desired_slices(svc, &pods) {
-            names.push(name.clone());
-            wanted.insert((ns.clone(), name), slice);
+            wanted.insert((meta_str(svc, "namespace").to_string(), name), slice);
         }
     }
-    let slices_of_service = by_service
-        .into_iter()
-        .map(|((ns, svc), names)| {
-            let slices = names
-                .into_iter()
-                .filter_map(|n| wanted.get(&(ns.clone(), n)))
-                .collect();
-            ((ns, svc), slices)
-        })
-        .collect();
-    endpoints_v1::reconcile(store, &services, &slices_of_service);
+    endpoints_v1::reconcile(store, &services, wanted.values());
     let mut existing: BTreeMap<(String, String), &Value> = BTreeMap::new();
     for s in slices
         .iter()

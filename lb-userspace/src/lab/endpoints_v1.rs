@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 
 use super::{
+    endpoints::SERVICE_NAME,
     kinds::Kind,
     store::{meta_str, Store},
 };
@@ -63,22 +64,28 @@ pub fn endpoints_for(svc: &Value, slices: &[&Value]) -> Value {
     ep
 }
 
-/// Writes the Endpoints of every Service in `services` (those with a
-/// selector) from `slices`, keyed by (namespace, service name), and deletes
-/// Endpoints whose Service is gone. Endpoints of Services without a
+/// Writes the Endpoints of every Service that has slices among `slices`
+/// (the slice controller's, which cover every Service with a selector), and
+/// deletes Endpoints whose Service is gone. Endpoints of Services without a
 /// selector are the user's, as in Kubernetes.
-pub fn reconcile(
-    store: &Store,
-    services: &[Value],
-    slices: &BTreeMap<(String, String), Vec<&Value>>,
-) {
+pub fn reconcile<'a>(store: &Store, services: &[Value], slices: impl Iterator<Item = &'a Value>) {
+    let mut by_service: BTreeMap<(String, String), Vec<&Value>> = BTreeMap::new();
+    for slice in slices {
+        let svc = slice["metadata"]["labels"][SERVICE_NAME]
+            .as_str()
+            .unwrap_or("");
+        by_service
+            .entry((meta_str(slice, "namespace").to_string(), svc.to_string()))
+            .or_default()
+            .push(slice);
+    }
     let (existing, _) = store.list(Kind::Endpoints, None);
     let existing: BTreeMap<(String, String), &Value> =
         existing.iter().map(|e| (key_of(e), e)).collect();
     let mut wanted = BTreeMap::new();
     for svc in services {
         let key = key_of(svc);
-        if let Some(slices) = slices.get(&key) {
+        if let Some(slices) = by_service.get(&key) {
             wanted.insert(key, endpoints_for(svc, slices));
         }
     }

@@ -1,5 +1,5 @@
 //! The patch types kube-apiserver takes, by Content-Type: JSON merge patch
-//! (RFC 7386: `kubectl label`, `annotate`, `scale`), strategic merge patch
+//! (RFC 7386, `json_patch::merge`: `kubectl label`, `annotate`, `scale`), strategic merge patch
 //! (`kubectl apply`, `set image`, `patch`: lists of containers, ports, env...
 //! merge by key instead of being replaced), JSON patch (RFC 6902, through the
 //! `json-patch` crate) and server-side apply.
@@ -40,7 +40,8 @@ impl PatchType {
 pub fn apply(kind: Kind, ty: PatchType, target: &Value, patch: &Value) -> Result<Value, String> {
     let mut out = target.clone();
     match ty {
-        PatchType::Merge => merge(&mut out, patch),
+        // RFC 7386 (7396): objects merge key by key, null removes.
+        PatchType::Merge => json_patch::merge(&mut out, patch),
         PatchType::Strategic | PatchType::Apply => {
             if !patch.is_object() {
                 return Err("a strategic merge patch must be a JSON object".into());
@@ -54,26 +55,6 @@ pub fn apply(kind: Kind, ty: PatchType, target: &Value, patch: &Value) -> Result
         }
     }
     Ok(out)
-}
-
-/// RFC 7386: objects merge key by key, `null` removes, anything else replaces.
-pub fn merge(target: &mut Value, patch: &Value) {
-    let Value::Object(patch) = patch else {
-        *target = patch.clone();
-        return;
-    };
-    if !target.is_object() {
-        *target = Value::Object(Map::new());
-    }
-    if let Value::Object(t) = target {
-        for (k, v) in patch {
-            if v.is_null() {
-                t.remove(k);
-            } else {
-                merge(t.entry(k.clone()).or_insert(Value::Null), v);
-            }
-        }
-    }
 }
 
 /// How a list field merges in a strategic merge patch (the
