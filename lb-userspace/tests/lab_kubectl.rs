@@ -8,113 +8,21 @@ mod common;
 
 use std::{
     path::{Path, PathBuf},
-    process::Command,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
+use common::kubectl::{rows, wait_for, Kubectl};
 use lb::lab::{kinds::Kind, objects::is_terminating, store::meta_str, Lab, LabConfig};
 use serde_json::Value;
 
-struct Kubectl {
-    kubeconfig: PathBuf,
-    /// kubectl's HOME: its discovery cache is the test's own.
-    home: PathBuf,
-}
-
-struct Run {
-    ok: bool,
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Kubectl {
-    fn new(lab: &Lab) -> Self {
-        let home = lab.kubeconfig_path().with_file_name("kubectl-home");
-        std::fs::create_dir_all(&home).expect("kubectl home");
-        Self {
-            kubeconfig: lab.kubeconfig_path(),
-            home,
-        }
-    }
-
-    async fn try_run(&self, args: &[&str]) -> Run {
-        self.try_run_with_input(args, "").await
-    }
-
-    /// kubectl with `input` on its stdin.
-    async fn try_run_with_input(&self, args: &[&str], input: &str) -> Run {
-        self.spawn(Command::new("kubectl").args(args), input).await
-    }
-
-    /// What `kubectl get -w ARGS` prints in its first `secs` seconds.
-    async fn watch(&self, args: &[&str], secs: u32) -> String {
-        let mut cmd = Command::new("timeout");
-        cmd.arg(secs.to_string())
-            .args(["kubectl", "get", "-w"])
-            .args(args);
-        self.spawn(&mut cmd, "").await.stdout
-    }
-
-    async fn spawn(&self, cmd: &mut Command, input: &str) -> Run {
-        let mut cmd = std::mem::replace(cmd, Command::new("true"));
-        cmd.env("KUBECONFIG", &self.kubeconfig)
-            .env("HOME", &self.home)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        let input = input.to_string();
-        let out = tokio::task::spawn_blocking(move || {
-            use std::io::Write;
-            let mut child = cmd.spawn()?;
-            if let Some(mut stdin) = child.stdin.take() {
-                stdin.write_all(input.as_bytes())?;
-            }
-            child.wait_with_output()
-        })
-        .await
-        .expect("join")
-        .expect("kubectl is on the PATH (cargo xtask setup installs it)");
-        Run {
-            ok: out.status.success(),
-            code: out.status.code(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
-    }
-
-    /// Runs kubectl and returns its output; panics with its stderr if it fails.
-    async fn run(&self, args: &[&str]) -> String {
-        let r = self.try_run(args).await;
-        assert!(r.ok, "kubectl {args:?} failed:\n{}{}", r.stdout, r.stderr);
-        r.stdout
-    }
-}
-
 fn manifest() -> PathBuf {
     common::test_manifests("rollout").join("example-2.yaml")
-}
-
-/// Waits until `check` holds on the store, or panics naming `what`.
-async fn wait_for(lab: &Lab, what: &str, check: impl Fn(&Lab) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !check(lab) {
-        assert!(Instant::now() < deadline, "{what}: not after 90 s");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 fn live_pods(lab: &Lab, label: &str) -> Vec<Value> {
     let (pods, _) = lab.store.list(Kind::Pod, Some("default"));
     pods.into_iter()
         .filter(|p| p["metadata"]["labels"]["app"] == label && !is_terminating(p))
-        .collect()
-}
-
-fn rows(table: &str) -> Vec<Vec<String>> {
-    table
-        .lines()
-        .map(|l| l.split_whitespace().map(str::to_string).collect())
         .collect()
 }
 

@@ -49,11 +49,11 @@ pub fn setup() -> Result<()> {
 
 /// kubectl is not in Debian's packages nor in the registries these machines
 /// reach, so setup cannot install it; it says so, and the tests that drive
-/// the lab with kubectl (lab_api, lab_kubectl) fail naming it.
+/// the lab with kubectl (lab_api, lab_kubectl, lab_kubectl_seeds) fail naming it.
 fn kubectl_present() {
     if !works(Command::new("kubectl").args(["version", "--client"])) {
         eprintln!(
-            "setup: kubectl is not on the PATH: lab_api and lab_kubectl will fail. Install \
+            "setup: kubectl is not on the PATH: lab_api, lab_kubectl and lab_kubectl_seeds will fail. Install \
              kubectl v1.32 (https://kubernetes.io/docs/tasks/tools/) and run again."
         );
     }

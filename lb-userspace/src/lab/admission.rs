@@ -205,7 +205,7 @@ fn admit_service(obj: &mut Value, old: Option<&Value>, inner: &Inner) -> Result<
     let Some(ports) = obj["spec"]["ports"].as_array_mut() else {
         return Ok(());
     };
-    for p in ports.iter_mut() {
+    for (i, p) in ports.iter_mut().enumerate() {
         if p["protocol"].is_null() {
             p["protocol"] = json!("TCP");
         }
@@ -226,11 +226,11 @@ fn admit_service(obj: &mut Value, old: Option<&Value>, inner: &Inner) -> Result<
         });
         let node_port = match requested {
             Some(n) if !NODE_PORT_RANGE.contains(&n) => {
-                return Err(StoreError::Invalid(format!("spec.ports.nodePort: Invalid value: {n}: provided port is not in the valid range 30000-32767")));
+                return Err(StoreError::Invalid(format!("spec.ports[{i}].nodePort: Invalid value: {n}: provided port is not in the valid range 30000-32767")));
             }
             Some(n) if used_ports.contains(&n) => {
                 return Err(StoreError::Invalid(format!(
-                    "spec.ports.nodePort: Invalid value: {n}: provided port is already allocated"
+                    "spec.ports[{i}].nodePort: Invalid value: {n}: provided port is already allocated"
                 )));
             }
             Some(n) => n,

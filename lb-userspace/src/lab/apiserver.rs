@@ -155,6 +155,13 @@ async fn handle(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/json");
+    if matches!(method, Method::POST | Method::PUT) && !is_json(content_type) {
+        return error(&StoreError::UnsupportedMedia(format!(
+            "the body of the request was in an unknown format ({content_type}): the lab \
+             reads application/json (kubectl create KIND sends protobuf: use kubectl create \
+             ... --dry-run=client -o yaml | kubectl apply -f -)"
+        )));
+    }
     let answer = match (method, t.name.as_deref()) {
         (Method::GET, None) => {
             let selectors =
@@ -429,9 +436,31 @@ fn watch(
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
+/// Created and replaced objects are read as JSON. The protobuf that
+/// `kubectl create KIND` sends for built-in kinds (the lab has no schema to
+/// decode it by) is refused with 415 and says so, rather than a parse error
+/// that blames the body.
+fn is_json(content_type: &str) -> bool {
+    let media = content_type.split(';').next().unwrap_or("").trim();
+    matches!(media, "application/json" | "")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bodies_are_json_and_protobuf_is_refused() {
+        for (ct, json) in [
+            ("application/json", true),
+            ("application/json; charset=utf-8", true),
+            ("", true),
+            ("application/vnd.kubernetes.protobuf", false),
+            ("application/cbor", false),
+        ] {
+            assert_eq!(is_json(ct), json, "{ct}");
+        }
+    }
 
     #[test]
     fn paths_name_kind_namespace_and_object() {

@@ -67,6 +67,41 @@ async fn show_policy(lab: &Lab, ns: &str, addr: SocketAddr) -> Result<()> {
     Ok(())
 }
 
+/// The same through the real kubectl, when it is on the PATH: the lab is a
+/// cluster to it, and cluster DNS resolves the Service's name in the pod.
+async fn show_kubectl(lab: &Lab, client: &str, service: &str) {
+    let url = format!("http://{service}/");
+    let commands: [Vec<&str>; 2] = [
+        vec!["get", "pods,svc", "-o", "wide"],
+        vec!["exec", client, "--", "curl", "-s", "--max-time", "5", &url],
+    ];
+    for args in commands {
+        let shown = args.join(" ");
+        let kubeconfig = lab.kubeconfig_path();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("kubectl")
+                .args(&args)
+                .env("KUBECONFIG", kubeconfig)
+                .output()
+        })
+        .await;
+        println!("\n$ kubectl {shown}");
+        match out {
+            Ok(Ok(out)) => {
+                print!("{}", String::from_utf8_lossy(&out.stdout));
+                print!("{}", String::from_utf8_lossy(&out.stderr));
+            }
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                println!("  (kubectl is not on the PATH; with it, the lab answers as a cluster)");
+                return;
+            }
+            Ok(Err(e)) => println!("  kubectl did not run: {e}"),
+            Err(e) => println!("  kubectl did not run: {e}"),
+        }
+    }
+}
+
 /// The container port of the first pod named `prefix`*.
 fn target_port(lab: &Lab, ns: &str, prefix: &str) -> Option<u16> {
     let pod = lab.pods_named(ns, prefix).into_iter().next()?;
@@ -112,6 +147,7 @@ pub async fn show(lab: &Lab) -> Result<()> {
     }
     println!("{} different pods answered: {answers:?}", answers.len());
     show_policy(lab, ns, addr).await?;
+    show_kubectl(lab, name, meta_str(&svc, "name")).await;
     let exe = lab.lb_binary().display().to_string();
     let p = &lab.prefix;
     println!("\nTry it yourself (in another terminal):");

@@ -290,14 +290,21 @@ impl Kubelet {
     fn echo_command(&self, pod: &Value, k: u32) -> Result<std::process::Command> {
         let mut cmd = netns::command_in(&self.names.pod_ns(k), &self.lb_binary, true)?;
         cmd.arg("echo").arg("--name").arg(meta_str(pod, "name"));
+        let mut listen = std::collections::BTreeSet::new();
         for c in pod["spec"]["containers"].as_array().into_iter().flatten() {
             for p in c["ports"].as_array().into_iter().flatten() {
                 let port = p["containerPort"]
                     .as_i64()
                     .context("containerPort missing")?;
                 let proto = p["protocol"].as_str().unwrap_or("TCP").to_ascii_lowercase();
-                cmd.arg("--listen").arg(format!("{proto}:{port}"));
+                listen.insert(format!("{proto}:{port}"));
             }
+            if let Some(port) = c["image"].as_str().and_then(image_serves) {
+                listen.insert(format!("tcp:{port}"));
+            }
+        }
+        for l in listen {
+            cmd.arg("--listen").arg(l);
         }
         Ok(cmd)
     }
@@ -410,6 +417,39 @@ impl Kubelet {
                 let _ = c.kill();
                 let _ = c.wait();
             }
+        }
+    }
+}
+
+/// The port a well-known web server image listens on whether or not the
+/// pod declares it (a containerPort is informational): the tutorials'
+/// `kubectl run backend --image=nginx` and `kubectl create deployment nginx
+/// --image=nginx` declare none, and in kind they answer on 80.
+pub fn image_serves(image: &str) -> Option<u16> {
+    let image = image.split('@').next().unwrap_or(image);
+    let last = image.rsplit('/').next().unwrap_or(image);
+    let name = last.split(':').next().unwrap_or(last);
+    matches!(name, "nginx" | "httpd").then_some(80)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::image_serves;
+
+    #[test]
+    fn web_server_images_serve_80_however_they_are_named() {
+        for (image, port) in [
+            ("nginx", Some(80)),
+            ("nginx:1.27", Some(80)),
+            ("docker.io/library/nginx:1.27-alpine", Some(80)),
+            ("registry.local:5000/nginx", Some(80)),
+            ("nginx@sha256:abcd", Some(80)),
+            ("httpd:2.4", Some(80)),
+            ("curlimages/curl:latest", None),
+            ("registry.local:5000/curl", None),
+            ("lb-echo:latest", None),
+        ] {
+            assert_eq!(image_serves(image), port, "{image}");
         }
     }
 }

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod kubectl;
+
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
