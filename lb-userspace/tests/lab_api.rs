@@ -2,7 +2,11 @@
 //! watch from a resourceVersion, 410 Gone after compaction, dropped watches
 //! and a reflector that recovers from both.
 
+mod common;
+
 use std::time::Duration;
+
+use common::kubectl::{rows, Kubectl};
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Service};
@@ -200,39 +204,16 @@ async fn reflector_recovers_from_dropped_watches_and_410() {
 
 /// Runs the real kubectl (on the PATH, as users run it) against the lab's
 /// API server, with a HOME of its own (kubectl caches discovery there).
-async fn kubectl(dir: &std::path::Path, args: &[&str]) -> String {
-    let dir = dir.to_path_buf();
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("kubectl")
-            .args(&args)
-            .env("KUBECONFIG", dir.join("kubeconfig"))
-            .env("HOME", &dir)
-            .output()
-            .map(|o| (args, o))
-    })
-    .await
-    .unwrap()
-    .expect("kubectl is on the PATH");
-    let (args, out) = out;
-    assert!(
-        out.status.success(),
-        "kubectl {args:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_discovers_the_labs_resources_and_reads_objects_through_them() {
     let (store, client, dir) = serve().await;
+    let k = Kubectl::at(dir.0.join("kubeconfig"), dir.0.clone());
     Api::<Service>::namespaced(client, "default")
         .create(&PostParams::default(), &service("web"))
         .await
         .unwrap();
     // Aggregated discovery, as kubectl asks for it first.
-    let resources = kubectl(&dir.0, &["api-resources", "--no-headers"]).await;
+    let resources = k.run(&["api-resources", "--no-headers"]).await;
     for (plural, short, group_version, kind) in [
         ("services", "svc", "v1", "Service"),
         ("pods", "po", "v1", "Pod"),
@@ -261,34 +242,28 @@ async fn kubectl_discovers_the_labs_resources_and_reads_objects_through_them() {
         .any(|l| l.starts_with("endpointslices") && l.contains("discovery.k8s.io/v1")));
     // Short names resolve, and objects come back as the store has them.
     assert_eq!(
-        kubectl(&dir.0, &["get", "svc", "-o", "name"]).await.trim(),
+        k.run(&["get", "svc", "-o", "name"]).await.trim(),
         "service/web"
     );
     assert_eq!(
-        kubectl(
-            &dir.0,
-            &["get", "svc", "web", "-o", "jsonpath={.spec.ports[0].port}"]
-        )
-        .await,
+        k.run(&["get", "svc", "web", "-o", "jsonpath={.spec.ports[0].port}"])
+            .await,
         "80"
     );
-    assert!(kubectl(&dir.0, &["get", "ns", "-o", "name"])
+    assert!(k
+        .run(&["get", "ns", "-o", "name"])
         .await
         .lines()
         .any(|l| l == "namespace/default"));
-    assert!(kubectl(&dir.0, &["get", "netpol", "-A", "-o", "name"])
+    assert!(k
+        .run(&["get", "netpol", "-A", "-o", "name"])
         .await
         .trim()
         .is_empty());
     // Server-side printing: the columns kube-apiserver prints.
     let svc = store.get(Kind::Service, "default", "web").unwrap();
     let cluster_ip = svc["spec"]["clusterIP"].as_str().unwrap().to_string();
-    let words = |text: &str| -> Vec<Vec<String>> {
-        text.lines()
-            .map(|l| l.split_whitespace().map(str::to_string).collect())
-            .collect()
-    };
-    let table = words(&kubectl(&dir.0, &["get", "svc"]).await);
+    let table = rows(&k.run(&["get", "svc"]).await);
     assert_eq!(
         table[0],
         [
@@ -304,17 +279,17 @@ async fn kubectl_discovers_the_labs_resources_and_reads_objects_through_them() {
         table[1][..5],
         ["web", "ClusterIP", cluster_ip.as_str(), "<none>", "80/TCP"]
     );
-    let wide = words(&kubectl(&dir.0, &["get", "svc", "web", "-o", "wide"]).await);
+    let wide = rows(&k.run(&["get", "svc", "web", "-o", "wide"]).await);
     assert_eq!(wide[0].last().map(String::as_str), Some("SELECTOR"));
     assert_eq!(wide[1].last().map(String::as_str), Some("app=web"));
-    let namespaces = words(&kubectl(&dir.0, &["get", "ns"]).await);
+    let namespaces = rows(&k.run(&["get", "ns"]).await);
     assert_eq!(namespaces[0], ["NAME", "STATUS", "AGE"]);
     assert!(namespaces
         .iter()
         .any(|r| r.len() == 3 && r[0] == "default" && r[1] == "Active"));
     // The legacy form, which a plain JSON Accept gets.
     let core: serde_json::Value =
-        serde_json::from_str(&kubectl(&dir.0, &["get", "--raw", "/api/v1"]).await).unwrap();
+        serde_json::from_str(&k.run(&["get", "--raw", "/api/v1"]).await).unwrap();
     assert_eq!(core["kind"], "APIResourceList");
     assert!(core["resources"]
         .as_array()

@@ -425,7 +425,7 @@ impl Kubelet {
 /// pod declares it (a containerPort is informational): the tutorials'
 /// `kubectl run backend --image=nginx` and `kubectl create deployment nginx
 /// --image=nginx` declare none, and in kind they answer on 80.
-pub fn image_serves(image: &str) -> Option<u16> {
+fn image_serves(image: &str) -> Option<u16> {
     let image = image.split('@').next().unwrap_or(image);
     let last = image.rsplit('/').next().unwrap_or(image);
     let name = last.split(':').next().unwrap_or(last);

@@ -26,10 +26,13 @@ impl Kubectl {
     pub fn new(lab: &Lab) -> Self {
         let home = lab.kubeconfig_path().with_file_name("kubectl-home");
         std::fs::create_dir_all(&home).expect("kubectl home");
-        Self {
-            kubeconfig: lab.kubeconfig_path(),
-            home,
-        }
+        Self::at(lab.kubeconfig_path(), home)
+    }
+
+    /// kubectl for `kubeconfig`, its discovery cache under `home` (an
+    /// existing directory).
+    pub fn at(kubeconfig: PathBuf, home: PathBuf) -> Self {
+        Self { kubeconfig, home }
     }
 
     pub async fn try_run(&self, args: &[&str]) -> Run {
