@@ -16,6 +16,12 @@ use bytemuck::Pod;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 /// `BPF_MAP_UPDATE_BATCH`, the same enum.
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+/// `BPF_MAP_DELETE_BATCH`, the same enum.
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// Entries written or deleted per call. The kernel takes them one by one
+/// either way; the bound only keeps one call from holding the CPU long.
+pub const WRITE_BATCH: usize = 8192;
 
 /// Entries asked for per call. A call returns fewer when the next bucket
 /// does not fit whole; with a hash map's buckets of a few entries, 4,096
@@ -80,6 +86,79 @@ pub fn fill_array<V: Pod + aya::Pod>(
             // Interrupted part way: `count` says how many were written.
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => done += attr.count as usize,
             Err(e) => bail!("BPF_MAP_UPDATE_BATCH: {e}"),
+        }
+    }
+    Ok(())
+}
+
+fn map_fd<K: Pod + aya::Pod, V: Pod + aya::Pod>(map: &HashMap<MapData, K, V>) -> u32 {
+    let map: &MapData = IterableMap::map(map);
+    map.fd().as_fd().as_raw_fd() as u32
+}
+
+/// Writes `values[i]` at `keys[i]` of a hash map, thousands per call: a
+/// full pass of 10,000 Services is 200,000 entries, which one update call
+/// each spent most of a second on (every system call is dear on this kind
+/// of machine). Stops at the first entry the kernel refuses (a full map:
+/// E2BIG), naming it; those before it are written.
+pub fn update_entries<K: Pod + aya::Pod, V: Pod + aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    keys: &[K],
+    values: &[V],
+) -> Result<()> {
+    if keys.len() != values.len() {
+        bail!("{} keys for {} values", keys.len(), values.len());
+    }
+    in_batches(BPF_MAP_UPDATE_BATCH, map_fd(map), keys, Some(values))
+}
+
+/// Deletes `keys` from a hash map, thousands per call. A key the map does
+/// not hold is passed over: it is gone, as asked.
+pub fn delete_entries<K: Pod + aya::Pod, V: Pod + aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    keys: &[K],
+) -> Result<()> {
+    in_batches::<K, V>(BPF_MAP_DELETE_BATCH, map_fd(map), keys, None)
+}
+
+/// The loop both share: `WRITE_BATCH` entries per call, going on after an
+/// interrupted call from where the kernel says it stopped. Deletes (no
+/// `values`) step over a missing key, at which the kernel stops.
+fn in_batches<K: Pod, V: Pod>(
+    cmd: libc::c_long,
+    map_fd: u32,
+    keys: &[K],
+    values: Option<&[V]>,
+) -> Result<()> {
+    let name = if values.is_some() {
+        "BPF_MAP_UPDATE_BATCH"
+    } else {
+        "BPF_MAP_DELETE_BATCH"
+    };
+    let mut done = 0;
+    while done < keys.len() {
+        let n = (keys.len() - done).min(WRITE_BATCH);
+        let mut attr = BatchAttr {
+            keys: keys[done..].as_ptr() as u64,
+            values: values.map_or(0, |v| v[done..].as_ptr() as u64),
+            count: n as u32,
+            map_fd,
+            ..Default::default()
+        };
+        // aya checked the key and value sizes when it made the typed
+        // handle; the buffers hold `n` of each past `done`.
+        match bpf(cmd, &mut attr) {
+            Ok(()) => done += n,
+            // `count` says how many went in before the call stopped.
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => done += attr.count as usize,
+            Err(e) if values.is_none() && e.raw_os_error() == Some(libc::ENOENT) => {
+                done += attr.count as usize + 1
+            }
+            Err(e) => bail!(
+                "{name}: entry {} of {}: {e}",
+                done + attr.count as usize + 1,
+                keys.len()
+            ),
         }
     }
     Ok(())

@@ -145,64 +145,110 @@ impl Maps {
     pub fn apply(&mut self, ops: &[MapOp]) -> Result<()> {
         let mut rest = ops;
         while let Some(op) = rest.first() {
-            // A run of table swaps (the planner writes them together) goes
-            // at once: see `put_maglev_tables`.
+            // The planner writes each kind of entry together; a run of one
+            // kind goes in as few system calls as the kernel allows.
+            let kind = std::mem::discriminant(op);
             let run = rest
                 .iter()
-                .take_while(|o| matches!(o, MapOp::PutMaglev(..)))
+                .take_while(|o| std::mem::discriminant(*o) == kind)
                 .count();
-            if run > 1 {
-                let tables: Vec<(RevNatId, &crate::plan::MaglevTable)> = rest[..run]
-                    .iter()
-                    .filter_map(|o| match o {
-                        MapOp::PutMaglev(id, t) => Some((*id, t)),
+            let (now, later) = rest.split_at(run);
+            rest = later;
+            match op {
+                MapOp::PutBackend(..) => {
+                    let (ids, values): (Vec<_>, Vec<_>) = pick(now, |o| match o {
+                        MapOp::PutBackend(id, b) => Some((*id, *b)),
                         _ => None,
-                    })
-                    .collect();
-                for (id, _) in &tables {
-                    self.maglev_written.remove(id);
+                    });
+                    super::batch::update_entries(&self.backends, &ids, &values)
+                        .with_context(|| format!("writing {} backends", ids.len()))?;
                 }
-                let done = put_maglev_tables(self.maglev_id, &tables);
-                for ((id, table), ok) in tables.iter().zip(&done) {
-                    if ok.is_ok() {
-                        self.maglev_written.insert(*id, (*table).clone());
+                MapOp::PutService(..) => {
+                    let (keys, values): (Vec<_>, Vec<_>) = pick(now, |o| match o {
+                        MapOp::PutService(k, v) => Some((*k, *v)),
+                        _ => None,
+                    });
+                    super::batch::update_entries(&self.services, &keys, &values)
+                        .with_context(|| format!("writing {} service entries", keys.len()))?;
+                }
+                MapOp::DeleteService(..) => {
+                    let (keys, ()): (Vec<_>, ()) = pick(now, |o| match o {
+                        MapOp::DeleteService(k) => Some((*k, ())),
+                        _ => None,
+                    });
+                    super::batch::delete_entries(&self.services, &keys)
+                        .with_context(|| format!("deleting {} service entries", keys.len()))?;
+                }
+                MapOp::DeleteBackend(..) => {
+                    let (ids, ()): (Vec<_>, ()) = pick(now, |o| match o {
+                        MapOp::DeleteBackend(id) => Some((*id, ())),
+                        _ => None,
+                    });
+                    super::batch::delete_entries(&self.backends, &ids)
+                        .with_context(|| format!("deleting {} backends", ids.len()))?;
+                }
+                MapOp::PutMaglev(..) if run > 1 => self.put_maglev_run(now)?,
+                _ => {
+                    for op in now {
+                        self.apply_one(op)
+                            .with_context(|| format!("applying {op:?}"))?;
                     }
                 }
-                if let Some((i, Err(e))) = done.into_iter().enumerate().find(|(_, r)| r.is_err()) {
-                    return Err(e)
-                        .with_context(|| format!("writing the Maglev table of {}", tables[i].0));
-                }
-                rest = &rest[run..];
-                continue;
             }
-            rest = &rest[1..];
-            match op {
-                MapOp::PutBackend(id, b) => self.backends.insert(id, b, 0),
-                MapOp::PutService(k, v) => self.services.insert(k, v, 0),
-                MapOp::DeleteService(k) => ignore_missing(self.services.remove(k)),
-                MapOp::DeleteBackend(id) => ignore_missing(self.backends.remove(id)),
-                MapOp::PutMaglev(id, table) => {
-                    self.maglev_written.remove(id);
-                    put_maglev(&mut self.maglev, *id, table).inspect(|()| {
-                        self.maglev_written.insert(*id, table.clone());
-                    })
-                }
-                MapOp::DeleteMaglev(id) => {
-                    self.maglev_written.remove(id);
-                    ignore_missing(self.maglev.remove(id))
-                }
-                MapOp::PutSourceRange(id, addr, len) => {
-                    self.source_ranges
-                        .insert(&source_range_key(*id, *addr, *len), 1, 0)
-                }
-                MapOp::DeleteSourceRange(id, addr, len) => ignore_missing(
-                    self.source_ranges
-                        .remove(&source_range_key(*id, *addr, *len)),
-                ),
-            }
-            .with_context(|| format!("applying {op:?}"))?;
         }
         Ok(())
+    }
+
+    /// A run of table swaps at once: see `put_maglev_tables`.
+    fn put_maglev_run(&mut self, run: &[MapOp]) -> Result<()> {
+        let tables: Vec<(RevNatId, &crate::plan::MaglevTable)> = run
+            .iter()
+            .filter_map(|o| match o {
+                MapOp::PutMaglev(id, t) => Some((*id, t)),
+                _ => None,
+            })
+            .collect();
+        for (id, _) in &tables {
+            self.maglev_written.remove(id);
+        }
+        let done = put_maglev_tables(self.maglev_id, &tables);
+        for ((id, table), ok) in tables.iter().zip(&done) {
+            if ok.is_ok() {
+                self.maglev_written.insert(*id, (*table).clone());
+            }
+        }
+        if let Some((i, Err(e))) = done.into_iter().enumerate().find(|(_, r)| r.is_err()) {
+            return Err(e).with_context(|| format!("writing the Maglev table of {}", tables[i].0));
+        }
+        Ok(())
+    }
+
+    /// One operation, one system call (or one table swap).
+    fn apply_one(&mut self, op: &MapOp) -> Result<(), aya::maps::MapError> {
+        match op {
+            MapOp::PutBackend(id, b) => self.backends.insert(id, b, 0),
+            MapOp::PutService(k, v) => self.services.insert(k, v, 0),
+            MapOp::DeleteService(k) => ignore_missing(self.services.remove(k)),
+            MapOp::DeleteBackend(id) => ignore_missing(self.backends.remove(id)),
+            MapOp::PutMaglev(id, table) => {
+                self.maglev_written.remove(id);
+                put_maglev(&mut self.maglev, *id, table).inspect(|()| {
+                    self.maglev_written.insert(*id, table.clone());
+                })
+            }
+            MapOp::DeleteMaglev(id) => {
+                self.maglev_written.remove(id);
+                ignore_missing(self.maglev.remove(id))
+            }
+            MapOp::PutSourceRange(id, addr, len) => {
+                self.source_ranges
+                    .insert(&source_range_key(*id, *addr, *len), 1, 0)
+            }
+            MapOp::DeleteSourceRange(id, addr, len) => ignore_missing(
+                self.source_ranges
+                    .remove(&source_range_key(*id, *addr, *len)),
+            ),
+        }
     }
 
     /// Tells the data path this node's address (the SNAT source).
@@ -308,6 +354,15 @@ fn put_maglev(
 
 fn source_range_key(rev_nat_id: RevNatId, addr: u32, len: u8) -> Key<SourceRange> {
     Key::new(32 + u32::from(len), SourceRange { rev_nat_id, addr })
+}
+
+/// The (key, value) pairs of a run of one kind of op, unzipped for a
+/// batch call; `value` is `()` for deletes.
+fn pick<K, V, C: Default + Extend<V>>(
+    run: &[MapOp],
+    each: impl Fn(&MapOp) -> Option<(K, V)>,
+) -> (Vec<K>, C) {
+    run.iter().filter_map(each).unzip()
 }
 
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
