@@ -267,6 +267,11 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             }
         });
     }
+    // The watchers list the cluster while the programs load (a third of a
+    // second, all in the kernel's verifier): neither waits for the other.
+    let client = client(cfg.kubeconfig.as_ref()).await?;
+    let (changes, mut changed) = tokio::sync::mpsc::unbounded_channel();
+    let caches = Caches::watch(&client, &changes);
     let mut dp = Datapath::load_with(Some(&cfg.pin_dir), cfg.bpf_log, &cfg.map_sizes)?;
     if cfg.bpf_log {
         spawn_bpf_log(&mut dp)?;
@@ -281,9 +286,6 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         "data path loaded"
     );
 
-    let client = client(cfg.kubeconfig.as_ref()).await?;
-    let (changes, mut changed) = tokio::sync::mpsc::unbounded_channel();
-    let caches = Caches::watch(&client, &changes);
     let mut events = crate::events::EventPublisher::new(client, cfg.node_name.as_deref());
     caches.wait_until_ready().await?;
     // Where the time and memory of a start go (the control bench reads it).
@@ -304,11 +306,15 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let mut side = ServiceSide::new(cfg.map_sizes.capacity());
     let mut policy = PolicySide::default();
     let mut logged_errors = BTreeSet::new();
-    let mut resync = tokio::time::interval(cfg.resync);
+    // The first pass below reads the maps and programs everything: the
+    // periodic work starts one period after it, not at once beside it.
+    let after =
+        |period: Duration| tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    let mut resync = after(cfg.resync);
     let mut link_events = links::LinkEvents::subscribe()?;
     links::sync_links(&mut dp, &mut attacher, &cfg.interface_prefix);
     let mut link_poll = tokio::time::interval(Duration::from_secs(1));
-    let mut ct_sweep = tokio::time::interval(cfg.ct_sweep);
+    let mut ct_sweep = after(cfg.ct_sweep);
     let mut health = crate::health::HealthServers::default();
     let mut work = Work::everything();
     loop {

@@ -33,7 +33,25 @@ fn slim_meta(meta: &mut ObjectMeta) {
     meta.finalizers = None;
 }
 
-impl Slim for Service {}
+/// serde grows a Vec by doubling as it decodes: a slice of 10 endpoints
+/// keeps room for 16, each a few hundred bytes. Kept for the cache's life,
+/// the room is worth trimming.
+fn trim<T>(v: &mut Option<Vec<T>>) {
+    if let Some(v) = v {
+        v.shrink_to_fit();
+    }
+}
+
+impl Slim for Service {
+    fn slim(&mut self) {
+        slim_meta(&mut self.metadata);
+        if let Some(spec) = &mut self.spec {
+            trim(&mut spec.ports);
+            trim(&mut spec.cluster_ips);
+        }
+    }
+}
+
 impl Slim for Namespace {}
 impl Slim for NetworkPolicy {}
 
@@ -44,7 +62,10 @@ impl Slim for EndpointSlice {
             e.target_ref = None;
             e.hints = None;
             e.deprecated_topology = None;
+            e.addresses.shrink_to_fit();
         }
+        trim(&mut self.endpoints);
+        trim(&mut self.ports);
     }
 }
 
