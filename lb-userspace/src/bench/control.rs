@@ -73,6 +73,9 @@ pub async fn run(s: &Settings, prefix: &str, lb_binary: &std::path::Path) -> Res
         let mut cfg = LabConfig::new(prefix, lb_binary);
         cfg.agents = false;
         let mut lab = Lab::up(cfg).await?;
+        // The cluster DNS pod ready first, so that its Service's counts
+        // are settled when the agent's are read.
+        lab.wait_pods_ready(Duration::from_secs(120)).await?;
         for i in 0..s.services {
             let name = format!("svc-{i}");
             lab.store

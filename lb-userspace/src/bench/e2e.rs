@@ -128,7 +128,12 @@ pub async fn run(
         add_fillers(&with_rules, have, n, &echo_rules)?;
         let added = n.saturating_sub(have) as f64;
         let started = Instant::now();
-        wait_programmed(&with_agent, base_s + added, None, Duration::from_secs(600))?;
+        wait_programmed(
+            &with_agent,
+            base_s - lab::cluster_dns::PROGRAMMED.0 + added,
+            None,
+            Duration::from_secs(600),
+        )?;
         let lb_took = started.elapsed();
         have = have.max(n);
         let (iptables, nftables) = load_rules(
@@ -294,13 +299,17 @@ pub fn programmed(lab: &Lab) -> Result<(f64, f64)> {
 }
 
 /// Waits until node 1's agent reports exactly that many frontends (and,
-/// if given, backends: distinct addresses) programmed.
+/// if given, backends: distinct addresses) programmed besides the lab's
+/// own cluster DNS, whose pod must be ready (`Lab::wait_pods_ready`).
 pub fn wait_programmed(
     lab: &Lab,
     services: f64,
     backends: Option<f64>,
     within: Duration,
 ) -> Result<()> {
+    let (dns_frontends, dns_backends) = lab::cluster_dns::PROGRAMMED;
+    let services = services + dns_frontends;
+    let backends = backends.map(|b| b + dns_backends);
     let started = Instant::now();
     loop {
         let got = programmed(lab).unwrap_or((-1.0, -1.0));

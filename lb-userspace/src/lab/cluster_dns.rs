@@ -15,6 +15,10 @@ use super::{
 const LABEL: (&str, &str) = ("k8s-app", "kube-dns");
 const IMAGE: &str = "registry.k8s.io/coredns/coredns:v1.11.3";
 
+/// What the cluster DNS adds to an agent's counts once its pod is ready:
+/// (frontends, backends), one of each per port (UDP and TCP 53).
+pub const PROGRAMMED: (f64, f64) = (2.0, 2.0);
+
 pub fn is_dns_pod(pod: &Value) -> bool {
     pod["metadata"]["namespace"] == "kube-system"
         && pod["metadata"]["labels"][LABEL.0] == LABEL.1
