@@ -1,14 +1,18 @@
-//! The lb agent, its CLI and the lab. See README.md for the big picture.
+//! The lb agent, its CLI and (with the `lab` feature, on by default) the lab
+//! and the benchmarks. See README.md for the big picture.
 
 pub mod agent;
+#[cfg(feature = "lab")]
 pub mod bench;
 pub mod conntrack;
 pub mod datapath;
+#[cfg(feature = "lab")]
 pub mod echo;
 pub mod events;
 pub mod flows;
 pub mod health;
 pub mod inspect;
+#[cfg(feature = "lab")]
 pub mod lab;
 pub mod maglev;
 pub mod metrics;

@@ -1,14 +1,19 @@
 //! `lb`: the agent, the lab and the tools around them.
 
-use std::{path::PathBuf, time::Duration};
+use std::path::PathBuf;
+#[cfg(feature = "lab")]
+use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use lb::{
     agent,
+    settings::{self, AgentArgs},
+};
+#[cfg(feature = "lab")]
+use lb::{
     echo::{self, Listen},
     lab::{self, Lab, LabConfig},
-    settings::{self, AgentArgs},
 };
 
 #[derive(Parser)]
@@ -27,6 +32,7 @@ enum Command {
     /// Run the node agent: load the data path and keep its maps in sync with the API.
     Agent(AgentArgs),
     /// Answer on TCP/UDP ports with a name (the lab's application pods).
+    #[cfg(feature = "lab")]
     Echo {
         #[arg(long)]
         name: String,
@@ -64,6 +70,7 @@ enum Command {
     },
     /// Measure the data path and write BENCHMARKS.md and a plot (`cargo
     /// xtask bench` runs it from a release build).
+    #[cfg(feature = "lab")]
     Bench {
         /// Directory for BENCHMARKS.md and benchmarks.svg.
         #[arg(long, default_value = ".")]
@@ -84,6 +91,7 @@ enum Command {
         command: PolicyCommand,
     },
     /// A cluster stand-in made of network namespaces, with an API server.
+    #[cfg(feature = "lab")]
     Lab {
         #[command(subcommand)]
         command: LabCommand,
@@ -110,6 +118,7 @@ enum PolicyCommand {
     },
 }
 
+#[cfg(feature = "lab")]
 #[derive(Subcommand)]
 enum LabCommand {
     /// Bring the lab up and keep it running until Ctrl-C, then remove it all.
@@ -180,6 +189,7 @@ fn main() -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     match cli.command {
         Command::Agent(args) => rt.block_on(agent::run(args.into_config()?)),
+        #[cfg(feature = "lab")]
         Command::Echo {
             name,
             listen,
@@ -208,6 +218,7 @@ fn main() -> Result<()> {
             print!("{}", lb::inspect::run(&pin_dir, what, output, conntrack)?);
             Ok(())
         }
+        #[cfg(feature = "lab")]
         Command::Bench {
             out,
             quick,
@@ -263,6 +274,7 @@ fn main() -> Result<()> {
             };
             lb::flows::run(&pin_dir, client, count).await
         }),
+        #[cfg(feature = "lab")]
         Command::Lab { command } => match command {
             LabCommand::Up {
                 manifests,
@@ -300,6 +312,7 @@ fn main() -> Result<()> {
     }
 }
 
+#[cfg(feature = "lab")]
 async fn lab_up(
     manifests: Option<PathBuf>,
     nodes: usize,
@@ -342,9 +355,10 @@ async fn lab_up(
     Ok(())
 }
 
+#[cfg(feature = "lab")]
 fn lab_exec(pod: &str, prefix: &str, command: &[String]) -> Result<()> {
     let Some((ns, name)) = pod.split_once('/') else {
-        bail!("name the pod as NAMESPACE/NAME");
+        anyhow::bail!("name the pod as NAMESPACE/NAME");
     };
     let rt = tokio::runtime::Runtime::new()?;
     let netns = rt.block_on(async {

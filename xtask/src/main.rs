@@ -127,7 +127,14 @@ fn main() -> Result<()> {
         }
         Cmd::Image { output, name } => {
             setup::setup()?;
-            run(cargo().args(["build", "--release", "--package", "lb-userspace"]))?;
+            // The agent and its CLI only: the lab and the benchmarks stay out.
+            run(cargo().args([
+                "build",
+                "--release",
+                "--package",
+                "lb-userspace",
+                "--no-default-features",
+            ]))?;
             let output = if output.is_absolute() {
                 output
             } else {
@@ -172,6 +179,16 @@ fn main() -> Result<()> {
             setup::setup()?;
             run(cargo().args(["fmt", "--all", "--check"]))?;
             run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+            // What the image ships: the agent without the lab and the benchmarks.
+            run(cargo().args([
+                "clippy",
+                "--package",
+                "lb-userspace",
+                "--no-default-features",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
             // The kernel crate, linted for its own target with nightly.
             run(Command::new("rustup")
                 .args([
