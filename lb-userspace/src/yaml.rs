@@ -5,12 +5,20 @@
 use serde::de::DeserializeOwned;
 
 /// Scalars as serde_yaml read them: only `true` and `false` are booleans
-/// (not `yes` or `on`), and `0755` or `1_000` stay strings.
+/// (not `yes` or `on`), and `0755` or `1_000` stay strings. The budget's
+/// counts of documents, nodes and events grow with the text (a manifest of
+/// 10,000 Services is 20,000 documents and a million nodes), so they are
+/// lifted; the limits on what does not (aliases, depth) stay as they are.
 fn options() -> serde_saphyr::Options {
     serde_saphyr::options! {
         strict_booleans: true,
         leading_zero_numbers_as_strings: true,
         underscored_numbers_as_strings: true,
+        budget: serde_saphyr::budget! {
+            max_documents: usize::MAX,
+            max_nodes: usize::MAX,
+            max_events: usize::MAX,
+        },
     }
 }
 
@@ -40,6 +48,20 @@ mod tests {
                 json!({"a": "yes", "b": "on", "c": "0755", "d": "1_000", "e": true, "f": 8080, "g": null}),
                 json!({"kind": "Pod"}),
             ]
+        );
+    }
+
+    /// kubectl applies a file of any length; so does the lab.
+    #[test]
+    fn a_text_of_thousands_of_documents_is_read_whole() {
+        let text: Vec<String> = (0..3000)
+            .map(|i| format!("kind: Service\nmetadata:\n  name: svc-{i}\n"))
+            .collect();
+        let docs = super::documents(&text.join("---\n")).unwrap();
+        assert_eq!(docs.len(), 3000);
+        assert_eq!(
+            docs[2999],
+            json!({"kind": "Service", "metadata": {"name": "svc-2999"}})
         );
     }
 
