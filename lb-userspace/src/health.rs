@@ -11,7 +11,9 @@ use std::{
 };
 
 use axum::{extract::State, http::StatusCode, response::IntoResponse, Router};
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Service;
+
+use crate::translate::EndpointSlice;
 use serde_json::json;
 use tokio::task::JoinHandle;
 

@@ -49,8 +49,13 @@ struct Translated {
 #[derive(Default)]
 pub struct ServiceIndex {
     services: HashMap<ServiceRef, Translated>,
-    claims: HashMap<Frontend, BTreeSet<(ServiceAge, ServiceRef)>>,
+    /// Oldest first. Nearly every frontend has one claimant: a sorted Vec
+    /// holds it in its own size, where a BTreeSet's node had room for 11
+    /// (13 MB at 10,000 Services).
+    claims: HashMap<Frontend, Vec<Claim>>,
 }
+
+type Claim = (ServiceAge, ServiceRef);
 
 impl ServiceIndex {
     /// Replaces a Service's translation (`None`: the Service is gone).
@@ -77,7 +82,10 @@ impl ServiceIndex {
         if let Some(old) = old {
             for f in old.translation.services.iter().map(frontend) {
                 if let Some(c) = self.claims.get_mut(&f) {
-                    c.remove(&(old.age.clone(), svc.clone()));
+                    let gone = (old.age.clone(), svc.clone());
+                    if let Ok(i) = c.binary_search(&gone) {
+                        c.remove(i);
+                    }
                     if c.is_empty() {
                         self.claims.remove(&f);
                     }
@@ -86,10 +94,11 @@ impl ServiceIndex {
         }
         if let Some((age, translation)) = new {
             for f in translation.services.iter().map(frontend) {
-                self.claims
-                    .entry(f)
-                    .or_default()
-                    .insert((age.clone(), svc.clone()));
+                let c = self.claims.entry(f).or_default();
+                let claim = (age.clone(), svc.clone());
+                if let Err(i) = c.binary_search(&claim) {
+                    c.insert(i, claim);
+                }
             }
             self.services
                 .insert(svc.clone(), Translated { age, translation });

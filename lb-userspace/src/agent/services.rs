@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::Result;
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Service;
 use kube::runtime::reflector::{ObjectRef, Store};
 
 use super::{
@@ -22,7 +22,9 @@ use crate::{
     datapath::Datapath,
     health::{health_checks, HealthCheck},
     plan::{desired_state, fit_to_capacity, plan, Capacity},
-    translate::{service_age, translate_service, DesiredService, NodeContext, ObjectError},
+    translate::{
+        service_age, translate_service, DesiredService, EndpointSlice, NodeContext, ObjectError,
+    },
 };
 
 /// What a pass wrote.

@@ -3,12 +3,10 @@
 //! Service's translation finds its own slices without a scan of all of them,
 //! and a slice that moves to another Service touches both.
 
-use std::collections::{BTreeSet, HashMap};
-
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use std::collections::HashMap;
 
 use super::index::ServiceRef;
-use crate::translate::SERVICE_NAME_LABEL;
+use crate::translate::{EndpointSlice, SERVICE_NAME_LABEL};
 
 /// A slice, by namespace and name.
 pub type SliceRef = (String, String);
@@ -16,7 +14,9 @@ pub type SliceRef = (String, String);
 #[derive(Default)]
 pub struct SliceIndex {
     owner: HashMap<SliceRef, ServiceRef>,
-    slices: HashMap<ServiceRef, BTreeSet<String>>,
+    /// Sorted; most Services have one slice (a Vec holds it in its own
+    /// size, a BTreeSet's node has room for 11).
+    slices: HashMap<ServiceRef, Vec<String>>,
 }
 
 fn owner_of(slice: &EndpointSlice) -> Option<ServiceRef> {
@@ -34,7 +34,9 @@ impl SliceIndex {
         let mut touched = Vec::new();
         if let Some(old) = self.owner.remove(slice) {
             if let Some(names) = self.slices.get_mut(&old) {
-                names.remove(&slice.1);
+                if let Ok(i) = names.binary_search(&slice.1) {
+                    names.remove(i);
+                }
                 if names.is_empty() {
                     self.slices.remove(&old);
                 }
@@ -42,10 +44,10 @@ impl SliceIndex {
             touched.push(old);
         }
         if let Some(owner) = now.and_then(owner_of) {
-            self.slices
-                .entry(owner.clone())
-                .or_default()
-                .insert(slice.1.clone());
+            let names = self.slices.entry(owner.clone()).or_default();
+            if let Err(i) = names.binary_search(&slice.1) {
+                names.insert(i, slice.1.clone());
+            }
             self.owner.insert(slice.clone(), owner.clone());
             if !touched.contains(&owner) {
                 touched.push(owner);

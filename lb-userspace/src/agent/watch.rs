@@ -8,7 +8,6 @@ use futures::StreamExt;
 use k8s_openapi::{
     api::{
         core::v1::{Namespace, Node, Pod, Service},
-        discovery::v1::EndpointSlice,
         networking::v1::NetworkPolicy,
     },
     Resource as _,
@@ -20,6 +19,7 @@ use kube::{
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::slim::Slim;
+use crate::translate::EndpointSlice;
 
 /// What changed, as the agent's loop needs to know it.
 #[derive(Clone, Debug, PartialEq, Eq)]

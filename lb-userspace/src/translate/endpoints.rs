@@ -8,7 +8,7 @@ use std::{
     net::Ipv4Addr,
 };
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use super::EndpointSlice;
 
 use super::{
     name_of, port_number, protocol_number, BackendAddr, NodeContext, ObjectError,

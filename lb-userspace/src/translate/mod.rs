@@ -4,7 +4,7 @@
 
 use std::{borrow::Borrow, collections::BTreeMap, net::Ipv4Addr};
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Service;
 use lb_common::{
     service::{
         SERVICE_F_CLUSTER_IP, SERVICE_F_EXTERNAL, SERVICE_F_LOCAL, SERVICE_F_NODE_PORT,
@@ -12,8 +12,10 @@ use lb_common::{
     },
     PROTO_TCP, PROTO_UDP,
 };
+pub use slice::EndpointSlice;
 
 mod endpoints;
+pub mod slice;
 
 pub use endpoints::slices_by_service;
 use endpoints::{candidates_for, choose, Candidate};

@@ -1,9 +1,7 @@
 use super::*;
-use k8s_openapi::api::{
-    core::v1::{Service, ServicePort, ServiceSpec},
-    discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
-};
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use slice::{Endpoint, EndpointConditions, EndpointPort};
 
 fn svc(name: &str, spec: ServiceSpec) -> Service {
     Service {
