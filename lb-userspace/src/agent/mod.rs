@@ -20,7 +20,6 @@ mod writer;
 use anyhow::{Context, Result};
 use k8s_openapi::api::{
     core::v1::{Namespace, Node, Pod, Service},
-    discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
 };
 use k8s_openapi::Resource as _;
@@ -32,7 +31,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{
     datapath::{attach::Attacher, Datapath},
-    translate::{NodeContext, ObjectError},
+    translate::{EndpointSlice, NodeContext, ObjectError},
 };
 use index::ServiceRef;
 use policies::{PolicyObject, PolicySide, PolicyWork};
@@ -205,6 +204,9 @@ struct Work {
     read_maps: bool,
     /// Read the service maps back and repair drift (the periodic resync).
     repair: bool,
+    /// A Node changed: everything again if what this node programs from
+    /// the Nodes (`NodeContext`) did.
+    node: bool,
     services: BTreeSet<ServiceRef>,
     policy: PolicyWork,
 }
@@ -224,7 +226,7 @@ impl Work {
     }
 
     fn any(&self) -> bool {
-        self.full || self.repair || self.policy.any() || !self.services.is_empty()
+        self.full || self.repair || self.node || self.policy.any() || !self.services.is_empty()
     }
 
     fn add(&mut self, change: Change, side: &mut ServiceSide, caches: &Caches) {
@@ -237,7 +239,11 @@ impl Work {
                 self.services
                     .extend(side.slices.update(&(ns, name), now.as_deref()));
             }
-            Change::Node | Change::Relisted(_) => {
+            // A kubelet writes its Node's status every few seconds to
+            // minutes (heartbeats, images, conditions): few of those
+            // writes change an address.
+            Change::Node => self.node = true,
+            Change::Relisted(_) => {
                 self.full = true;
                 self.policy.full = true;
             }
@@ -317,10 +323,16 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let mut ct_sweep = after(cfg.ct_sweep);
     let mut health = crate::health::HealthServers::default();
     let mut work = Work::everything();
+    let mut programmed_node: Option<NodeContext> = None;
     loop {
         if work.any() {
             let started = Instant::now();
             let node = node_context(cfg.node_name.as_ref(), &caches.nodes);
+            if programmed_node.as_ref() != Some(&node) {
+                work.full = true;
+                work.policy.full = true;
+                programmed_node = Some(node.clone());
+            }
             if work.policy.any() {
                 policy.pass(&mut dp, &caches, &node, &work.policy, &stats);
             }
