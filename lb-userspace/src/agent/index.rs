@@ -7,22 +7,25 @@
 use std::{
     collections::{BTreeSet, HashMap},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use crate::translate::{DesiredService, ObjectError, ServiceAge, Translation};
 
-/// A Service, by namespace and name.
+/// A Service, by namespace and name. The agent keeps a Service's key in
+/// half a dozen indexes (translations, claims, slices, what was written);
+/// shared strings make each copy a reference count, not two allocations.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceRef {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl ServiceRef {
     pub fn new(namespace: &str, name: &str) -> Self {
         Self {
-            namespace: namespace.to_string(),
-            name: name.to_string(),
+            namespace: namespace.into(),
+            name: name.into(),
         }
     }
 }
