@@ -1,5 +1,5 @@
 //! Churn: clients outside the cluster open a new connection per request,
-//! without pause, through NodePorts of both traffic policies on both nodes,
+//! at a set pace (thousands a second: see `ONE_ADDRESS_RATE`), through NodePorts of both traffic policies on both nodes,
 //! from one address and from sixteen, and a DNS-like client sends UDP
 //! queries from a new port each. No request may fail, no SNAT port may be
 //! lacking, no live entry lost, no SYN resent by a client, and no new
@@ -15,7 +15,7 @@ use std::{
 };
 
 use lb::{
-    bench::client::{churn, quantile, Churn, Outcome},
+    bench::client::{churn, quantile, Churn, Outcome, Rate},
     lab::{net, Lab},
 };
 
@@ -154,6 +154,17 @@ async fn counters(lab: &Lab) -> Vec<(&'static str, f64)> {
         .collect()
 }
 
+/// Each NodePort client's pace, so that the load is the test's and not the
+/// machine's: 2,500 connections a second for the one-address clients, 200
+/// for each of the sixteen addresses' (3,200 a group), 1,000 queries for
+/// the UDP client. Unpaced, a 2-core machine ran 2,500 to 3,000 a group.
+/// What a node's SNAT can hold towards one backend is 31,744 ports / 66 s,
+/// 480 new connections a second (docs/nat-under-churn.md): 3,200 a second
+/// over two nodes and eight backends is 200 each, well inside it.
+const ONE_ADDRESS_RATE: Rate = Rate::PerClient(2_500);
+const SIXTEEN_ADDRESSES_RATE: Rate = Rate::PerClient(200);
+const UDP_NODEPORT_RATE: Rate = Rate::PerClient(1_000);
+
 /// The two tests load the machine fully: one at a time.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -207,19 +218,43 @@ fn describe(what: &str, o: &Outcome) -> String {
 }
 
 /// A group of churn clients: its name, what they send, their source
-/// addresses (one client each) and the targets they go round.
-type Group = (String, Churn, Vec<Option<Ipv4Addr>>, Vec<SocketAddr>);
+/// addresses (one client each), the targets they go round, and how fast
+/// each goes.
+struct Group {
+    name: String,
+    kind: Churn,
+    sources: Vec<Option<Ipv4Addr>>,
+    targets: Vec<SocketAddr>,
+    rate: Rate,
+}
+
+fn group(
+    name: &str,
+    kind: Churn,
+    sources: Vec<Option<Ipv4Addr>>,
+    targets: Vec<SocketAddr>,
+    rate: Rate,
+) -> Group {
+    Group {
+        name: name.to_string(),
+        kind,
+        sources,
+        targets,
+        rate,
+    }
+}
 
 /// Runs every group of clients at once for `length`; their outcomes.
 async fn run_at_once(netns: &str, groups: Vec<Group>, length: Duration) -> Vec<(String, Outcome)> {
     let handles: Vec<_> = groups
         .into_iter()
-        .map(|(name, kind, sources, targets)| {
+        .map(|g| {
             let netns = netns.to_string();
             let h = tokio::task::spawn_blocking(move || {
-                churn(&netns, kind, &sources, targets, length).expect("churn clients")
+                churn(&netns, g.kind, &g.sources, g.targets, (length, g.rate))
+                    .expect("churn clients")
             });
-            (name, h)
+            (g.name, h)
         })
         .collect();
     let mut out = Vec::new();
@@ -358,35 +393,45 @@ async fn sustained_churn_through_nodeports_loses_no_connection() {
         (
             "one client address",
             vec![
-                (
-                    "Cluster".to_string(),
+                group(
+                    "Cluster",
                     Churn::Tcp,
                     vec![None],
                     cluster.clone(),
+                    ONE_ADDRESS_RATE,
                 ),
-                ("Local".to_string(), Churn::Tcp, vec![None], local.clone()),
+                group(
+                    "Local",
+                    Churn::Tcp,
+                    vec![None],
+                    local.clone(),
+                    ONE_ADDRESS_RATE,
+                ),
             ],
         ),
         (
             "sixteen client addresses, and UDP queries",
             vec![
-                (
-                    "Cluster".to_string(),
+                group(
+                    "Cluster",
                     Churn::Tcp,
                     sixteen.clone(),
                     cluster.clone(),
+                    SIXTEEN_ADDRESSES_RATE,
                 ),
-                (
-                    "Local".to_string(),
+                group(
+                    "Local",
                     Churn::Tcp,
                     sixteen.clone(),
                     local.clone(),
+                    SIXTEEN_ADDRESSES_RATE,
                 ),
-                (
-                    "UDP (Cluster)".to_string(),
+                group(
+                    "UDP (Cluster)",
                     Churn::Udp,
                     vec![None],
                     dns.clone(),
+                    UDP_NODEPORT_RATE,
                 ),
             ],
         ),
@@ -405,6 +450,20 @@ async fn sustained_churn_through_nodeports_loses_no_connection() {
 
 /// ClusterIP Services of the churn test's pods, created through the API.
 const CLUSTER_IPS: usize = 1000;
+
+/// Each ClusterIP client's pace: 4,000 TCP connections and 2,000 UDP
+/// queries a second at most, whatever the machine. What one client address
+/// can sustain towards a backend is physical: about 60,000 tuples (its own
+/// ports and the moved ones), each held 66 s once the backend closes first
+/// (`CLOSED_HOLD_NS`), so about 900 new connections a second; 4,000 over
+/// eight backends is 500 each, half the tuples, and about 600,000 of the
+/// 1,048,576 conntrack entries (`CONNTRACK_MAX_ENTRIES`). Without a pace,
+/// four clients reached 6,200 connections and 6,200 queries a second on a
+/// fast CI machine: 780 per backend held 85% of the tuples, some backends
+/// ran out (`snat_alloc_failed`), and the 1,048,576 entries filled between
+/// sweeps, so the LRU evicted the tuples' guards (`tuple_clash`, all of
+/// them on the clients' own ports).
+const CLUSTER_IP_RATE: Rate = Rate::PerClient(1000);
 
 /// Frontends programmed on node `node`'s maps (the agent's gauge).
 async fn frontends(lab: &Lab, node: usize) -> f64 {
@@ -456,14 +515,20 @@ async fn sustained_churn_through_a_thousand_cluster_ips_loses_no_connection() {
     common::wait_reachable(&lab, from, tcp[0], Duration::from_secs(30)).await;
     let netns = lab.pod_netns(from.0, from.1).expect("client netns");
     let groups = vec![
-        // Four TCP clients: one client address has about 60,000 tuples
-        // towards each backend (its own ports and the moved ones), each held
-        // 66 s once the backend closes first: about 900 new connections a
-        // second per backend. Eight clients reached 9,000 flows a second
-        // on a fast run (over 800 per backend), ran out of moved ports
-        // (`snat_alloc_failed`) and clashed on the tuples taken over.
-        ("TCP, 4 clients".to_string(), Churn::Tcp, vec![None; 4], tcp),
-        ("UDP, 2 clients".to_string(), Churn::Udp, vec![None; 2], udp),
+        group(
+            "TCP, 4 clients",
+            Churn::Tcp,
+            vec![None; 4],
+            tcp,
+            CLUSTER_IP_RATE,
+        ),
+        group(
+            "UDP, 2 clients",
+            Churn::Udp,
+            vec![None; 2],
+            udp,
+            CLUSTER_IP_RATE,
+        ),
     ];
     let phase = "a client pod to a thousand ClusterIPs in turn";
     let problems = run_phase(&lab, &netns, phase, groups, phase_length()).await;

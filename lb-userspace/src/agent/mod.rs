@@ -323,15 +323,19 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let mut ct_sweep = after(cfg.ct_sweep);
     let mut health = crate::health::HealthServers::default();
     let mut work = Work::everything();
-    let mut programmed_node: Option<NodeContext> = None;
+    let mut node = node_context(cfg.node_name.as_ref(), &caches.nodes);
     loop {
         if work.any() {
             let started = Instant::now();
-            let node = node_context(cfg.node_name.as_ref(), &caches.nodes);
-            if programmed_node.as_ref() != Some(&node) {
-                work.full = true;
-                work.policy.full = true;
-                programmed_node = Some(node.clone());
+            // Only a Node event (or a relist) can change what the Nodes
+            // say: the walk over them is not every pass's.
+            if work.node || work.full {
+                let now = node_context(cfg.node_name.as_ref(), &caches.nodes);
+                if now != node {
+                    work.full = true;
+                    work.policy.full = true;
+                    node = now;
+                }
             }
             if work.policy.any() {
                 policy.pass(&mut dp, &caches, &node, &work.policy, &stats);

@@ -17,7 +17,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 use super::{
-    client::{self, quantile, Churn},
+    client::{self, quantile, Churn, Rate},
     e2e,
     kube_proxy::{self, ServicePort},
     prog_stats::{self, ProgramCost},
@@ -424,7 +424,13 @@ fn measure_timed(r: &Run, duration: Duration) -> Result<Row> {
     let timed = duration / 4;
     let on = prog_stats::enable()?;
     let before = prog_stats::snapshot()?;
-    let o = client::churn(&r.netns, Churn::Tcp, &r.sources, r.targets.clone(), timed)?;
+    let o = client::churn(
+        &r.netns,
+        Churn::Tcp,
+        &r.sources,
+        r.targets.clone(),
+        (timed, Rate::Unpaced),
+    )?;
     let after = prog_stats::snapshot()?;
     drop(on);
     row.programs = prog_stats::between(&before, &after);
@@ -454,7 +460,7 @@ fn measure(r: &Run, duration: Duration) -> Result<Row> {
         Churn::Tcp,
         &r.sources,
         r.targets.clone(),
-        duration,
+        (duration, Rate::Unpaced),
     )?;
     let after = syn_retransmissions(&r.netns)?;
     let mut ms: Vec<f64> = o

@@ -184,16 +184,59 @@ pub enum Churn {
     Udp,
 }
 
+/// How fast each churn client goes: without pause (a bench's ceiling), or
+/// at most `per_client` requests a second (a test's defined load, which a
+/// faster machine must not exceed: the tuples and conntrack entries a
+/// load holds grow with its rate).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rate {
+    Unpaced,
+    PerClient(u32),
+}
+
+/// A client's schedule at `Rate::PerClient`: request `n` is due `n`
+/// intervals after the start. A client that fell behind (a slow request)
+/// catches up by at most `CATCH_UP` of requests, not in one burst.
+struct Pace {
+    interval: Duration,
+    due: Instant,
+}
+
+const CATCH_UP: Duration = Duration::from_millis(50);
+
+impl Pace {
+    fn new(rate: Rate) -> Option<Pace> {
+        match rate {
+            Rate::Unpaced => None,
+            Rate::PerClient(n) => Some(Pace {
+                interval: Duration::from_secs(1) / n.max(1),
+                due: Instant::now(),
+            }),
+        }
+    }
+
+    /// Sleeps until the next request is due.
+    fn wait(&mut self) {
+        let now = Instant::now();
+        if self.due > now {
+            std::thread::sleep(self.due - now);
+        } else if now - self.due > CATCH_UP {
+            self.due = now - CATCH_UP;
+        }
+        self.due += self.interval;
+    }
+}
+
 /// Churn: one client per address in `sources` (None: the namespace's own),
 /// in namespace `netns`, each opening a new connection (or socket) per
-/// request without pause for `duration`, to the targets in turn; all their
+/// request at `rate` for `duration`, to the targets in turn; all their
 /// samples together. What users' clients do to a NodePort or a ClusterIP.
 pub fn churn(
     netns: &str,
     kind: Churn,
     sources: &[Option<Ipv4Addr>],
     targets: Vec<SocketAddr>,
-    duration: Duration,
+    (duration, rate): (Duration, Rate),
 ) -> Result<Outcome> {
     let stop = Arc::new(AtomicBool::new(false));
     let targets = Arc::new(targets);
@@ -203,7 +246,11 @@ pub fn churn(
         handles.push(netns::spawn_in(netns, move || {
             let mut out = Outcome::default();
             let mut next = w;
+            let mut pace = Pace::new(rate);
             while !stop.load(Ordering::Relaxed) {
+                if let Some(p) = pace.as_mut() {
+                    p.wait();
+                }
                 let addr = targets[next % targets.len()];
                 next += 1;
                 let res = match kind {

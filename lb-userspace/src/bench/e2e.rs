@@ -128,12 +128,7 @@ pub async fn run(
         add_fillers(&with_rules, have, n, &echo_rules)?;
         let added = n.saturating_sub(have) as f64;
         let started = Instant::now();
-        wait_programmed(
-            &with_agent,
-            base_s - lab::cluster_dns::PROGRAMMED.0 + added,
-            None,
-            Duration::from_secs(600),
-        )?;
+        wait_programmed_in_all(&with_agent, base_s + added, None, Duration::from_secs(600))?;
         let lb_took = started.elapsed();
         have = have.max(n);
         let (iptables, nftables) = load_rules(
@@ -308,8 +303,19 @@ pub fn wait_programmed(
     within: Duration,
 ) -> Result<()> {
     let (dns_frontends, dns_backends) = lab::cluster_dns::PROGRAMMED;
-    let services = services + dns_frontends;
     let backends = backends.map(|b| b + dns_backends);
+    wait_programmed_in_all(lab, services + dns_frontends, backends, within)
+}
+
+/// `wait_programmed`, counting every frontend and backend the agent
+/// reports (cluster DNS's among them): for a caller that read the count
+/// before (`programmed`) and adds to it.
+pub fn wait_programmed_in_all(
+    lab: &Lab,
+    services: f64,
+    backends: Option<f64>,
+    within: Duration,
+) -> Result<()> {
     let started = Instant::now();
     loop {
         let got = programmed(lab).unwrap_or((-1.0, -1.0));

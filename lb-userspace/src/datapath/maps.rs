@@ -155,37 +155,27 @@ impl Maps {
             let (now, later) = rest.split_at(run);
             rest = later;
             match op {
-                MapOp::PutBackend(..) => {
-                    let (ids, values): (Vec<_>, Vec<_>) = pick(now, |o| match o {
-                        MapOp::PutBackend(id, b) => Some((*id, *b)),
-                        _ => None,
-                    });
-                    super::batch::update_entries(&self.backends, &ids, &values)
-                        .with_context(|| format!("writing {} backends", ids.len()))?;
-                }
+                MapOp::PutBackend(..) => put_run(&self.backends, now, "backends", |o| match o {
+                    MapOp::PutBackend(id, b) => Some((*id, *b)),
+                    _ => None,
+                })?,
                 MapOp::PutService(..) => {
-                    let (keys, values): (Vec<_>, Vec<_>) = pick(now, |o| match o {
+                    put_run(&self.services, now, "service entries", |o| match o {
                         MapOp::PutService(k, v) => Some((*k, *v)),
                         _ => None,
-                    });
-                    super::batch::update_entries(&self.services, &keys, &values)
-                        .with_context(|| format!("writing {} service entries", keys.len()))?;
+                    })?
                 }
                 MapOp::DeleteService(..) => {
-                    let (keys, ()): (Vec<_>, ()) = pick(now, |o| match o {
-                        MapOp::DeleteService(k) => Some((*k, ())),
+                    delete_run(&self.services, now, "service entries", |o| match o {
+                        MapOp::DeleteService(k) => Some(*k),
                         _ => None,
-                    });
-                    super::batch::delete_entries(&self.services, &keys)
-                        .with_context(|| format!("deleting {} service entries", keys.len()))?;
+                    })?
                 }
                 MapOp::DeleteBackend(..) => {
-                    let (ids, ()): (Vec<_>, ()) = pick(now, |o| match o {
-                        MapOp::DeleteBackend(id) => Some((*id, ())),
+                    delete_run(&self.backends, now, "backends", |o| match o {
+                        MapOp::DeleteBackend(id) => Some(*id),
                         _ => None,
-                    });
-                    super::batch::delete_entries(&self.backends, &ids)
-                        .with_context(|| format!("deleting {} backends", ids.len()))?;
+                    })?
                 }
                 MapOp::PutMaglev(..) if run > 1 => self.put_maglev_run(now)?,
                 _ => {
@@ -356,13 +346,28 @@ fn source_range_key(rev_nat_id: RevNatId, addr: u32, len: u8) -> Key<SourceRange
     Key::new(32 + u32::from(len), SourceRange { rev_nat_id, addr })
 }
 
-/// The (key, value) pairs of a run of one kind of op, unzipped for a
-/// batch call; `value` is `()` for deletes.
-fn pick<K, V, C: Default + Extend<V>>(
+/// Writes a run of puts to one map in batches; `each` picks an op's entry.
+fn put_run<K: bytemuck::Pod + aya::Pod, V: bytemuck::Pod + aya::Pod>(
+    map: &HashMap<MapData, K, V>,
     run: &[MapOp],
+    what: &str,
     each: impl Fn(&MapOp) -> Option<(K, V)>,
-) -> (Vec<K>, C) {
-    run.iter().filter_map(each).unzip()
+) -> Result<()> {
+    let (keys, values): (Vec<K>, Vec<V>) = run.iter().filter_map(each).unzip();
+    super::batch::update_entries(map, &keys, &values)
+        .with_context(|| format!("writing {} {what}", keys.len()))
+}
+
+/// Deletes a run of keys from one map in batches; `each` picks an op's key.
+fn delete_run<K: bytemuck::Pod + aya::Pod, V: bytemuck::Pod + aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    run: &[MapOp],
+    what: &str,
+    each: impl Fn(&MapOp) -> Option<K>,
+) -> Result<()> {
+    let keys: Vec<K> = run.iter().filter_map(each).collect();
+    super::batch::delete_entries(map, &keys)
+        .with_context(|| format!("deleting {} {what}", keys.len()))
 }
 
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
