@@ -4,6 +4,7 @@
 pub mod agent;
 #[cfg(feature = "lab")]
 pub mod bench;
+pub mod cni;
 pub mod conntrack;
 pub mod datapath;
 #[cfg(feature = "lab")]

@@ -85,6 +85,12 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         e2e_services: Vec<usize>,
     },
+    /// The chained CNI plugin (`lb-cni`): put it on this node, or take it
+    /// off. The runtime runs the plugin itself as `/opt/cni/bin/lb-cni`.
+    Cni {
+        #[command(subcommand)]
+        command: CniCommand,
+    },
     /// NetworkPolicy tools.
     Policy {
         #[command(subcommand)]
@@ -115,6 +121,32 @@ enum PolicyCommand {
         protocol: String,
         #[arg(long, env = "KUBECONFIG")]
         kubeconfig: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CniCommand {
+    /// Copy this binary to BIN_DIR/lb-cni and chain lb-cni last into the
+    /// node's active CNI configuration (idempotent).
+    Install {
+        #[arg(long, default_value = "/opt/cni/bin")]
+        bin_dir: PathBuf,
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        conf_dir: PathBuf,
+        /// The agent's interface-prefix: only such host veths are waited for.
+        #[arg(long, default_value = "veth")]
+        interface_prefix: String,
+        /// The agent's pin-dir.
+        #[arg(long, default_value = "/sys/fs/bpf/lb")]
+        pin_dir: PathBuf,
+        /// How long a pod's network setup waits for the agent.
+        #[arg(long, default_value_t = 10.0)]
+        timeout_seconds: f64,
+    },
+    /// Take lb-cni out of the node's CNI configuration.
+    Uninstall {
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        conf_dir: PathBuf,
     },
 }
 
@@ -162,6 +194,11 @@ enum LabCommand {
 }
 
 fn main() -> Result<()> {
+    // Run by a container runtime as a CNI plugin: the protocol, not the CLI.
+    let arg0 = std::env::args_os().next().unwrap_or_default();
+    if std::path::Path::new(&arg0).file_name() == Some(lb::cni::PLUGIN_TYPE.as_ref()) {
+        std::process::exit(lb::cni::main());
+    }
     let matches = match settings::parse_with_file(
         Cli::command(),
         std::env::args_os().collect(),
@@ -195,6 +232,27 @@ fn main() -> Result<()> {
             listen,
             drain_seconds,
         } => rt.block_on(echo::run(name, listen, Duration::from_secs(drain_seconds))),
+        Command::Cni {
+            command:
+                CniCommand::Install {
+                    bin_dir,
+                    conf_dir,
+                    interface_prefix,
+                    pin_dir,
+                    timeout_seconds,
+                },
+        } => lb::cni::install::install(
+            &bin_dir,
+            &conf_dir,
+            &lb::cni::install::Entry {
+                interface_prefix,
+                pin_dir,
+                timeout_seconds,
+            },
+        ),
+        Command::Cni {
+            command: CniCommand::Uninstall { conf_dir },
+        } => lb::cni::install::uninstall(&conf_dir),
         Command::Policy {
             command:
                 PolicyCommand::Trace {

@@ -109,6 +109,39 @@ fn the_image_archive_is_valid_oci_and_its_entrypoint_runs() {
         .arg("--version")
         .env_clear());
     assert_eq!(version.trim(), format!("lb {}", env!("CARGO_PKG_VERSION")));
+    // The DaemonSet's init container: the plugin copied onto the node and
+    // chained into its CNI configuration; the copy answers as a plugin.
+    let conf_dir = rootfs.join("host/etc/cni/net.d");
+    std::fs::create_dir_all(&conf_dir).unwrap();
+    std::fs::create_dir_all(rootfs.join("host/opt/cni/bin")).unwrap();
+    let kindnet = r#"{"cniVersion": "0.3.1", "name": "kindnet", "plugins": [{"type": "ptp"}, {"type": "portmap"}]}"#;
+    std::fs::write(conf_dir.join("10-kindnet.conflist"), kindnet).unwrap();
+    run(Command::new("/usr/sbin/chroot")
+        .arg(&rootfs)
+        .arg(&args[0])
+        .args([
+            "cni",
+            "install",
+            "--bin-dir=/host/opt/cni/bin",
+            "--conf-dir=/host/etc/cni/net.d",
+        ])
+        .env_clear());
+    let chained: Value =
+        serde_json::from_slice(&std::fs::read(conf_dir.join("10-kindnet.conflist")).unwrap())
+            .unwrap();
+    assert_eq!(chained["plugins"][2]["type"], "lb-cni", "{chained}");
+    let version: Value = serde_json::from_str(&run(Command::new("/usr/sbin/chroot")
+        .arg(&rootfs)
+        .arg("/host/opt/cni/bin/lb-cni")
+        .env_clear()
+        .env("CNI_COMMAND", "VERSION")))
+    .unwrap();
+    assert!(
+        version["supportedVersions"]
+            .as_array()
+            .is_some_and(|v| v.contains(&"1.0.0".into())),
+        "{version}"
+    );
     let help = run(Command::new("/usr/sbin/chroot")
         .arg(&rootfs)
         .args(["/usr/sbin/bpftool", "version"])

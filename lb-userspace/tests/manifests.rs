@@ -433,12 +433,15 @@ fn an_overlay_sets_the_image_in_one_place() {
     for (id, doc) in &rendered {
         let mut want = plain[id].clone();
         if doc["kind"] == "DaemonSet" {
-            assert_eq!(
-                doc["spec"]["template"]["spec"]["containers"][0]["image"],
-                "ghcr.io/example/lb:0.2.0"
-            );
-            want["spec"]["template"]["spec"]["containers"][0]["image"] =
-                "ghcr.io/example/lb:0.2.0".into();
+            // The agent and its CNI installer run the same image.
+            for list in ["containers", "initContainers"] {
+                assert_eq!(
+                    doc["spec"]["template"]["spec"][list][0]["image"], "ghcr.io/example/lb:0.2.0",
+                    "{list}"
+                );
+                want["spec"]["template"]["spec"][list][0]["image"] =
+                    "ghcr.io/example/lb:0.2.0".into();
+            }
         }
         assert_eq!(doc, &want, "{id}: only the image may change");
     }

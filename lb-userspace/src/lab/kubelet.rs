@@ -20,6 +20,7 @@ use super::{
     kinds::Kind,
     net::{self, Names},
     objects::is_terminating,
+    sandbox::{self, InitOutcome},
     store::{meta_str, now_rfc3339, Store},
 };
 use crate::netns;
@@ -63,8 +64,9 @@ pub struct Kubelet {
     /// The lab's kubeconfig, for the cluster DNS pod.
     kubeconfig: PathBuf,
     state: Arc<Mutex<State>>,
-    /// Agents run: a pod is ready only once its veth carries the programs,
-    /// as a CNI plugin returns only when the pod's network is complete.
+    /// Agents run: the chained `lb-cni` plugin runs after the veth is made
+    /// (`sandbox::cni_add`), as on a kind node with lb installed, and the
+    /// pod's commands start only once lb's programs are on its veth.
     /// Otherwise its first packets would bypass Services and policy.
     pub wait_for_datapath: bool,
 }
@@ -87,32 +89,6 @@ impl Kubelet {
             kubeconfig,
             state: Arc::default(),
             wait_for_datapath: false,
-        }
-    }
-
-    /// Waits (up to 15 s) until both tc programs are attached to `veth`.
-    async fn wait_for_programs(&self, node: usize, veth: &str) {
-        use aya::programs::{tc::TcAttachType, SchedClassifier};
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-        loop {
-            let veth_name = veth.to_string();
-            let attached = crate::netns::run_in(&self.names.node_ns(node), move || {
-                [TcAttachType::Ingress, TcAttachType::Egress]
-                    .into_iter()
-                    .all(|t| {
-                        SchedClassifier::query_tcx(&veth_name, t)
-                            .is_ok_and(|(_, progs)| !progs.is_empty())
-                    })
-            })
-            .unwrap_or(false);
-            if attached {
-                return;
-            }
-            if tokio::time::Instant::now() > deadline {
-                tracing::warn!("{veth}: no programs attached after 15 s; the pod starts anyway");
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -222,14 +198,14 @@ impl Kubelet {
         tokio::spawn(async move {
             let name = format!("{}/{}", meta_str(&pod, "namespace"), meta_str(&pod, "name"));
             match this.run_pod(&pod, node, k, ip).await {
-                Ok(child) => {
+                Ok((child, init)) => {
                     if let Some(r) = this.lock().pods.get_mut(&uid) {
                         r.child = Some(child);
                         if r.phase == Phase::Starting {
                             r.phase = Phase::Running;
                         }
                     }
-                    this.set_status(&pod, node, ip, true, k);
+                    this.set_status(&pod, (node, ip, k), &init);
                 }
                 Err(e) => {
                     tracing::error!("pod {name} failed to start: {e:#}");
@@ -242,13 +218,21 @@ impl Kubelet {
         });
     }
 
-    async fn run_pod(&self, pod: &Value, node: usize, k: u32, ip: Ipv4Addr) -> Result<Child> {
+    async fn run_pod(
+        &self,
+        pod: &Value,
+        node: usize,
+        k: u32,
+        ip: Ipv4Addr,
+    ) -> Result<(Child, Vec<InitOutcome>)> {
         net::create_pod(&self.names, node, k, ip).await?;
         if self.wait_for_datapath {
-            self.wait_for_programs(node, &self.names.host_veth(k)).await;
+            let pin_dir = super::pin_root(&self.names.prefix).join(super::node_name(node));
+            sandbox::cni_add(&self.lb_binary, &self.names, (node, k), &pin_dir).await?;
         }
         net::write_resolv_conf(&self.names.pod_ns(k), meta_str(pod, "namespace"))?;
         let log = std::fs::File::create(self.pod_log(pod))?;
+        let init = sandbox::run_init_containers(pod, &self.names.pod_ns(k), &log).await?;
         let mut cmd = if super::cluster_dns::is_dns_pod(pod) {
             // The DNS server watches the API from the host and answers in
             // the pod's namespace (`dns_server.rs`).
@@ -278,7 +262,7 @@ impl Kubelet {
             BufReader::new(stdout).read_line(&mut line).map(|_| line)
         });
         match tokio::time::timeout(Duration::from_secs(10), ready).await {
-            Ok(Ok(Ok(line))) if line.trim() == "ready" => Ok(child),
+            Ok(Ok(Ok(line))) if line.trim() == "ready" => Ok((child, init)),
             other => {
                 let _ = child.kill();
                 bail!("echo server did not become ready: {other:?}")
@@ -317,7 +301,7 @@ impl Kubelet {
         ))
     }
 
-    fn set_status(&self, pod: &Value, node: usize, ip: Ipv4Addr, ready: bool, k: u32) {
+    fn set_status(&self, pod: &Value, (node, ip, k): (usize, Ipv4Addr, u32), init: &[InitOutcome]) {
         let Ok(mut cur) =
             self.store
                 .get(Kind::Pod, meta_str(pod, "namespace"), meta_str(pod, "name"))
@@ -327,7 +311,7 @@ impl Kubelet {
         if meta_str(&cur, "uid") != meta_str(pod, "uid") {
             return;
         }
-        let status = if ready { "True" } else { "False" };
+        let status = "True";
         let now = now_rfc3339();
         cur["metadata"]["annotations"][NETNS_ANNOTATION] = json!(self.names.pod_ns(k));
         cur["metadata"]["annotations"][LOG_ANNOTATION] =
@@ -342,7 +326,7 @@ impl Kubelet {
             .map(|c| {
                 json!({
                     "name": c["name"], "image": c["image"], "imageID": "", "containerID": "",
-                    "ready": ready, "started": true, "restartCount": 0,
+                    "ready": true, "started": true, "restartCount": 0,
                     "state": {"running": {"startedAt": now}},
                 })
             })
@@ -351,6 +335,7 @@ impl Kubelet {
             "phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}],
             "hostIP": net::node_ip(node).to_string(), "startTime": now,
             "containerStatuses": containers,
+            "initContainerStatuses": init.iter().map(|i| i.status(&now)).collect::<Vec<_>>(),
             "conditions": [
                 {"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
                 {"type": "Initialized", "status": "True", "lastTransitionTime": now},

@@ -23,6 +23,7 @@ pub mod openapi;
 pub mod patch;
 pub mod printing;
 pub mod rollout;
+pub mod sandbox;
 pub mod selectors;
 pub mod store;
 pub mod validation;
