@@ -63,6 +63,10 @@ async fn a_pod_reaches_a_service_by_name_with_its_first_packets_100_times_of_100
     let lab = common::lab_with('f', common::test_manifests("services"), 2).await;
     let web = common::vip(&lab, "web", 80);
     common::wait_backends(&lab, web, lb_common::PROTO_TCP, 4).await;
+    // kube-dns's one pod behind its ClusterIP on both nodes: the name's
+    // query goes there first.
+    let dns: std::net::SocketAddr = "10.96.0.10:53".parse().unwrap();
+    common::wait_backends(&lab, dns, lb_common::PROTO_UDP, 1).await;
     common::wait_reachable(&lab, ("default", "client"), web, Duration::from_secs(30)).await;
 
     let started = Instant::now();

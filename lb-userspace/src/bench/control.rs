@@ -3,7 +3,7 @@
 //! from the API write to the map, and the agent's peak memory.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::Ipv4Addr,
     time::{Duration, Instant},
 };
 
@@ -25,6 +25,8 @@ pub struct Settings {
     pub syncs: usize,
     /// Endpoint changes timed after the last sync.
     pub changes: usize,
+    /// Then this many changes written at once, timed together.
+    pub burst: usize,
     /// The NetworkPolicy side, in a lab of its own.
     pub policy: super::policy::Settings,
 }
@@ -38,14 +40,21 @@ pub struct Results {
     pub peak_mib: Vec<f64>,
     /// Every change's API write to map update.
     pub propagation: Vec<Duration>,
+    /// From the first write of the burst until its last change is in the
+    /// map.
+    pub burst: Option<Duration>,
+    /// Changes in the burst (at most one per Service).
+    pub burst_len: usize,
     /// Peak memory at the very end (after the changes), MiB.
     pub final_peak_mib: f64,
+    /// The same cluster and changes as kube-proxy's nftables rules.
+    pub nft: super::nft_control::Results,
     pub policy: super::policy::Results,
 }
 
 /// Endpoint `e` of Service `i`: unrouted addresses, no pod behind them
 /// (only the maps are looked at).
-fn endpoint_ip(i: usize, e: usize, per: usize) -> Ipv4Addr {
+pub(super) fn endpoint_ip(i: usize, e: usize, per: usize) -> Ipv4Addr {
     let n = (i * per + e) as u32;
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + n)
 }
@@ -110,9 +119,16 @@ pub async fn run(s: &Settings, prefix: &str, lb_binary: &std::path::Path) -> Res
         out.peak_mib.push(peak);
         if rep + 1 == s.syncs {
             out.propagation = propagation(&lab, s)?;
+            out.burst = Some(burst(&lab, s)?);
+            out.burst_len = s.burst.min(s.services);
             out.final_peak_mib = peak_mib(pid);
         }
     }
+    out.nft = super::nft_control::run(
+        &format!("{prefix}-nft"),
+        (s.services, s.endpoints),
+        (s.syncs, s.changes, s.burst.min(s.services)),
+    )?;
     out.policy = policy_part(s, prefix, lb_binary).await?;
     Ok(out)
 }
@@ -155,53 +171,100 @@ fn print_start_log(lab: &Lab) {
     }
 }
 
-/// Takes an endpoint away from a Service (or gives it back) through the
-/// API, `s.changes` times on different Services, and times each from the
-/// write until the Service's entry in the node's map has the new count.
+/// The Service the `k`th single change flips (spread over the cluster).
+pub(super) fn changed_service(k: usize, services: usize) -> usize {
+    (k * 7919) % services
+}
+
+/// The Service the `k`th change of the burst flips: distinct for `k` below
+/// `services` (7919 is prime).
+pub(super) fn burst_service(k: usize, services: usize) -> usize {
+    (k * 7919 + 5003) % services
+}
+
+/// A change written: the Service's map key and the backend count it will
+/// have.
+struct Written {
+    i: usize,
+    key: lb_common::service::ServiceKey,
+    want: usize,
+    was: usize,
+}
+
+/// Takes an endpoint away from Service `i` (or gives it back) through the
+/// API.
+fn flip(lab: &Lab, maps: &Maps, i: usize, s: &Settings) -> Result<Written> {
+    let svc = lab
+        .store
+        .get(Kind::Service, "default", &format!("svc-{i}"))?;
+    let vip: Ipv4Addr = svc["spec"]["clusterIP"]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .context("clusterIP")?;
+    let key = service_key(vip, 80, lb_common::PROTO_TCP, 0);
+    let was = maps.services.get(&key, 0)?.count as usize;
+    let want = if was == s.endpoints {
+        was - 1
+    } else {
+        s.endpoints
+    };
+    let mut obj = slice(i, want, s.endpoints);
+    let current = lab
+        .store
+        .get(Kind::EndpointSlice, "default", &format!("svc-{i}-1"))?;
+    obj["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
+    lab.store.replace(Kind::EndpointSlice, obj)?;
+    Ok(Written { i, key, want, was })
+}
+
+/// Waits until the map has what `w` wrote, polling every 0.2 ms; at most
+/// 30 s after `started`.
+fn wait_in_map(lab: &Lab, maps: &Maps, w: &Written, started: Instant) -> Result<()> {
+    loop {
+        if maps.services.get(&w.key, 0).ok().map(|v| v.count as usize) == Some(w.want) {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            let log = std::fs::read_to_string(lab.log_path("agent-node-1")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            bail!(
+                "svc-{}: still {} backends 30 s after the change; the agent's log ends:\n{}",
+                w.i,
+                w.was,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// `s.changes` changes, one at a time on different Services, each timed
+/// from the write until that Service's entry in the node's map has the new
+/// count.
 fn propagation(lab: &Lab, s: &Settings) -> Result<Vec<Duration>> {
     let maps = Maps::open_pinned(&lab.pin_dir(1))?;
     let mut took = Vec::with_capacity(s.changes);
     for k in 0..s.changes {
-        let i = (k * 7919) % s.services;
-        let svc = lab
-            .store
-            .get(Kind::Service, "default", &format!("svc-{i}"))?;
-        let vip: Ipv4Addr = svc["spec"]["clusterIP"]
-            .as_str()
-            .and_then(|v| v.parse().ok())
-            .context("clusterIP")?;
-        let key = service_key(vip, 80, lb_common::PROTO_TCP, 0);
-        let now = maps.services.get(&key, 0)?.count as usize;
-        let want = if now == s.endpoints {
-            now - 1
-        } else {
-            s.endpoints
-        };
-        let mut obj = slice(i, want, s.endpoints);
-        let current = lab
-            .store
-            .get(Kind::EndpointSlice, "default", &format!("svc-{i}-1"))?;
-        obj["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
         let started = Instant::now();
-        lab.store.replace(Kind::EndpointSlice, obj)?;
-        loop {
-            if maps.services.get(&key, 0).ok().map(|v| v.count as usize) == Some(want) {
-                break;
-            }
-            if started.elapsed() > Duration::from_secs(30) {
-                let log = std::fs::read_to_string(lab.log_path("agent-node-1")).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                bail!(
-                    "svc-{i} ({}): still {now} backends 30 s after the change; the agent's log ends:\n{}",
-                    SocketAddr::from((vip, 80)),
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                );
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
+        let w = flip(lab, &maps, changed_service(k, s.services), s)?;
+        wait_in_map(lab, &maps, &w, started)?;
         took.push(started.elapsed());
     }
     Ok(took)
+}
+
+/// `s.burst` changes on as many Services written at once, timed from the
+/// first write until the last of them is in the map.
+fn burst(lab: &Lab, s: &Settings) -> Result<Duration> {
+    let maps = Maps::open_pinned(&lab.pin_dir(1))?;
+    let started = Instant::now();
+    let written = (0..s.burst.min(s.services))
+        .map(|k| flip(lab, &maps, burst_service(k, s.services), s))
+        .collect::<Result<Vec<_>>>()?;
+    for w in &written {
+        wait_in_map(lab, &maps, w, started)?;
+    }
+    Ok(started.elapsed())
 }
 
 /// Peak resident memory of process `pid`, MiB.

@@ -287,7 +287,7 @@ fn service_rules(o: &mut String, sp: &ServicePort) {
 /// The nftables table.
 pub const NFT_TABLE: &str = "kube-proxy";
 
-fn nft_service_chain(sp: &ServicePort) -> String {
+pub(super) fn nft_service_chain(sp: &ServicePort) -> String {
     let (ns, rest) = sp.name.split_once('/').unwrap_or(("", &sp.name));
     let (svc, port) = rest.split_once(':').unwrap_or((rest, ""));
     format!(
@@ -296,7 +296,7 @@ fn nft_service_chain(sp: &ServicePort) -> String {
     )
 }
 
-fn nft_endpoint_chain(sp: &ServicePort, ep: &SocketAddrV4) -> String {
+pub(super) fn nft_endpoint_chain(sp: &ServicePort, ep: &SocketAddrV4) -> String {
     let (ns, rest) = sp.name.split_once('/').unwrap_or(("", &sp.name));
     let (svc, port) = rest.split_once(':').unwrap_or((rest, ""));
     format!(
@@ -330,6 +330,53 @@ fn nft_table(client: Ipv4Addr) -> String {
     o
 }
 
+/// A Service's chain as it sits in a `table ip kube-proxy { }` block:
+/// masquerade what comes from outside the pod network, then pick an
+/// endpoint.
+pub(super) fn nft_service_chain_block(sp: &ServicePort) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "  chain {} {{", nft_service_chain(sp));
+    let _ = writeln!(
+        o,
+        "    ip daddr {} tcp dport {} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade",
+        sp.cluster_ip, sp.port
+    );
+    // kube-proxy writes `numgen random mod 1 vmap { 0 : goto ... }` for
+    // one endpoint too. Here such a Service jumps straight to its
+    // endpoint: every `numgen ... vmap { }` is an anonymous set, and
+    // this kernel names each new one by scanning every set of the table
+    // (`nf_tables_set_alloc_name`), so 30,000 of them took 5 minutes to
+    // load and 20,000 took 75 s. The Service is found by the same
+    // verdict-map lookup either way.
+    if let [ep] = sp.endpoints[..] {
+        let _ = writeln!(o, "    goto {}", nft_endpoint_chain(sp, &ep));
+    } else if !sp.endpoints.is_empty() {
+        let arms: Vec<String> = sp
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, ep)| format!("{i} : goto {}", nft_endpoint_chain(sp, ep)))
+            .collect();
+        let _ = writeln!(
+            o,
+            "    numgen random mod {} vmap {{ {} }}",
+            sp.endpoints.len(),
+            arms.join(", ")
+        );
+    }
+    o.push_str("  }\n");
+    o
+}
+
+/// An endpoint's chain as it sits in a `table ip kube-proxy { }` block.
+pub(super) fn nft_endpoint_chain_block(sp: &ServicePort, ep: &SocketAddrV4) -> String {
+    format!(
+        "  chain {} {{\n    ip saddr {} jump mark-for-masquerade\n    meta l4proto tcp dnat to {ep}\n  }}\n",
+        nft_endpoint_chain(sp, ep),
+        ep.ip()
+    )
+}
+
 /// The part of [`nft_script`] that adds `services` to the table
 /// [`nft_table`] made: each Service's chain and its endpoints' chains, then its element
 /// in `service-ips`. Empty when there are no Services.
@@ -340,43 +387,9 @@ fn nft_services(services: &[ServicePort]) -> String {
     }
     let mut o = format!("table ip {t} {{\n");
     for sp in services {
-        let _ = writeln!(o, "  chain {} {{", nft_service_chain(sp));
-        let _ = writeln!(
-            o,
-            "    ip daddr {} tcp dport {} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade",
-            sp.cluster_ip, sp.port
-        );
-        // kube-proxy writes `numgen random mod 1 vmap { 0 : goto ... }` for
-        // one endpoint too. Here such a Service jumps straight to its
-        // endpoint: every `numgen ... vmap { }` is an anonymous set, and
-        // this kernel names each new one by scanning every set of the table
-        // (`nf_tables_set_alloc_name`), so 30,000 of them took 5 minutes to
-        // load and 20,000 took 75 s. The Service is found by the same
-        // verdict-map lookup either way.
-        if let [ep] = sp.endpoints[..] {
-            let _ = writeln!(o, "    goto {}", nft_endpoint_chain(sp, &ep));
-        } else if !sp.endpoints.is_empty() {
-            let arms: Vec<String> = sp
-                .endpoints
-                .iter()
-                .enumerate()
-                .map(|(i, ep)| format!("{i} : goto {}", nft_endpoint_chain(sp, ep)))
-                .collect();
-            let _ = writeln!(
-                o,
-                "    numgen random mod {} vmap {{ {} }}",
-                sp.endpoints.len(),
-                arms.join(", ")
-            );
-        }
-        o.push_str("  }\n");
+        o.push_str(&nft_service_chain_block(sp));
         for ep in &sp.endpoints {
-            let _ = writeln!(
-                o,
-                "  chain {} {{\n    ip saddr {} jump mark-for-masquerade\n    meta l4proto tcp dnat to {ep}\n  }}",
-                nft_endpoint_chain(sp, ep),
-                ep.ip()
-            );
+            o.push_str(&nft_endpoint_chain_block(sp, ep));
         }
     }
     let _ = writeln!(o, "}}\nadd element ip {t} service-ips {{");

@@ -292,29 +292,61 @@ pub fn control(o: &mut String, r: &Results) {
         c.sync.len(),
         c.propagation.len()
     );
-    let _ = writeln!(o, "| figure | value |");
-    let _ = writeln!(o, "|---|---|");
     let _ = writeln!(
         o,
-        "| initial sync of {} Services × {} endpoints (s) | {} |",
+        "Beside it, the same cluster as kube-proxy's nftables mode writes it \
+         (`bench::nft_control`), in a namespace of its own: the initial sync \
+         is one `nft -f` of the whole table, a change one `nft -f` of \
+         kube-proxy's partial sync of that Service (the new endpoint's \
+         chain, the Service's chain flushed and written again, a gone \
+         endpoint's chain deleted), the burst one `nft -f` of all {} partial \
+         syncs; each timed from the spawn of `nft` to its exit. kube-proxy's \
+         watch and its minimum sync period (1 s by default) come on top of \
+         those, so they are its floor, where lb's figures run from the API \
+         write to the map.\n",
+        c.burst_len
+    );
+    let n = &c.nft;
+    let nft_secs: Vec<f64> = n.sync.iter().map(|d| d.as_secs_f64()).collect();
+    let mut nft_ms: Vec<f64> = n.change.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    let (n50, n99) = (
+        super::client::quantile(&mut nft_ms, 0.5),
+        super::client::quantile(&mut nft_ms, 0.99),
+    );
+    let ms = |d: Option<std::time::Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
+    let _ = writeln!(o, "| figure | lb | kube-proxy's nftables shape |");
+    let _ = writeln!(o, "|---|---|---|");
+    let _ = writeln!(
+        o,
+        "| initial sync of {} Services × {} endpoints (s) | {} | {} |",
         c.services,
         c.endpoints,
-        stat(&Stats::of(&secs), 1)
+        stat(&Stats::of(&secs), 1),
+        stat(&Stats::of(&nft_secs), 1)
     );
     let _ = writeln!(
         o,
-        "| one endpoint change, API write to map: p50 / p99 (ms) | {p50:.1} / {p99:.1} (min {:.1}, max {:.1}) |",
+        "| one endpoint change: p50 / p99 (ms) | {p50:.1} / {p99:.1} (min {:.1}, max {:.1}) | {n50:.1} / {n99:.1} (min {:.1}, max {:.1}) |",
         millis.first().copied().unwrap_or(f64::NAN),
-        millis.last().copied().unwrap_or(f64::NAN)
+        millis.last().copied().unwrap_or(f64::NAN),
+        nft_ms.first().copied().unwrap_or(f64::NAN),
+        nft_ms.last().copied().unwrap_or(f64::NAN)
     );
     let _ = writeln!(
         o,
-        "| agent peak memory after the sync (MiB) | {} |",
+        "| a burst of {} changes, first write to last in place (ms) | {:.0} | {:.0} |",
+        c.burst_len,
+        ms(c.burst),
+        ms(n.burst)
+    );
+    let _ = writeln!(
+        o,
+        "| agent peak memory after the sync (MiB) | {} | |",
         stat(&Stats::of(&c.peak_mib), 0)
     );
     let _ = writeln!(
         o,
-        "| agent peak memory after the changes too (MiB) | {:.0} |\n",
+        "| agent peak memory after the changes too (MiB) | {:.0} | |\n",
         c.final_peak_mib
     );
     policy(o, &c.policy);

@@ -11,6 +11,7 @@ pub mod e2e;
 pub mod kube_proxy;
 pub mod lab_report;
 pub mod maglev;
+pub mod nft_control;
 pub mod plot;
 pub mod policy;
 pub mod prog_stats;
@@ -90,6 +91,7 @@ impl Plan {
             endpoints: 10,
             syncs: 3,
             changes: 100,
+            burst: 1_000,
             policy: policy::Settings {
                 pods: 10_000,
                 policies: 1_000,
@@ -123,6 +125,7 @@ impl Plan {
             endpoints: 10,
             syncs: 1,
             changes: 10,
+            burst: 50,
             policy: policy::Settings {
                 pods: 500,
                 policies: 50,
