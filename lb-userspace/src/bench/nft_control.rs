@@ -11,13 +11,12 @@
 
 use std::{
     fmt::Write,
-    io::Write as _,
     net::{Ipv4Addr, SocketAddrV4},
     process::Stdio,
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
 use super::kube_proxy::{
     nft_endpoint_chain, nft_endpoint_chain_block, nft_script, nft_service_chain,
@@ -75,24 +74,8 @@ pub fn partial_sync(old: &ServicePort, new: &ServicePort) -> String {
 /// took from spawn to exit.
 fn nft(netns: &str, script: &str) -> Result<Duration> {
     let started = Instant::now();
-    let mut child = crate::netns::command_in(netns, "nft", false)?
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("nft (Debian's nftables)")?;
-    child
-        .stdin
-        .take()
-        .context("nft's stdin")?
-        .write_all(script.as_bytes())?;
-    let out = child.wait_with_output()?;
-    let took = started.elapsed();
-    if !out.status.success() {
-        bail!("nft -f: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(took)
+    super::e2e::load(netns, "nft", &["-f", "-"], script)?;
+    Ok(started.elapsed())
 }
 
 /// The peer's initial syncs, `changes` single changes and one burst of

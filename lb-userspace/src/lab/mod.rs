@@ -229,7 +229,16 @@ impl Lab {
     }
 
     fn serve(&mut self, listener: tokio::net::TcpListener) {
+        use axum::serve::ListenerExt;
         let app = apiserver::router(self.store.clone());
+        // As kube-apiserver (Go sets TCP_NODELAY on every connection): a
+        // watch event is a small write, and behind an unacknowledged one
+        // Nagle held it until the client's delayed ACK, 40 ms later.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::warn!("lab API server: TCP_NODELAY: {e}");
+            }
+        });
         self.servers.push(tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::error!("lab API server: {e}");
@@ -498,6 +507,7 @@ async fn controllers(store: Store, kubelet: Kubelet) {
         let rv = store.current_rv();
         let changed = seen != Some(rv);
         seen = Some(rv);
+        let started = std::time::Instant::now();
         if changed || becoming_available {
             becoming_available = workloads::reconcile_deployments(&store);
         }
@@ -509,6 +519,12 @@ async fn controllers(store: Store, kubelet: Kubelet) {
             endpoints::reconcile(&store);
             cloud::reconcile(&store);
             gc::reconcile(&store);
+        }
+        // Each pass reads (copies) the whole store: at 10,000 Services it is
+        // what delays the API server's answers and watch events.
+        let took = started.elapsed();
+        if took > Duration::from_millis(20) {
+            tracing::info!(took_ms = took.as_millis() as u64, "lab controllers' pass");
         }
     }
 }
