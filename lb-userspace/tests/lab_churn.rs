@@ -458,11 +458,11 @@ const CLUSTER_IPS: usize = 1000;
 /// (`CLOSED_HOLD_NS`), so about 900 new connections a second; 4,000 over
 /// eight backends is 500 each, half the tuples, and about 600,000 of the
 /// 1,048,576 conntrack entries (`CONNTRACK_MAX_ENTRIES`). Without a pace,
-/// four clients reached 6,200 connections and 6,200 queries a second on a
-/// fast CI machine: 780 per backend held 85% of the tuples, some backends
-/// ran out (`snat_alloc_failed`), and the 1,048,576 entries filled between
-/// sweeps, so the LRU evicted the tuples' guards (`tuple_clash`, all of
-/// them on the clients' own ports).
+/// the clients reached 5,952 connections and 10,382 queries a second on a
+/// fast CI machine: 744 per backend held about 82% of the tuples, some
+/// backends ran out (`snat_alloc_failed` 7,212), and node 2's table stood
+/// at 999,302 entries (731,424 UDP), so the LRU evicted tuples' guards
+/// (`tuple_clash` 9,255, 5,365 of them on the clients' own source).
 const CLUSTER_IP_RATE: Rate = Rate::PerClient(1000);
 
 /// Frontends programmed on node `node`'s maps (the agent's gauge).
