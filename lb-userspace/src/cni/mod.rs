@@ -217,11 +217,13 @@ pub fn handle(
         }))),
         // Nothing of the pod's is ours to remove: the agent detaches from a
         // veth when it goes. DEL must succeed whatever is left.
-        "DEL" | "GC" => Ok(None),
-        "STATUS" => Ok(None),
+        "DEL" | "GC" | "STATUS" => Ok(None),
         "ADD" | "CHECK" => {
             let conf = NetConf::parse(stdin)?;
             let prev = conf.prev_result()?;
+            // ADD passes the main plugin's result on; CHECK answers by its
+            // exit code alone.
+            let result = (env.command == "ADD").then(|| passed_through(prev, &conf.cni_version));
             if !pin_dir_exists(&conf.pin_dir) {
                 // No agent on this node: pass through rather than hold
                 // every pod back (lb uninstalled, chain entry left behind).
@@ -229,7 +231,7 @@ pub fn handle(
                     "lb-cni: {} does not exist (no lb agent on this node); passing the result through",
                     conf.pin_dir.display()
                 );
-                return Ok(Some(passed_through(prev, &conf.cni_version)));
+                return Ok(result);
             }
             let ifaces = host_interfaces(prev, &conf.interface_prefix);
             if ifaces.is_empty() {
@@ -254,7 +256,7 @@ pub fn handle(
                     format!("container {}, waited {wait:?}", env.container_id),
                 )
             })?;
-            Ok(Some(passed_through(prev, &conf.cni_version)))
+            Ok(result)
         }
         other => Err(CniError::new(
             Code::InvalidEnv,

@@ -110,6 +110,12 @@ fn check_looks_once_without_waiting() {
     let err = handle(&env("CHECK"), &c, &probe, PIN_DIR_THERE).unwrap_err();
     assert_eq!(err.code, Code::TryAgainLater);
     assert_eq!(looked.get(), 1);
+    // Programs in place: success, and no result printed (the specification's
+    // CHECK prints nothing).
+    assert_eq!(
+        handle(&env("CHECK"), &c, &|_| true, PIN_DIR_THERE),
+        Ok(None)
+    );
 }
 
 #[test]
