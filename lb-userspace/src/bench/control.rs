@@ -119,8 +119,8 @@ pub async fn run(s: &Settings, prefix: &str, lb_binary: &std::path::Path) -> Res
         out.peak_mib.push(peak);
         if rep + 1 == s.syncs {
             out.propagation = propagation(&lab, s)?;
-            out.burst = Some(burst(&lab, s)?);
             out.burst_len = s.burst.min(s.services);
+            out.burst = Some(burst(&lab, s, out.burst_len)?);
             out.final_peak_mib = peak_mib(pid);
         }
     }
@@ -130,7 +130,7 @@ pub async fn run(s: &Settings, prefix: &str, lb_binary: &std::path::Path) -> Res
         // One full load: on this kernel each of its anonymous sets (one per
         // Service's numgen vmap) is named by a scan of every set in the
         // table, and 10,000 Services took 160 to 365 s per load.
-        (1, s.changes, s.burst.min(s.services)),
+        (1, s.changes, out.burst_len),
     )?;
     out.policy = policy_part(s, prefix, lb_binary).await?;
     Ok(out)
@@ -185,6 +185,16 @@ pub(super) fn burst_service(k: usize, services: usize) -> usize {
     (k * 7919 + 5003) % services
 }
 
+/// What a change makes of a Service's `now` endpoints, of `endpoints` in
+/// all: one fewer when it has them all, all of them back otherwise.
+pub(super) fn flipped_count(now: usize, endpoints: usize) -> usize {
+    if now == endpoints {
+        endpoints - 1
+    } else {
+        endpoints
+    }
+}
+
 /// A change written: the Service's map key and the backend count it will
 /// have.
 struct Written {
@@ -206,11 +216,7 @@ fn flip(lab: &Lab, maps: &Maps, i: usize, s: &Settings) -> Result<Written> {
         .context("clusterIP")?;
     let key = service_key(vip, 80, lb_common::PROTO_TCP, 0);
     let was = maps.services.get(&key, 0)?.count as usize;
-    let want = if was == s.endpoints {
-        was - 1
-    } else {
-        s.endpoints
-    };
+    let want = flipped_count(was, s.endpoints);
     let mut obj = slice(i, want, s.endpoints);
     let current = lab
         .store
@@ -256,12 +262,12 @@ fn propagation(lab: &Lab, s: &Settings) -> Result<Vec<Duration>> {
     Ok(took)
 }
 
-/// `s.burst` changes on as many Services written at once, timed from the
-/// first write until the last of them is in the map.
-fn burst(lab: &Lab, s: &Settings) -> Result<Duration> {
+/// `n` changes on as many Services written at once, timed from the first
+/// write until the last of them is in the map.
+fn burst(lab: &Lab, s: &Settings, n: usize) -> Result<Duration> {
     let maps = Maps::open_pinned(&lab.pin_dir(1))?;
     let started = Instant::now();
-    let written = (0..s.burst.min(s.services))
+    let written = (0..n)
         .map(|k| flip(lab, &maps, burst_service(k, s.services), s))
         .collect::<Result<Vec<_>>>()?;
     for w in &written {

@@ -99,11 +99,7 @@ pub fn run(
     // The same Services as lb's change, in the same order.
     let mut flip = |i: usize| {
         let old = cluster[i].clone();
-        let n = if old.endpoints.len() == endpoints {
-            endpoints - 1
-        } else {
-            endpoints
-        };
+        let n = super::control::flipped_count(old.endpoints.len(), endpoints);
         cluster[i] = service_port(i, n, endpoints);
         partial_sync(&old, &cluster[i])
     };

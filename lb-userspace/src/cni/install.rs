@@ -96,6 +96,14 @@ pub fn active_config(conf_dir: &Path) -> Result<PathBuf> {
         .with_context(|| format!("no CNI configuration in {}", conf_dir.display()))
 }
 
+/// The active configuration's path and its JSON.
+fn read_active_config(conf_dir: &Path) -> Result<(PathBuf, Value)> {
+    let config = active_config(conf_dir)?;
+    let current = serde_json::from_slice(&std::fs::read(&config)?)
+        .with_context(|| format!("{} is not JSON", config.display()))?;
+    Ok((config, current))
+}
+
 /// Writes `contents` to `path` through a rename in the same directory (the
 /// temporary name has no extension a runtime reads).
 fn write_whole(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
@@ -113,9 +121,7 @@ pub fn install(bin_dir: &Path, conf_dir: &Path, entry: &Entry) -> Result<()> {
     let me = own_executable()?;
     let plugin = bin_dir.join(PLUGIN_TYPE);
     write_whole(&plugin, &me, 0o755)?;
-    let config = active_config(conf_dir)?;
-    let current: Value = serde_json::from_slice(&std::fs::read(&config)?)
-        .with_context(|| format!("{} is not JSON", config.display()))?;
+    let (config, current) = read_active_config(conf_dir)?;
     match chain(&current, entry).with_context(|| config.display().to_string())? {
         Some(new) => {
             write_whole(&config, &serde_json::to_vec_pretty(&new)?, 0o644)?;
@@ -143,9 +149,7 @@ fn own_executable() -> Result<Vec<u8>> {
 /// Takes lb-cni out of the active configuration (before removing lb, so
 /// new pods do not wait for an agent that is gone).
 pub fn uninstall(conf_dir: &Path) -> Result<()> {
-    let config = active_config(conf_dir)?;
-    let current: Value = serde_json::from_slice(&std::fs::read(&config)?)
-        .with_context(|| format!("{} is not JSON", config.display()))?;
+    let (config, current) = read_active_config(conf_dir)?;
     if let Some(new) = unchain(&current)? {
         write_whole(&config, &serde_json::to_vec_pretty(&new)?, 0o644)?;
         println!("{}: lb-cni removed", config.display());

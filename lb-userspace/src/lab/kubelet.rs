@@ -227,7 +227,7 @@ impl Kubelet {
     ) -> Result<(Child, Vec<InitOutcome>)> {
         net::create_pod(&self.names, node, k, ip).await?;
         if self.wait_for_datapath {
-            let pin_dir = super::pin_root(&self.names.prefix).join(super::node_name(node));
+            let pin_dir = super::node_pin_dir(&self.names.prefix, node);
             sandbox::cni_add(&self.lb_binary, &self.names, (node, k), &pin_dir).await?;
         }
         net::write_resolv_conf(&self.names.pod_ns(k), meta_str(pod, "namespace"))?;
@@ -311,7 +311,6 @@ impl Kubelet {
         if meta_str(&cur, "uid") != meta_str(pod, "uid") {
             return;
         }
-        let status = "True";
         let now = now_rfc3339();
         cur["metadata"]["annotations"][NETNS_ANNOTATION] = json!(self.names.pod_ns(k));
         cur["metadata"]["annotations"][LOG_ANNOTATION] =
@@ -339,8 +338,8 @@ impl Kubelet {
             "conditions": [
                 {"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
                 {"type": "Initialized", "status": "True", "lastTransitionTime": now},
-                {"type": "ContainersReady", "status": status, "lastTransitionTime": now},
-                {"type": "Ready", "status": status, "lastTransitionTime": now},
+                {"type": "ContainersReady", "status": "True", "lastTransitionTime": now},
+                {"type": "Ready", "status": "True", "lastTransitionTime": now},
             ],
         });
         cur["metadata"]["resourceVersion"] = json!("");

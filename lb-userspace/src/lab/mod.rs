@@ -81,6 +81,11 @@ pub fn pin_root(prefix: &str) -> PathBuf {
     PathBuf::from("/sys/fs/bpf").join(prefix)
 }
 
+/// Where node `index`'s agent pins its maps and links.
+pub fn node_pin_dir(prefix: &str, index: usize) -> PathBuf {
+    pin_root(prefix).join(node_name(index))
+}
+
 pub fn node_name(index: usize) -> String {
     format!("node-{index}")
 }
@@ -257,7 +262,7 @@ impl Lab {
     }
 
     pub fn pin_dir(&self, node: usize) -> PathBuf {
-        pin_root(&self.prefix).join(node_name(node))
+        node_pin_dir(&self.prefix, node)
     }
 
     /// Starts the agent of node `i` inside the node's network namespace.
