@@ -2,11 +2,12 @@
 //! the matching Pods' addresses, grouped by resolved target ports (a named
 //! targetPort resolves per Pod through its containers' named ports).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{json, Value};
 
 use super::{
+    controllers::ServiceRef,
     endpoints_v1,
     kinds::Kind,
     objects::{is_terminating, labels_match, owner_ref, pod_ready, short_hash},
@@ -14,7 +15,7 @@ use super::{
 };
 
 pub const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
-const CONTROLLER: &str = "endpointslice-controller.lb-lab";
+pub const CONTROLLER: &str = "endpointslice-controller.lb-lab";
 pub const SERVICE_NAME: &str = "kubernetes.io/service-name";
 
 /// The number a Service port's targetPort means for this pod, if any.
@@ -101,49 +102,92 @@ fn same_content(a: &Value, b: &Value) -> bool {
         && a["metadata"]["labels"] == b["metadata"]["labels"]
 }
 
-pub fn reconcile(store: &Store) {
-    let (services, _) = store.list(Kind::Service, None);
-    let (pods, _) = store.list(Kind::Pod, None);
-    let (slices, _) = store.list(Kind::EndpointSlice, None);
-    let mut wanted: BTreeMap<(String, String), Value> = BTreeMap::new();
-    for svc in &services {
-        let selector = &svc["spec"]["selector"];
-        if selector.as_object().is_none_or(|s| s.is_empty())
-            || svc["spec"]["type"] == "ExternalName"
-        {
-            continue;
-        }
-        for (name, slice) in desired_slices(svc, &pods) {
-            wanted.insert((meta_str(svc, "namespace").to_string(), name), slice);
+/// What the store holds now for one Service: the Service (if any), the
+/// slices this controller wrote for it, by name, and its v1 Endpoints.
+struct Current {
+    svc: Option<Value>,
+    slices: BTreeMap<String, Value>,
+    endpoints: Option<Value>,
+}
+
+fn current(store: &Store, ns: &str, name: &str) -> Current {
+    let inner = store.lock();
+    // Slices are named after their Service: one short range of the store.
+    let prefix = format!("{name}-");
+    let slices = inner
+        .with_prefix(Kind::EndpointSlice, ns, &prefix)
+        .filter(|s| {
+            s["metadata"]["labels"][MANAGED_BY] == CONTROLLER
+                && s["metadata"]["labels"][SERVICE_NAME] == name
+        })
+        .map(|s| (meta_str(s, "name").to_string(), s.clone()))
+        .collect();
+    Current {
+        svc: inner.get(Kind::Service, ns, name).cloned(),
+        slices,
+        endpoints: inner.get(Kind::Endpoints, ns, name).cloned(),
+    }
+}
+
+/// Whether this controller keeps the Service's endpoints: it has a
+/// selector and is not an ExternalName.
+fn covered(svc: &Value) -> bool {
+    svc["spec"]["selector"]
+        .as_object()
+        .is_some_and(|s| !s.is_empty())
+        && svc["spec"]["type"] != "ExternalName"
+}
+
+/// Reconciles the slices and v1 Endpoints of `services` (each may be
+/// gone, and then so go its slices and Endpoints).
+pub fn reconcile(store: &Store, services: &BTreeSet<ServiceRef>) {
+    let mut by_namespace: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (ns, name) in services {
+        by_namespace.entry(ns).or_default().push(name);
+    }
+    for (ns, names) in by_namespace {
+        let pods: Vec<Value> = store
+            .lock()
+            .list(Kind::Pod, Some(ns))
+            .into_iter()
+            .cloned()
+            .collect();
+        for name in names {
+            reconcile_service(store, ns, name, &pods);
         }
     }
-    endpoints_v1::reconcile(store, &services, wanted.values());
-    let mut existing: BTreeMap<(String, String), &Value> = BTreeMap::new();
-    for s in slices
-        .iter()
-        .filter(|s| s["metadata"]["labels"][MANAGED_BY] == CONTROLLER)
-    {
-        existing.insert(
-            (
-                meta_str(s, "namespace").to_string(),
-                meta_str(s, "name").to_string(),
-            ),
-            s,
-        );
-    }
-    for (key, slice) in &wanted {
-        let result = match existing.get(key) {
+}
+
+fn reconcile_service(store: &Store, ns: &str, name: &str, pods: &[Value]) {
+    let cur = current(store, ns, name);
+    let covered_svc = cur.svc.as_ref().filter(|svc| covered(svc));
+    let wanted = covered_svc
+        .map(|svc| desired_slices(svc, pods))
+        .unwrap_or_default();
+    for (slice_name, slice) in &wanted {
+        let result = match cur.slices.get(slice_name) {
             None => store.create(Kind::EndpointSlice, slice.clone()).map(|_| ()),
-            Some(cur) if same_content(cur, slice) => Ok(()),
+            Some(have) if same_content(have, slice) => Ok(()),
             Some(_) => store
                 .replace(Kind::EndpointSlice, slice.clone())
                 .map(|_| ()),
         };
         if let Err(e) = result {
-            tracing::warn!("EndpointSlice {}/{}: {e}", key.0, key.1);
+            tracing::warn!("EndpointSlice {ns}/{slice_name}: {e}");
         }
     }
-    for key in existing.keys().filter(|k| !wanted.contains_key(*k)) {
-        let _ = store.delete(Kind::EndpointSlice, &key.0, &key.1);
+    for slice_name in cur.slices.keys().filter(|k| !wanted.contains_key(*k)) {
+        let _ = store.delete(Kind::EndpointSlice, ns, slice_name);
     }
+    let want = covered_svc.map(|svc| {
+        let slices: Vec<&Value> = wanted.values().collect();
+        endpoints_v1::endpoints_for(svc, &slices)
+    });
+    endpoints_v1::reconcile(
+        store,
+        (ns, name),
+        cur.svc.is_some(),
+        want,
+        cur.endpoints.as_ref(),
+    );
 }

@@ -3,12 +3,9 @@
 //! `kubectl get endpoints` and `kubectl describe svc` read these. lb itself
 //! reads only EndpointSlices.
 
-use std::collections::BTreeMap;
-
 use serde_json::{json, Value};
 
 use super::{
-    endpoints::SERVICE_NAME,
     kinds::Kind,
     store::{meta_str, Store},
 };
@@ -64,58 +61,32 @@ pub fn endpoints_for(svc: &Value, slices: &[&Value]) -> Value {
     ep
 }
 
-/// Writes the Endpoints of every Service that has slices among `slices`
-/// (the slice controller's, which cover every Service with a selector), and
-/// deletes Endpoints whose Service is gone. Endpoints of Services without a
-/// selector are the user's, as in Kubernetes.
-pub fn reconcile<'a>(store: &Store, services: &[Value], slices: impl Iterator<Item = &'a Value>) {
-    let mut by_service: BTreeMap<(String, String), Vec<&Value>> = BTreeMap::new();
-    for slice in slices {
-        let svc = slice["metadata"]["labels"][SERVICE_NAME]
-            .as_str()
-            .unwrap_or("");
-        by_service
-            .entry((meta_str(slice, "namespace").to_string(), svc.to_string()))
-            .or_default()
-            .push(slice);
-    }
-    let (existing, _) = store.list(Kind::Endpoints, None);
-    let existing: BTreeMap<(String, String), &Value> =
-        existing.iter().map(|e| (key_of(e), e)).collect();
-    let mut wanted = BTreeMap::new();
-    for svc in services {
-        let key = key_of(svc);
-        if let Some(slices) = by_service.get(&key) {
-            wanted.insert(key, endpoints_for(svc, slices));
+/// Writes one Service's Endpoints: `want` when the slice controller covers
+/// the Service (it has a selector), and deletes them when the Service is
+/// gone. Endpoints of a Service without a selector are the user's, as in
+/// Kubernetes.
+pub fn reconcile(
+    store: &Store,
+    (ns, name): (&str, &str),
+    service_present: bool,
+    want: Option<Value>,
+    have: Option<&Value>,
+) {
+    let result = match (want, have) {
+        (None, Some(_)) if !service_present => store.delete(Kind::Endpoints, ns, name).map(|_| ()),
+        (None, _) => Ok(()),
+        (Some(ep), None) => store.create(Kind::Endpoints, ep).map(|_| ()),
+        (Some(ep), Some(cur))
+            if cur["subsets"] == ep["subsets"]
+                && cur["metadata"]["labels"] == ep["metadata"]["labels"] =>
+        {
+            Ok(())
         }
+        (Some(ep), Some(_)) => store.replace(Kind::Endpoints, ep).map(|_| ()),
+    };
+    if let Err(e) = result {
+        tracing::warn!("Endpoints {ns}/{name}: {e}");
     }
-    for (key, ep) in &wanted {
-        let result = match existing.get(key) {
-            None => store.create(Kind::Endpoints, ep.clone()).map(|_| ()),
-            Some(cur)
-                if cur["subsets"] == ep["subsets"]
-                    && cur["metadata"]["labels"] == ep["metadata"]["labels"] =>
-            {
-                Ok(())
-            }
-            Some(_) => store.replace(Kind::Endpoints, ep.clone()).map(|_| ()),
-        };
-        if let Err(e) = result {
-            tracing::warn!("Endpoints {}/{}: {e}", key.0, key.1);
-        }
-    }
-    let services: std::collections::BTreeSet<(String, String)> =
-        services.iter().map(key_of).collect();
-    for key in existing.keys().filter(|k| !services.contains(*k)) {
-        let _ = store.delete(Kind::Endpoints, &key.0, &key.1);
-    }
-}
-
-fn key_of(obj: &Value) -> (String, String) {
-    (
-        meta_str(obj, "namespace").to_string(),
-        meta_str(obj, "name").to_string(),
-    )
 }
 
 #[cfg(test)]

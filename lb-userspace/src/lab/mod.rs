@@ -5,6 +5,7 @@ pub mod admission;
 pub mod apiserver;
 pub mod cloud;
 pub mod cluster_dns;
+pub mod controllers;
 pub mod demo;
 pub mod discovery;
 pub mod dns;
@@ -187,7 +188,7 @@ impl Lab {
             json!({"pid": std::process::id(), "port": lab.port, "prefix": lab.prefix, "nodes": cfg.nodes}).to_string(),
         )?;
         lab.tasks
-            .push(tokio::spawn(controllers(store.clone(), kubelet)));
+            .push(tokio::spawn(controllers::run(store.clone(), kubelet)));
         cluster_dns::install(&store)?;
         if let Some(m) = &cfg.manifests {
             manifests::apply(&store, manifests::load(m)?)?;
@@ -488,48 +489,4 @@ pub fn kubeconfig(port: u16) -> String {
          users:\n- name: lab\n  user: {{}}\ncontexts:\n- name: lab\n  context:\n    cluster: lab\n    user: lab\n\
          current-context: lab\n"
     )
-}
-
-/// The controllers, level-triggered: after any change each one compares
-/// the whole state with what it wants. The kubelet also runs every half
-/// second, as it watches processes too; the others only read the store, so
-/// they skip a store that has not changed (each pass copies every object
-/// it reads, and with 30,000 Services idle passes took most of a core).
-/// The Deployment controller also runs every half second while a pod is
-/// becoming available (Ready, not yet for minReadySeconds): time, not the
-/// store, moves that rollout on.
-async fn controllers(store: Store, kubelet: Kubelet) {
-    let mut events = store.subscribe();
-    let mut seen = None;
-    let mut becoming_available = false;
-    loop {
-        tokio::select! {
-            r = events.recv() => if matches!(r, Err(tokio::sync::broadcast::error::RecvError::Closed)) { return },
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-        }
-        while events.try_recv().is_ok() {}
-        // Read before the passes: their own writes make the next pass run.
-        let rv = store.current_rv();
-        let changed = seen != Some(rv);
-        seen = Some(rv);
-        let started = std::time::Instant::now();
-        if changed || becoming_available {
-            becoming_available = workloads::reconcile_deployments(&store);
-        }
-        if changed {
-            workloads::reconcile_replicasets(&store);
-        }
-        kubelet.reconcile();
-        if changed {
-            endpoints::reconcile(&store);
-            cloud::reconcile(&store);
-            gc::reconcile(&store);
-        }
-        // Each pass reads (copies) the whole store: at 10,000 Services it is
-        // what delays the API server's answers and watch events.
-        let took = started.elapsed();
-        if took > Duration::from_millis(20) {
-            tracing::info!(took_ms = took.as_millis() as u64, "lab controllers' pass");
-        }
-    }
 }

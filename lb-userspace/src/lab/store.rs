@@ -94,6 +94,8 @@ pub struct Inner {
     /// Watches from a resourceVersion below this get 410 Gone.
     oldest_rv: u64,
     uid: u64,
+    /// The uids of the objects present: the garbage collector's question.
+    pub uids: std::collections::HashSet<String>,
     /// Allocated ClusterIPs -> (namespace, name) of their Service.
     pub cluster_ips: BTreeMap<std::net::Ipv4Addr, (String, String)>,
 }
@@ -111,10 +113,32 @@ impl Inner {
         ns: Option<&'n str>,
         start: Bound<Key>,
     ) -> impl Iterator<Item = &'a Value> + use<'a, 'n> {
+        // Keys sort by kind, then namespace: one namespace is one range.
+        let start = match (ns, start) {
+            (Some(ns), Bound::Included((_, n, _)) | Bound::Excluded((_, n, _)))
+                if n.as_str() < ns =>
+            {
+                Bound::Included((kind, ns.to_string(), String::new()))
+            }
+            (_, start) => start,
+        };
         self.objects
             .range((start, Bound::Unbounded))
-            .take_while(move |((k, _, _), _)| *k == kind)
-            .filter(move |((_, n, _), _)| ns.is_none_or(|ns| ns == n))
+            .take_while(move |((k, n, _), _)| *k == kind && ns.is_none_or(|ns| ns == n))
+            .map(|(_, v)| v)
+    }
+
+    /// Objects of `kind` in `ns` whose names start with `prefix`.
+    pub fn with_prefix<'a>(
+        &'a self,
+        kind: Kind,
+        ns: &'a str,
+        prefix: &'a str,
+    ) -> impl Iterator<Item = &'a Value> + 'a {
+        let start = (kind, ns.to_string(), prefix.to_string());
+        self.objects
+            .range(start..)
+            .take_while(move |((k, n, name), _)| *k == kind && n == ns && name.starts_with(prefix))
             .map(|(_, v)| v)
     }
 
@@ -176,6 +200,12 @@ impl Store {
                     inner.cluster_ips.insert(ip, owner);
                 }
             }
+        }
+        let uid = meta_str(&object, "uid");
+        if event_type == "DELETED" {
+            inner.uids.remove(uid);
+        } else if !uid.is_empty() && !inner.uids.contains(uid) {
+            inner.uids.insert(uid.to_string());
         }
         let ev = Event {
             kind,
