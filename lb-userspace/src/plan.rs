@@ -131,7 +131,11 @@ pub fn fit_to_capacity(
             .iter()
             .map(|s| 1 + s.backends.len() + s.retained.len())
             .sum();
-        let more_tables = group.iter().filter(|s| !s.backends.is_empty()).count();
+        // ClusterIP frontends have no table (`wants_maglev`).
+        let more_tables = group
+            .iter()
+            .filter(|s| !s.backends.is_empty() && wants_maglev(s.flags))
+            .count();
         let new_backends: BTreeSet<BackendAddr> = group
             .iter()
             .flat_map(|s| s.backends.iter().chain(&s.retained))

@@ -299,4 +299,12 @@ fn services_that_would_overflow_a_map_are_left_out_whole() {
             }
         }
     }
+    // A ClusterIP frontend has no Maglev table, so it never fills MAGLEV
+    // (100,000 ClusterIP Services were left out past 65,536 tables).
+    let cluster_ip = DesiredService {
+        flags: lb_common::service::SERVICE_F_CLUSTER_IP,
+        ..named("d", "10.96.0.4", 80, &["10.244.1.4"])
+    };
+    let (kept, errors) = fit_to_capacity(vec![cluster_ip], &cap(100, 100, 0));
+    assert_eq!(kept.len(), 1, "{errors:?}");
 }

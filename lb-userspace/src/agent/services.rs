@@ -143,6 +143,7 @@ impl ServiceSide {
         }
         let current = match (&self.writer, read_maps) {
             (Some(w), false) => w.written().clone(),
+            _ if dp.take_fresh_service_maps() => crate::plan::MapState::default(),
             _ => dp.maps.state()?,
         };
         let desired = desired_state(&current, &fitting);

@@ -29,6 +29,10 @@ pub struct Settings {
     pub burst: usize,
     /// The NetworkPolicy side, in a lab of its own.
     pub policy: super::policy::Settings,
+    /// Then lb alone (one sync, the changes and the burst) at this many
+    /// Services: the nftables shape's load grows with the square of the
+    /// Services on this kernel (see `run`), hours at 100,000.
+    pub large: Option<usize>,
 }
 
 #[derive(Debug, Default)]
@@ -50,6 +54,8 @@ pub struct Results {
     /// The same cluster and changes as kube-proxy's nftables rules.
     pub nft: super::nft_control::Results,
     pub policy: super::policy::Results,
+    /// lb alone at `Settings::large` Services.
+    pub large: Option<Box<Results>>,
 }
 
 /// Endpoint `e` of Service `i`: unrouted addresses, no pod behind them
@@ -73,6 +79,43 @@ fn slice(i: usize, endpoints: usize, per: usize) -> serde_json::Value {
 
 /// Runs the control-path bench in labs named `prefix`, one after another.
 pub async fn run(s: &Settings, prefix: &str, lb_binary: &std::path::Path) -> Result<Results> {
+    let mut out = lb_side(s, prefix, lb_binary).await?;
+    out.nft = super::nft_control::run(
+        &format!("{prefix}-nft"),
+        (s.services, s.endpoints),
+        // One full load: on this kernel each of its anonymous sets (one per
+        // Service's numgen vmap) is named by a scan of every set in the
+        // table, and 10,000 Services took 160 to 365 s per load.
+        (1, s.changes, out.burst_len),
+    )?;
+    out.policy = policy_part(s, prefix, lb_binary).await?;
+    if let Some(services) = s.large {
+        let large = Settings {
+            services,
+            syncs: 1,
+            ..*s
+        };
+        out.large = Some(Box::new(lb_side(&large, prefix, lb_binary).await?));
+    }
+    Ok(out)
+}
+
+/// Agent arguments that size the service maps for `services` Services of
+/// `endpoints` endpoints (the defaults hold 262,144 entries each: about
+/// 23,000 such Services), with room for the lab's own.
+fn map_size_args(services: usize, endpoints: usize) -> Vec<String> {
+    let entries = |n: usize| ((n + 1_000) as u32).next_power_of_two().max(262_144);
+    vec![
+        "--services-map-max".into(),
+        entries(services * (endpoints + 1)).to_string(),
+        "--backends-map-max".into(),
+        entries(services * endpoints).to_string(),
+    ]
+}
+
+/// lb's side: `s.syncs` initial syncs, each by a new agent in a new lab,
+/// then the changes and the burst on the last.
+async fn lb_side(s: &Settings, prefix: &str, lb_binary: &std::path::Path) -> Result<Results> {
     let mut out = Results {
         services: s.services,
         endpoints: s.endpoints,
@@ -81,6 +124,7 @@ pub async fn run(s: &Settings, prefix: &str, lb_binary: &std::path::Path) -> Res
     for rep in 0..s.syncs {
         let mut cfg = LabConfig::new(prefix, lb_binary);
         cfg.agents = false;
+        cfg.agent_args = map_size_args(s.services, s.endpoints);
         let mut lab = Lab::up(cfg).await?;
         // The cluster DNS pod ready first, so that its Service's counts
         // are settled when the agent's are read.
@@ -111,7 +155,8 @@ pub async fn run(s: &Settings, prefix: &str, lb_binary: &std::path::Path) -> Res
         let pid = lab.agent_pid(1).context("the agent's pid")?;
         let peak = peak_mib(pid);
         eprintln!(
-            "bench: initial sync {} of {}: {took:.1?}, agent peak {peak:.0} MiB",
+            "bench: {} Services, initial sync {} of {}: {took:.1?}, agent peak {peak:.0} MiB",
+            s.services,
             rep + 1,
             s.syncs
         );
@@ -124,15 +169,6 @@ pub async fn run(s: &Settings, prefix: &str, lb_binary: &std::path::Path) -> Res
             out.final_peak_mib = peak_mib(pid);
         }
     }
-    out.nft = super::nft_control::run(
-        &format!("{prefix}-nft"),
-        (s.services, s.endpoints),
-        // One full load: on this kernel each of its anonymous sets (one per
-        // Service's numgen vmap) is named by a scan of every set in the
-        // table, and 10,000 Services took 160 to 365 s per load.
-        (1, s.changes, out.burst_len),
-    )?;
-    out.policy = policy_part(s, prefix, lb_binary).await?;
     Ok(out)
 }
 

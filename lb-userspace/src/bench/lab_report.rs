@@ -349,7 +349,48 @@ pub fn control(o: &mut String, r: &Results) {
         "| agent peak memory after the changes too (MiB) | {:.0} | |\n",
         c.final_peak_mib
     );
+    if let Some(large) = &c.large {
+        large_control(o, large);
+    }
     policy(o, &c.policy);
+}
+
+/// lb alone at the large Service count.
+fn large_control(o: &mut String, c: &super::control::Results) {
+    let mut millis: Vec<f64> = c
+        .propagation
+        .iter()
+        .map(|d| d.as_secs_f64() * 1e3)
+        .collect();
+    let p50 = super::client::quantile(&mut millis, 0.5);
+    let p99 = super::client::quantile(&mut millis, 0.99);
+    let _ = writeln!(
+        o,
+        "The same for lb alone at {} Services × {} endpoints (one sync, the \
+         agent's service maps sized for them with `--services-map-max` and \
+         `--backends-map-max`). The nftables shape is not run at this size: \
+         its load grows with the square of the Services on this kernel (each \
+         new anonymous set is named by a scan of every set), 165 s at 10,000 \
+         and so hours at 100,000.\n",
+        c.services, c.endpoints
+    );
+    let _ = writeln!(o, "| figure | lb |");
+    let _ = writeln!(o, "|---|---|");
+    let secs: Vec<f64> = c.sync.iter().map(|d| d.as_secs_f64()).collect();
+    let _ = writeln!(o, "| initial sync (s) | {} |", stat(&Stats::of(&secs), 1));
+    let _ = writeln!(
+        o,
+        "| one endpoint change: p50 / p99 (ms) | {p50:.1} / {p99:.1} (min {:.1}, max {:.1}) |",
+        millis.first().copied().unwrap_or(f64::NAN),
+        millis.last().copied().unwrap_or(f64::NAN)
+    );
+    let _ = writeln!(
+        o,
+        "| a burst of {} changes, first write to last in place (ms) | {:.0} |",
+        c.burst_len,
+        c.burst.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
+    );
+    let _ = writeln!(o, "| agent peak memory (MiB) | {:.0} |\n", c.final_peak_mib);
 }
 
 /// The NetworkPolicy rows of the control path.

@@ -99,6 +99,7 @@ impl Plan {
                 apps: 50,
                 relabels: 200,
             },
+            large: Some(100_000),
         },
     };
     pub const QUICK: Plan = Plan {
@@ -133,6 +134,7 @@ impl Plan {
                 apps: 10,
                 relabels: 20,
             },
+            large: None,
         },
     };
 }

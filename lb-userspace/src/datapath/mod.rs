@@ -42,6 +42,10 @@ pub struct Datapath {
     ebpf: Ebpf,
     pub maps: Maps,
     pin_dir: Option<PathBuf>,
+    /// The service maps were made by this load (none were pinned): they
+    /// are empty, and the first pass need not read them back (a scan of
+    /// every bucket of maps sized for the largest cluster).
+    fresh_service_maps: bool,
 }
 
 impl Datapath {
@@ -62,7 +66,11 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         loader.override_global("LB_LOG", &log_flag, true);
         sizes.apply(&mut loader);
+        let mut fresh_service_maps = true;
         if let Some(dir) = pin_dir {
+            fresh_service_maps = ![map_names::SERVICES, map_names::BACKENDS]
+                .iter()
+                .any(|name| dir.join(name).exists());
             ensure_bpffs()?;
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             sizes.check_pinned(dir)?;
@@ -94,6 +102,7 @@ impl Datapath {
             ebpf,
             maps,
             pin_dir: pin_dir.map(Path::to_path_buf),
+            fresh_service_maps,
         })
     }
 
@@ -174,6 +183,12 @@ impl Datapath {
             }
         }
         Ok(())
+    }
+
+    /// Whether the service maps are known empty because this load made
+    /// them; true once only (after the first pass they hold what it wrote).
+    pub fn take_fresh_service_maps(&mut self) -> bool {
+        std::mem::take(&mut self.fresh_service_maps)
     }
 
     pub fn pin_dir(&self) -> Option<&Path> {

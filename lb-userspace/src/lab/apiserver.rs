@@ -46,6 +46,9 @@ pub fn router(store: Store) -> Router {
 #[derive(Debug, PartialEq, Eq)]
 struct Target {
     kind: Kind,
+    /// The group/version the request named (Events are served under both
+    /// v1 and events.k8s.io/v1, stored once).
+    group_version: String,
     namespace: Option<String>,
     name: Option<String>,
     scale: bool,
@@ -74,6 +77,7 @@ fn parse_path(path: &str) -> Option<Target> {
     };
     Some(Target {
         kind,
+        group_version: gv,
         namespace,
         name,
         scale,
@@ -204,7 +208,13 @@ async fn handle(
         }
     };
     match answer {
-        Ok((code, obj, warnings)) => with_warnings(json_response(code, &obj), &warnings),
+        Ok((code, mut obj, warnings)) => {
+            // A typed client decodes the answer as the group it wrote to.
+            if t.kind == Kind::Event && obj["kind"] == "Event" {
+                obj["apiVersion"] = json!(t.group_version);
+            }
+            with_warnings(json_response(code, &obj), &warnings)
+        }
         Err(e) => error(&e),
     }
 }
@@ -464,53 +474,63 @@ mod tests {
 
     #[test]
     fn paths_name_kind_namespace_and_object() {
+        // The group/version is checked once, below.
+        let parsed = |p: &str| {
+            parse_path(p).map(|t| Target {
+                group_version: String::new(),
+                ..t
+            })
+        };
         let t = |kind, ns: Option<&str>, name: Option<&str>| {
             Some(Target {
                 kind,
+                group_version: String::new(),
                 namespace: ns.map(str::to_string),
                 name: name.map(str::to_string),
                 scale: false,
             })
         };
-        assert_eq!(parse_path("/api/v1/services"), t(Kind::Service, None, None));
+        assert_eq!(parsed("/api/v1/services"), t(Kind::Service, None, None));
         assert_eq!(
-            parse_path("/api/v1/namespaces/x/pods/p1"),
+            parsed("/api/v1/namespaces/x/pods/p1"),
             t(Kind::Pod, Some("x"), Some("p1"))
         );
         assert_eq!(
-            parse_path("/api/v1/namespaces/x"),
+            parsed("/api/v1/namespaces/x"),
             t(Kind::Namespace, None, Some("x"))
         );
         assert_eq!(
-            parse_path("/apis/discovery.k8s.io/v1/endpointslices"),
+            parsed("/apis/discovery.k8s.io/v1/endpointslices"),
             t(Kind::EndpointSlice, None, None)
         );
         assert_eq!(
-            parse_path("/apis/networking.k8s.io/v1/namespaces/y/networkpolicies"),
+            parsed("/apis/networking.k8s.io/v1/namespaces/y/networkpolicies"),
             t(Kind::NetworkPolicy, Some("y"), None)
         );
         assert_eq!(
-            parse_path("/apis/events.k8s.io/v1/namespaces/y/events"),
+            parsed("/apis/events.k8s.io/v1/namespaces/y/events"),
             t(Kind::Event, Some("y"), None)
         );
         assert_eq!(
-            parse_path("/apis/apps/v1/namespaces/d/deployments/web/status"),
+            parsed("/apis/apps/v1/namespaces/d/deployments/web/status"),
             t(Kind::Deployment, Some("d"), Some("web"))
         );
         assert_eq!(
-            parse_path("/apis/apps/v1/namespaces/d/deployments/web/scale"),
+            parsed("/apis/apps/v1/namespaces/d/deployments/web/scale"),
             Some(Target {
                 kind: Kind::Deployment,
+                group_version: String::new(),
                 namespace: Some("d".into()),
                 name: Some("web".into()),
                 scale: true,
             })
         );
+        assert_eq!(parsed("/api/v1/endpoints"), t(Kind::Endpoints, None, None));
+        assert_eq!(parsed("/api/v2/services"), None);
+        assert_eq!(parsed("/nonsense"), None);
         assert_eq!(
-            parse_path("/api/v1/endpoints"),
-            t(Kind::Endpoints, None, None)
+            parse_path("/apis/events.k8s.io/v1/namespaces/y/events").map(|t| t.group_version),
+            Some("events.k8s.io/v1".to_string())
         );
-        assert_eq!(parse_path("/api/v2/services"), None);
-        assert_eq!(parse_path("/nonsense"), None);
     }
 }

@@ -38,7 +38,7 @@ pub type ServiceRef = (String, String);
 pub struct Work {
     /// Look at everything: the first pass, or events were missed.
     pub everything: bool,
-    /// A Deployment, ReplicaSet or Pod changed.
+    /// A Deployment, ReplicaSet or owned Pod changed.
     pub workloads: bool,
     pub services: BTreeSet<ServiceRef>,
     /// Pods that changed, by namespace, with every label set they had in
@@ -88,7 +88,10 @@ impl PodLabels {
                 }
             }
             Kind::Pod => {
-                work.workloads = true;
+                // Only a ReplicaSet's pods move the workload controllers.
+                work.workloads |= obj["metadata"]["ownerReferences"]
+                    .as_array()
+                    .is_some_and(|r| !r.is_empty());
                 let key = (ns.to_string(), name.to_string());
                 let labels = obj["metadata"]["labels"].clone();
                 let before = if ev.event_type == "DELETED" {
@@ -222,5 +225,57 @@ fn pass(store: &Store, kubelet: &Kubelet, work: &Work, becoming_available: &mut 
         gc::reconcile_all(store);
     } else {
         gc::reconcile(store, &work.collect);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// A pod's relabel marks the Service it left and the one it joined,
+    /// and nothing else; a Service's own change marks it alone.
+    #[test]
+    fn a_relabel_marks_the_services_it_leaves_and_joins() {
+        let store = Store::new();
+        let mut events = store.subscribe();
+        store
+            .create(Kind::Namespace, json!({"metadata": {"name": "default"}}))
+            .unwrap();
+        for app in ["a", "b", "c"] {
+            let svc = json!({"metadata": {"name": app, "namespace": "default"},
+                             "spec": {"selector": {"app": app}, "ports": [{"port": 80}]}});
+            store.create(Kind::Service, svc).unwrap();
+        }
+        let pod = |app: &str| json!({"metadata": {"name": "p", "namespace": "default", "labels": {"app": app}}});
+        store.create(Kind::Pod, pod("a")).unwrap();
+        let mut labels = PodLabels::default();
+        let mut drain = |labels: &mut PodLabels| {
+            let mut work = Work::default();
+            while let Ok(ev) = events.try_recv() {
+                labels.note(&mut work, &ev);
+            }
+            work
+        };
+        let work = drain(&mut labels);
+        assert_eq!(work.services.len(), 3, "each Service marks itself");
+        assert!(!work.workloads, "a pod without an owner is no workload's");
+
+        store.replace(Kind::Pod, pod("b")).unwrap();
+        let work = drain(&mut labels);
+        assert!(work.services.is_empty());
+        let mut touched = services_of_pods(&store, &work.pods);
+        touched.sort();
+        let names: Vec<&str> = touched.iter().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+
+        store.delete(Kind::Pod, "default", "p").unwrap();
+        let work = drain(&mut labels);
+        let names: Vec<String> = services_of_pods(&store, &work.pods)
+            .into_iter()
+            .map(|(_, n)| n)
+            .collect();
+        assert_eq!(names, ["b"]);
     }
 }
