@@ -269,13 +269,7 @@ pub fn control(o: &mut String, r: &Results) {
         return;
     }
     let secs: Vec<f64> = c.sync.iter().map(|d| d.as_secs_f64()).collect();
-    let mut millis: Vec<f64> = c
-        .propagation
-        .iter()
-        .map(|d| d.as_secs_f64() * 1e3)
-        .collect();
-    let p50 = super::client::quantile(&mut millis, 0.5);
-    let p99 = super::client::quantile(&mut millis, 0.99);
+    let (millis, p50, p99) = change_millis(c);
     let _ = writeln!(o, "## Control path\n");
     let _ = writeln!(
         o,
@@ -355,8 +349,9 @@ pub fn control(o: &mut String, r: &Results) {
     policy(o, &c.policy);
 }
 
-/// lb alone at the large Service count.
-fn large_control(o: &mut String, c: &super::control::Results) {
+/// The changes' times in ms, sorted (`quantile` sorts them), with their
+/// p50 and p99.
+fn change_millis(c: &super::control::Results) -> (Vec<f64>, f64, f64) {
     let mut millis: Vec<f64> = c
         .propagation
         .iter()
@@ -364,6 +359,12 @@ fn large_control(o: &mut String, c: &super::control::Results) {
         .collect();
     let p50 = super::client::quantile(&mut millis, 0.5);
     let p99 = super::client::quantile(&mut millis, 0.99);
+    (millis, p50, p99)
+}
+
+/// lb alone at the large Service count.
+fn large_control(o: &mut String, c: &super::control::Results) {
+    let (millis, p50, p99) = change_millis(c);
     let _ = writeln!(
         o,
         "The same for lb alone at {} Services × {} endpoints (one sync, the \

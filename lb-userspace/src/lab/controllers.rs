@@ -71,6 +71,24 @@ impl Work {
 pub struct PodLabels(HashMap<(String, String), Value>);
 
 impl PodLabels {
+    /// Every Pod's labels as the store has them now: for a pass over
+    /// everything, after which events are noted against them.
+    fn of_store(store: &Store) -> Self {
+        let inner = store.lock();
+        let labels = inner
+            .list(Kind::Pod, None)
+            .into_iter()
+            .map(|p| {
+                let key = (
+                    meta_str(p, "namespace").to_string(),
+                    meta_str(p, "name").to_string(),
+                );
+                (key, p["metadata"]["labels"].clone())
+            })
+            .collect();
+        PodLabels(labels)
+    }
+
     /// Notes one event in `work`.
     pub fn note(&mut self, work: &mut Work, ev: &Event) {
         let obj = &ev.object;
@@ -165,6 +183,12 @@ pub async fn run(store: Store, kubelet: Kubelet) {
     let mut work = Work::everything();
     let mut becoming_available = false;
     loop {
+        if work.everything {
+            // Labels seen before a gap may be stale, and a Pod never seen
+            // has none here: start from the store (the pass below covers
+            // whatever changed before this read).
+            labels = PodLabels::of_store(&store);
+        }
         let started = std::time::Instant::now();
         pass(&store, &kubelet, &work, &mut becoming_available);
         let took = started.elapsed();
@@ -192,10 +216,6 @@ pub async fn run(store: Store, kubelet: Kubelet) {
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Closed) => return,
             }
-        }
-        if work.everything {
-            // Labels seen before the gap may be stale: start again.
-            labels = PodLabels::default();
         }
     }
 }
