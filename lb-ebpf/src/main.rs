@@ -25,6 +25,7 @@ mod metrics;
 mod nat;
 mod packet;
 mod policy;
+mod probes;
 mod reject;
 mod sweep;
 mod uplink;

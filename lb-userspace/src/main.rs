@@ -84,6 +84,10 @@ enum Command {
         /// Service counts for the end-to-end part, instead of the plan's.
         #[arg(long, value_delimiter = ',')]
         e2e_services: Vec<usize>,
+        /// The control part's large run (lb alone), instead of the plan's
+        /// Service count; 0 leaves it out.
+        #[arg(long)]
+        control_large: Option<usize>,
     },
     /// The chained CNI plugin (`lb-cni`): put it on this node, or take it
     /// off. The runtime runs the plugin itself as `/opt/cni/bin/lb-cni`.
@@ -282,6 +286,7 @@ fn main() -> Result<()> {
             quick,
             only,
             e2e_services,
+            control_large,
         } => {
             let mut plan = if quick {
                 lb::bench::Plan::QUICK
@@ -292,6 +297,9 @@ fn main() -> Result<()> {
                 // The plan holds static slices; this one lives as long as
                 // the program anyway.
                 plan.e2e.service_counts = e2e_services.leak();
+            }
+            if let Some(n) = control_large {
+                plan.control.large = Some(n).filter(|n| *n > 0);
             }
             let exe = std::env::current_exe()?;
             rt.block_on(async {

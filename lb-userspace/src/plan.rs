@@ -480,19 +480,33 @@ fn stable_slots(
 /// The ordered writes that turn `current` into `desired`.
 pub fn plan(current: &MapState, desired: &MapState) -> Vec<MapOp> {
     let mut ops = Vec::new();
+    let Ok(()) = plan_each(current, desired, &mut |op| {
+        ops.push(op);
+        Ok::<(), std::convert::Infallible>(())
+    });
+    ops
+}
+
+/// `plan`, handing each op to `emit` as it is decided (which may write
+/// them a chunk at a time); stops at `emit`'s first error.
+pub fn plan_each<E>(
+    current: &MapState,
+    desired: &MapState,
+    emit: &mut impl FnMut(MapOp) -> Result<(), E>,
+) -> Result<(), E> {
     for (id, b) in &desired.backends {
         if current.backends.get(id) != Some(b) {
-            ops.push(MapOp::PutBackend(*id, *b));
+            emit(MapOp::PutBackend(*id, *b))?;
         }
     }
     // Source ranges before the master entry that enables them.
     for r in desired.source_ranges.difference(&current.source_ranges) {
-        ops.push(MapOp::PutSourceRange(r.0, r.1, r.2));
+        emit(MapOp::PutSourceRange(r.0, r.1, r.2))?;
     }
     let changed = |k: &ServiceKey, v: &ServiceValue| current.services.get(k) != Some(v);
     for (k, v) in desired.services.iter().filter(|(k, _)| k.slot != 0) {
         if changed(k, v) {
-            ops.push(MapOp::PutService(*k, *v));
+            emit(MapOp::PutService(*k, *v))?;
         }
     }
     // Maglev tables after the slots they name and before the master entries:
@@ -502,12 +516,12 @@ pub fn plan(current: &MapState, desired: &MapState) -> Vec<MapOp> {
     // rewritten once, atomically).
     for (id, table) in &desired.maglev {
         if current.maglev.get(id) != Some(table) {
-            ops.push(MapOp::PutMaglev(*id, table.clone()));
+            emit(MapOp::PutMaglev(*id, table.clone()))?;
         }
     }
     for (k, v) in desired.services.iter().filter(|(k, _)| k.slot == 0) {
         if changed(k, v) {
-            ops.push(MapOp::PutService(*k, *v));
+            emit(MapOp::PutService(*k, *v))?;
         }
     }
     let gone: BTreeSet<&ServiceKey> = current
@@ -515,32 +529,26 @@ pub fn plan(current: &MapState, desired: &MapState) -> Vec<MapOp> {
         .keys()
         .filter(|k| !desired.services.contains_key(*k))
         .collect();
-    ops.extend(
-        gone.iter()
-            .filter(|k| k.slot == 0)
-            .map(|k| MapOp::DeleteService(**k)),
-    );
-    ops.extend(
-        current
-            .maglev
-            .keys()
-            .filter(|id| !desired.maglev.contains_key(*id))
-            .map(|id| MapOp::DeleteMaglev(*id)),
-    );
-    ops.extend(
-        gone.iter()
-            .filter(|k| k.slot != 0)
-            .map(|k| MapOp::DeleteService(**k)),
-    );
+    for k in gone.iter().filter(|k| k.slot == 0) {
+        emit(MapOp::DeleteService(**k))?;
+    }
+    for id in current.maglev.keys() {
+        if !desired.maglev.contains_key(id) {
+            emit(MapOp::DeleteMaglev(*id))?;
+        }
+    }
+    for k in gone.iter().filter(|k| k.slot != 0) {
+        emit(MapOp::DeleteService(**k))?;
+    }
     for id in current.backends.keys() {
         if !desired.backends.contains_key(id) {
-            ops.push(MapOp::DeleteBackend(*id));
+            emit(MapOp::DeleteBackend(*id))?;
         }
     }
     for r in current.source_ranges.difference(&desired.source_ranges) {
-        ops.push(MapOp::DeleteSourceRange(r.0, r.1, r.2));
+        emit(MapOp::DeleteSourceRange(r.0, r.1, r.2))?;
     }
-    ops
+    Ok(())
 }
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 //! without the agent, a ClusterIP reaches every endpoint of its Service
 //! through the iptables rules (from the pod they serve) and through the
 //! nftables rules (from theirs), and nothing translates it for a pod that
-//! neither serves.
+//! neither serves. And the data path bench's cost probes measure what
+//! they say they do.
 
 mod common;
 
@@ -74,4 +75,22 @@ async fn kube_proxy_shaped_rules_spread_a_cluster_ip_over_its_endpoints() {
         .expect("iptables -S");
     let hooks = String::from_utf8_lossy(&hooks.stdout);
     assert_eq!(hooks.matches("KUBE-SERVICES").count(), 1, "{hooks}");
+}
+
+/// Each cost probe passes the verifier and does its one operation on the
+/// bench's packet and maps (`measure_probes` fails on a probe whose lookup
+/// that must hit missed, or that changed the packet), and a path's model
+/// names only probes that exist.
+#[test]
+fn every_cost_probe_does_its_operation() {
+    use lb::bench::{costs, datapath::Scenario};
+    let rows = costs::measure_probes(10, 1, 5).expect("every probe did its operation");
+    let names: Vec<&str> = rows.iter().map(|m| m.label.as_str()).collect();
+    let probes: Vec<&str> = costs::PROBES.iter().map(|p| p.program).collect();
+    assert_eq!(names, probes);
+    for scenario in Scenario::ALL {
+        for (program, _) in costs::model(scenario) {
+            assert!(probes.contains(program), "{scenario:?}: no probe {program}");
+        }
+    }
 }

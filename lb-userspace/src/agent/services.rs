@@ -21,11 +21,15 @@ use super::{
 use crate::{
     datapath::Datapath,
     health::{health_checks, HealthCheck},
-    plan::{desired_state, fit_to_capacity, plan, Capacity},
+    plan::{desired_state, fit_to_capacity, plan, plan_each, Capacity},
     translate::{
         service_age, translate_service, DesiredService, EndpointSlice, NodeContext, ObjectError,
+        Translation,
     },
 };
+
+/// How many ops a full pass plans before it writes them.
+const OPS_PER_CHUNK: usize = 8192;
 
 /// What a pass wrote.
 #[derive(Clone, Copy, Debug, Default)]
@@ -67,19 +71,35 @@ impl ServiceSide {
             .collect()
     }
 
-    /// Translates one Service again, from the caches, into the index.
-    /// Returns the Services whose programmed frontends may have changed.
+    /// A Service's translation from the caches, with its age; `None` when
+    /// the Service is gone.
+    fn translate(
+        &self,
+        services: &Store<Service>,
+        slices: &Store<EndpointSlice>,
+        node: &NodeContext,
+        svc: &ServiceRef,
+    ) -> Option<(Arc<Service>, Translation)> {
+        let object = services.get(&ObjectRef::new(&svc.name).within(&svc.namespace))?;
+        let own = self.own_slices(slices, svc);
+        let own: Vec<&EndpointSlice> = own.iter().map(|s| s.as_ref()).collect();
+        let t = translate_service(&object, &own, node);
+        Some((object, t))
+    }
+
+    /// Translates one Service again, from the caches, into the index and
+    /// its health checks. Returns the translation, and the Services whose
+    /// programmed frontends may have changed.
     fn retranslate(
         &mut self,
         services: &Store<Service>,
         slices: &Store<EndpointSlice>,
         node: &NodeContext,
         svc: &ServiceRef,
-    ) -> BTreeSet<ServiceRef> {
-        let object = services.get(&ObjectRef::new(&svc.name).within(&svc.namespace));
-        let Some(object) = object else {
+    ) -> (Translation, BTreeSet<ServiceRef>) {
+        let Some((object, t)) = self.translate(services, slices, node, svc) else {
             self.health.remove(svc);
-            return self.index.set(svc, None);
+            return (Translation::default(), self.index.set(svc, None));
         };
         let own = self.own_slices(slices, svc);
         let own: Vec<&EndpointSlice> = own.iter().map(|s| s.as_ref()).collect();
@@ -89,8 +109,8 @@ impl ServiceSide {
         } else {
             self.health.insert(svc.clone(), checks);
         }
-        let t = translate_service(&object, &own, node);
-        self.index.set(svc, Some((service_age(&object), t)))
+        let touched = self.index.set(svc, Some((service_age(&object), &t)));
+        (t, touched)
     }
 
     /// The whole cluster: every Service translated again, the maps planned
@@ -114,24 +134,28 @@ impl ServiceSide {
         }
         self.index.clear();
         self.health.clear();
+        let mut translations: HashMap<ServiceRef, Translation> = HashMap::new();
         for s in services.state() {
             let svc = ServiceRef::new(
                 s.metadata.namespace.as_deref().unwrap_or(""),
                 s.metadata.name.as_deref().unwrap_or(""),
             );
-            self.retranslate(services, slices, node, &svc);
+            let (t, _) = self.retranslate(services, slices, node, &svc);
+            translations.insert(svc, t);
         }
         self.errors.clear();
         let mut all: Vec<DesiredService> = Vec::new();
         let mut owner_of_name: HashMap<String, ServiceRef> = HashMap::new();
         for svc in self.index.by_age() {
-            let (kept, errors) = self.index.programmed(svc);
+            let t = translations.remove(svc).unwrap_or_default();
+            let (kept, errors) = self.index.programmed(svc, t);
             owner_of_name.extend(kept.iter().map(|d| (d.name.clone(), svc.clone())));
             all.extend(kept);
             if !errors.is_empty() {
                 self.errors.insert(svc.clone(), errors);
             }
         }
+        drop(translations);
         let (fitting, full) = fit_to_capacity(all, &self.capacity);
         for e in full {
             let name = e.object.trim_start_matches("Service ");
@@ -147,10 +171,24 @@ impl ServiceSide {
             _ => dp.maps.state()?,
         };
         let desired = desired_state(&current, &fitting);
-        let ops = plan(&current, &desired);
-        dp.maps.apply(&ops)?;
+        // Applied as it is planned, a chunk at a time: the whole cluster's
+        // ops at once were 10 MB at 10,000 Services, held only to be written.
+        let mut chunk = Vec::with_capacity(OPS_PER_CHUNK);
+        let mut ops = 0;
+        plan_each(&current, &desired, &mut |op| {
+            chunk.push(op);
+            ops += 1;
+            if chunk.len() == OPS_PER_CHUNK {
+                dp.maps.apply(&chunk)?;
+                chunk.clear();
+            }
+            Ok::<(), anyhow::Error>(())
+        })?;
+        dp.maps.apply(&chunk)?;
+        drop(chunk);
+        drop(current);
         let drift = match &self.writer {
-            Some(w) if read_maps && plan(w.written(), &desired).is_empty() => ops.len(),
+            Some(w) if read_maps && plan(w.written(), &desired).is_empty() => ops,
             _ => 0,
         };
         let mut by_service: HashMap<ServiceRef, Vec<DesiredService>> = HashMap::new();
@@ -160,7 +198,7 @@ impl ServiceSide {
             }
         }
         let out = Written {
-            ops: ops.len(),
+            ops,
             drift,
             frontends: desired.services.keys().filter(|k| k.slot == 0).count(),
             backends: desired.backends.len(),
@@ -185,20 +223,31 @@ impl ServiceSide {
         dirty: &BTreeSet<ServiceRef>,
     ) -> Result<Written> {
         let mut replan = BTreeSet::new();
+        let mut fresh: HashMap<&ServiceRef, Translation> = HashMap::new();
         for svc in dirty {
-            replan.extend(self.retranslate(services, slices, node, svc));
+            let (t, touched) = self.retranslate(services, slices, node, svc);
+            fresh.insert(svc, t);
+            replan.extend(touched);
         }
         let mut out = Written::default();
-        let Some(writer) = self.writer.as_mut() else {
+        // Taken while the steps run: a failed write leaves it out (the
+        // maps hold what it does not know).
+        let Some(mut writer) = self.writer.take() else {
             anyhow::bail!("no full pass yet");
         };
         for svc in &replan {
-            let (kept, mut errors) = self.index.programmed(svc);
+            // A Service that won or lost a frontend through another's change
+            // is translated again from the caches, which did not change.
+            let t = match fresh.remove(svc) {
+                Some(t) => t,
+                None => self
+                    .translate(services, slices, node, svc)
+                    .map(|(_, t)| t)
+                    .unwrap_or_default(),
+            };
+            let (kept, mut errors) = self.index.programmed(svc, t);
             let step = writer.plan(svc, &kept);
-            if let Err(e) = dp.maps.apply(&step.ops) {
-                self.writer = None;
-                return Err(e);
-            }
+            dp.maps.apply(&step.ops)?;
             out.ops += step.ops.len();
             errors.extend(step.error.clone());
             if errors.is_empty() {
@@ -210,6 +259,7 @@ impl ServiceSide {
         }
         out.frontends = writer.frontends();
         out.backends = writer.written().backends.len();
+        self.writer = Some(writer);
         Ok(out)
     }
 

@@ -79,7 +79,7 @@ pub struct Measured {
     pub ns: Stats,
 }
 
-fn ip(s: &str) -> Ipv4Addr {
+pub(super) fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap_or(Ipv4Addr::UNSPECIFIED)
 }
 
@@ -207,7 +207,11 @@ pub fn isolate_client(dp: &mut Datapath, allow: bool, filler: usize) -> Result<(
 }
 
 /// One run of repeat 1: verdict, output, kernel nanoseconds.
-fn run_once(prog: &mut dyn TestRunDyn, input: &[u8], out: &mut Vec<u8>) -> Result<(u32, u64)> {
+pub(super) fn run_once(
+    prog: &mut dyn TestRunDyn,
+    input: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(u32, u64)> {
     out.resize(input.len() + 256, 0);
     let (ret, size, ns) = prog.run(input, out)?;
     out.truncate(size);
@@ -239,7 +243,7 @@ where
 }
 
 /// A SYN from CLIENT (or another client address for `flow` > 60000) to `dst`.
-fn syn(flow: usize, dst: &str, dport: u16) -> Vec<u8> {
+pub(super) fn syn(flow: usize, dst: &str, dport: u16) -> Vec<u8> {
     let sport = 1024 + (flow % 60000) as u16;
     let src = Ipv4Addr::from(u32::from(ip(CLIENT)) + (flow / 60000) as u32 * 256);
     Frame::tcp(&src.to_string(), sport, dst, dport).build(b"")

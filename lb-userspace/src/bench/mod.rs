@@ -6,6 +6,7 @@
 pub mod churn;
 pub mod client;
 pub mod control;
+pub mod costs;
 pub mod datapath;
 pub mod e2e;
 pub mod kube_proxy;
@@ -142,6 +143,8 @@ impl Plan {
 pub struct Results {
     pub datapath: Vec<datapath::Measured>,
     pub floor: Vec<datapath::Measured>,
+    /// The probes' costs (`costs`), at the first and the last Service count.
+    pub costs: Vec<datapath::Measured>,
     pub policy: Vec<datapath::Measured>,
     pub movement: Vec<maglev::Movement>,
     pub build: Vec<maglev::BuildTime>,
@@ -190,6 +193,7 @@ pub async fn run(plan: Plan, parts: &[Part], out_dir: &Path, lb_binary: &Path) -
     let mut results = Results {
         datapath: Vec::new(),
         floor: Vec::new(),
+        costs: Vec::new(),
         policy: Vec::new(),
         movement: Vec::new(),
         build: Vec::new(),
@@ -251,6 +255,12 @@ fn datapath_part(plan: &Plan, results: &mut Results) -> Result<()> {
             eprintln!("       {:.0} ns (median of batch means)", m.ns.median);
             results.datapath.push(m);
         }
+    }
+    let (first, last) = (plan.service_counts.first(), plan.service_counts.last());
+    for &services in first.into_iter().chain(last.filter(|l| Some(*l) != first)) {
+        eprintln!("bench: the cost of each operation, with {services} Services");
+        let rows = costs::measure_probes(services, plan.batches, plan.per_batch)?;
+        results.costs.extend(rows);
     }
     for filler in [None, Some(99), Some(15_999)] {
         eprintln!("bench: policy verdict, {filler:?} filler entries");

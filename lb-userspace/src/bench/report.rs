@@ -122,6 +122,7 @@ pub fn write(r: &Results, out_dir: &Path) -> Result<()> {
         );
     }
     let _ = writeln!(o, "\n![per-packet cost](benchmarks.svg)\n");
+    super::costs::write_section(&mut o, r);
 
     let _ = writeln!(o, "### The policy verdict\n");
     let _ = writeln!(

@@ -123,13 +123,20 @@ impl Datapath {
 
     /// The empty tc program (the benchmarks' floor), loaded on first use.
     pub fn floor_tc(&mut self) -> Result<&mut SchedClassifier> {
+        self.bench_tc("bench_empty_tc")
+    }
+
+    /// A tc program only the benchmarks run (the floor, the cost probes),
+    /// loaded on first use.
+    pub fn bench_tc(&mut self, name: &str) -> Result<&mut SchedClassifier> {
         let prog: &mut SchedClassifier = self
             .ebpf
-            .program_mut("bench_empty_tc")
-            .context("program bench_empty_tc missing")?
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing"))?
             .try_into()?;
         if prog.fd().is_err() {
-            prog.load()?;
+            prog.load()
+                .with_context(|| format!("verifier rejected {name}"))?;
         }
         Ok(prog)
     }
