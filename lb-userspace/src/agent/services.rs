@@ -71,20 +71,20 @@ impl ServiceSide {
             .collect()
     }
 
-    /// A Service's translation from the caches, with its age; `None` when
-    /// the Service is gone.
+    /// A Service from the caches, its own slices and its translation;
+    /// `None` when the Service is gone.
     fn translate(
         &self,
         services: &Store<Service>,
         slices: &Store<EndpointSlice>,
         node: &NodeContext,
         svc: &ServiceRef,
-    ) -> Option<(Arc<Service>, Translation)> {
+    ) -> Option<(Arc<Service>, Vec<Arc<EndpointSlice>>, Translation)> {
         let object = services.get(&ObjectRef::new(&svc.name).within(&svc.namespace))?;
         let own = self.own_slices(slices, svc);
-        let own: Vec<&EndpointSlice> = own.iter().map(|s| s.as_ref()).collect();
-        let t = translate_service(&object, &own, node);
-        Some((object, t))
+        let refs: Vec<&EndpointSlice> = own.iter().map(|s| s.as_ref()).collect();
+        let t = translate_service(&object, &refs, node);
+        Some((object, own, t))
     }
 
     /// Translates one Service again, from the caches, into the index and
@@ -97,11 +97,10 @@ impl ServiceSide {
         node: &NodeContext,
         svc: &ServiceRef,
     ) -> (Translation, BTreeSet<ServiceRef>) {
-        let Some((object, t)) = self.translate(services, slices, node, svc) else {
+        let Some((object, own, t)) = self.translate(services, slices, node, svc) else {
             self.health.remove(svc);
             return (Translation::default(), self.index.set(svc, None));
         };
-        let own = self.own_slices(slices, svc);
         let own: Vec<&EndpointSlice> = own.iter().map(|s| s.as_ref()).collect();
         let checks = health_checks(&[object.as_ref()], &own, node);
         if checks.is_empty() {
@@ -242,7 +241,7 @@ impl ServiceSide {
                 Some(t) => t,
                 None => self
                     .translate(services, slices, node, svc)
-                    .map(|(_, t)| t)
+                    .map(|(_, _, t)| t)
                     .unwrap_or_default(),
             };
             let (kept, mut errors) = self.index.programmed(svc, t);

@@ -219,16 +219,21 @@ pub fn write_section(o: &mut String, r: &super::Results) {
         let _ = write!(o, " ns added, {n} Services |");
     }
     let _ = writeln!(o, "\n|---|{}", "---|".repeat(counts.len()));
-    for p in &PROBES {
-        let _ = write!(o, "| {} |", p.operation);
-        for n in &counts {
-            let rows: Vec<Measured> = r
-                .costs
+    // The probes' rows at each count, in the order of `counts`.
+    let rows_at: Vec<Vec<Measured>> = counts
+        .iter()
+        .map(|n| {
+            r.costs
                 .iter()
                 .filter(|m| m.services == *n)
                 .cloned()
-                .collect();
-            let _ = write!(o, " {:.0} |", added(&rows, p.program, floor));
+                .collect()
+        })
+        .collect();
+    for p in &PROBES {
+        let _ = write!(o, "| {} |", p.operation);
+        for rows in &rows_at {
+            let _ = write!(o, " {:.0} |", added(rows, p.program, floor));
         }
         let _ = writeln!(o);
     }
@@ -238,12 +243,7 @@ pub fn write_section(o: &mut String, r: &super::Results) {
         counts[0]
     );
     let _ = writeln!(o, "|---|---|---|---|");
-    let rows: Vec<Measured> = r
-        .costs
-        .iter()
-        .filter(|m| m.services == counts[0])
-        .cloned()
-        .collect();
+    let rows = &rows_at[0];
     for scenario in Scenario::ALL {
         let Some(m) = r
             .datapath
@@ -261,7 +261,7 @@ pub fn write_section(o: &mut String, r: &super::Results) {
             "| {} | {:.0} | {:.0} | {} |",
             scenario.name(),
             m.ns.median - floor,
-            predicted(&rows, scenario, floor),
+            predicted(rows, scenario, floor),
             ops.join(", ")
         );
     }
