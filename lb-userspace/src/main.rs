@@ -88,6 +88,11 @@ enum Command {
         /// Service count; 0 leaves it out.
         #[arg(long)]
         control_large: Option<usize>,
+        /// The control part's lb side alone (its sync, changes and burst):
+        /// no nftables peer, no policy part, no large run. To profile the
+        /// agent (see docs/benchmarks.md); its report is not for committing.
+        #[arg(long)]
+        control_lb_only: bool,
     },
     /// The chained CNI plugin (`lb-cni`): put it on this node, or take it
     /// off. The runtime runs the plugin itself as `/opt/cni/bin/lb-cni`.
@@ -287,6 +292,7 @@ fn main() -> Result<()> {
             only,
             e2e_services,
             control_large,
+            control_lb_only,
         } => {
             let mut plan = if quick {
                 lb::bench::Plan::QUICK
@@ -301,6 +307,7 @@ fn main() -> Result<()> {
             if let Some(n) = control_large {
                 plan.control.large = Some(n).filter(|n| *n > 0);
             }
+            plan.control.lb_only = control_lb_only;
             let exe = std::env::current_exe()?;
             rt.block_on(async {
                 let mut term =

@@ -10,7 +10,8 @@ use crate::run;
 /// Debian packages the lab, the tests and the bench use (skopeo and umoci
 /// check the OCI image that `cargo xtask image` writes; conntrack empties
 /// Linux's table between the churn bench's modes; tcpdump, for captures
-/// when a lab test is chased).
+/// when a lab test is chased; make and gcc build jemalloc, the agent's
+/// allocator).
 const PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
@@ -22,6 +23,8 @@ const PACKAGES: &[&str] = &[
     "skopeo",
     "umoci",
     "tcpdump",
+    "make",
+    "gcc",
 ];
 
 fn output(cmd: &mut Command) -> Result<String> {

@@ -10,6 +10,7 @@ use std::{
 
 mod index;
 mod links;
+pub mod memory;
 mod policies;
 mod services;
 mod slices;
@@ -34,6 +35,7 @@ use crate::{
     translate::{EndpointSlice, NodeContext, ObjectError},
 };
 use index::ServiceRef;
+use memory::resident_mib;
 use policies::{PolicyObject, PolicySide, PolicyWork};
 use services::ServiceSide;
 use watch::Change;
@@ -298,6 +300,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     tracing::info!(
         at_ms = start.elapsed().as_millis() as u64,
         rss_mib = resident_mib(),
+        heap_mib = memory::heap_mib(),
         "caches synced"
     );
     if cfg.node_name.is_none() {
@@ -498,10 +501,13 @@ fn service_pass(
             }
             if work.full {
                 // A full pass builds the whole desired state beside the
-                // written one; glibc keeps what it freed unless asked.
-                // SAFETY: malloc_trim only hands free heap pages back.
-                unsafe { libc::malloc_trim(0) };
-                tracing::info!(rss_mib = resident_mib(), "freed memory handed back");
+                // written one, and frees it.
+                memory::hand_back();
+                tracing::info!(
+                    rss_mib = resident_mib(),
+                    heap_mib = memory::heap_mib(),
+                    "freed memory handed back"
+                );
             }
             st.services = w.frontends;
             st.backends = w.backends;
@@ -513,16 +519,4 @@ fn service_pass(
             tracing::error!("updating maps: {e:#}");
         }
     }
-}
-
-/// This process's resident memory (VmRSS), MiB; 0 if unknown.
-fn resident_mib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb / 1024)
 }

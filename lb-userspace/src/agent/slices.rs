@@ -6,7 +6,9 @@
 use std::collections::HashMap;
 
 use super::index::ServiceRef;
-use crate::translate::{EndpointSlice, SERVICE_NAME_LABEL};
+use crate::translate::EndpointSlice;
+#[cfg(test)]
+use crate::translate::SERVICE_NAME_LABEL;
 
 /// A slice, by namespace and name.
 pub type SliceRef = (String, String);
@@ -20,7 +22,7 @@ pub struct SliceIndex {
 }
 
 fn owner_of(slice: &EndpointSlice) -> Option<ServiceRef> {
-    let service = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    let service = slice.service_name()?;
     Some(ServiceRef::new(
         slice.metadata.namespace.as_deref().unwrap_or(""),
         service,

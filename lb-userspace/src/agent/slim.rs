@@ -46,8 +46,22 @@ impl Slim for Service {
     fn slim(&mut self) {
         slim_meta(&mut self.metadata);
         if let Some(spec) = &mut self.spec {
+            // kube-proxy's part of a Service is its addresses, ports and
+            // policies: the selector is the endpoint controller's (its
+            // map costs a B-tree node), the families and classes the
+            // allocators'.
+            spec.selector = None;
+            spec.ip_families = None;
+            spec.ip_family_policy = None;
+            spec.load_balancer_class = None;
+            spec.allocate_load_balancer_node_ports = None;
+            spec.publish_not_ready_addresses = None;
+            spec.traffic_distribution = None;
             trim(&mut spec.ports);
             trim(&mut spec.cluster_ips);
+        }
+        if let Some(status) = &mut self.status {
+            status.conditions = None;
         }
     }
 }
@@ -58,6 +72,9 @@ impl Slim for NetworkPolicy {}
 impl Slim for EndpointSlice {
     fn slim(&mut self) {
         slim_meta(&mut self.metadata);
+        // The one label read (`service_name`), out of its map.
+        self.service = self.service_name().map(str::to_owned);
+        self.metadata.labels = None;
         // The rest of each endpoint was skipped as it was decoded
         // (`translate::slice`).
         for e in self.endpoints.iter_mut().flatten() {
@@ -149,6 +166,7 @@ mod tests {
             "metadata": {"name": "web", "namespace": "shop",
                          "annotations": {"a": "b"}},
             "spec": {"clusterIP": "10.96.0.10", "type": "NodePort",
+                     "selector": {"app": "web"}, "ipFamilies": ["IPv4"],
                      "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}]}
         }))
         .expect("service");
@@ -167,9 +185,20 @@ mod tests {
         let (mut slim_svc, mut slim_slice) = (svc.clone(), slice.clone());
         slim_svc.slim();
         slim_slice.slim();
-        assert_eq!(slim_svc.spec, svc.spec);
+        let read = |s: &Service| {
+            let node = crate::translate::NodeContext {
+                name: Some("node-1".into()),
+                addrs: vec!["172.18.0.2".parse().expect("address")],
+                peers: vec![],
+            };
+            crate::translate::translate_service(s, &[], &node)
+        };
+        assert_eq!(read(&slim_svc), read(&svc));
+        let spec = slim_svc.spec.as_ref().expect("spec");
+        assert!(spec.selector.is_none() && spec.ip_families.is_none());
         assert_eq!(slim_slice.ports, slice.ports);
-        assert_eq!(slim_slice.metadata.labels, slice.metadata.labels);
+        assert_eq!(slim_slice.service_name(), Some("web"));
+        assert!(slim_slice.metadata.labels.is_none());
         let first = |s: &EndpointSlice| s.endpoints.as_ref().and_then(|e| e.first()).cloned();
         let (Some(a), Some(b)) = (first(&slim_slice), first(&slice)) else {
             panic!("the slices lost their endpoint");

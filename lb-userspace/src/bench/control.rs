@@ -33,6 +33,9 @@ pub struct Settings {
     /// Services: the nftables shape's load grows with the square of the
     /// Services on this kernel (see `run`), hours at 100,000.
     pub large: Option<usize>,
+    /// lb's side alone, at `services` (no nftables peer, no policy part,
+    /// no large run): to profile the agent.
+    pub lb_only: bool,
 }
 
 #[derive(Debug, Default)]
@@ -80,6 +83,9 @@ fn slice(i: usize, endpoints: usize, per: usize) -> serde_json::Value {
 /// Runs the control-path bench in labs named `prefix`, one after another.
 pub async fn run(s: &Settings, prefix: &str, lb_binary: &std::path::Path) -> Result<Results> {
     let mut out = lb_side(s, prefix, lb_binary).await?;
+    if s.lb_only {
+        return Ok(out);
+    }
     out.nft = super::nft_control::run(
         &format!("{prefix}-nft"),
         (s.services, s.endpoints),

@@ -101,6 +101,7 @@ impl Plan {
                 relabels: 200,
             },
             large: Some(100_000),
+            lb_only: false,
         },
     };
     pub const QUICK: Plan = Plan {
@@ -136,6 +137,7 @@ impl Plan {
                 relabels: 20,
             },
             large: None,
+            lb_only: false,
         },
     };
 }

@@ -272,7 +272,18 @@ impl Lab {
             .create(true)
             .append(true)
             .open(self.log_path(&format!("agent-{}", node_name(i))))?;
-        let mut cmd = netns::command_in(&self.names.node_ns(i), &self.lb_binary, true)?;
+        // A profiler to run the agent under (`heaptrack -o FILE`, `perf
+        // record -g -o FILE --`), for `docs/benchmarks.md`'s profiles.
+        let wrapper = std::env::var("LB_LAB_AGENT_WRAPPER").unwrap_or_default();
+        let mut words = wrapper.split_whitespace();
+        let mut cmd = match words.next() {
+            Some(program) => {
+                let mut cmd = netns::command_in(&self.names.node_ns(i), program, true)?;
+                cmd.args(words).arg(&self.lb_binary);
+                cmd
+            }
+            None => netns::command_in(&self.names.node_ns(i), &self.lb_binary, true)?,
+        };
         cmd.arg("agent")
             .arg("--kubeconfig")
             .arg(self.kubeconfig_path())

@@ -10,10 +10,7 @@ use std::{
 
 use super::EndpointSlice;
 
-use super::{
-    name_of, port_number, protocol_number, BackendAddr, NodeContext, ObjectError,
-    SERVICE_NAME_LABEL,
-};
+use super::{name_of, port_number, protocol_number, BackendAddr, NodeContext, ObjectError};
 
 /// An endpoint of one Service port, with what the choice of backends needs.
 #[derive(Clone, Copy, Debug)]
@@ -145,16 +142,11 @@ pub fn slices_by_service<E: Borrow<EndpointSlice>>(
     let mut out: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
     for s in slices {
         let s: &EndpointSlice = s.borrow();
-        let Some(service) = s
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        else {
+        let Some(service) = s.service_name() else {
             continue;
         };
         let ns = s.metadata.namespace.as_deref().unwrap_or("");
-        out.entry((ns, service.as_str())).or_default().push(s);
+        out.entry((ns, service)).or_default().push(s);
     }
     out
 }

@@ -22,6 +22,25 @@ pub struct EndpointSlice {
     pub address_type: String,
     pub endpoints: Option<Vec<Endpoint>>,
     pub ports: Option<Vec<EndpointPort>>,
+    /// The Service it belongs to, moved out of its labels when the agent
+    /// stores it (`Slim`): a one-entry label map costs a whole B-tree node,
+    /// 500 bytes, per slice.
+    #[serde(skip)]
+    pub service: Option<String>,
+}
+
+impl EndpointSlice {
+    /// The name of the Service the slice belongs to (in its namespace): its
+    /// `kubernetes.io/service-name` label.
+    pub fn service_name(&self) -> Option<&str> {
+        self.service.as_deref().or_else(|| {
+            self.metadata
+                .labels
+                .as_ref()?
+                .get(super::SERVICE_NAME_LABEL)
+                .map(String::as_str)
+        })
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]

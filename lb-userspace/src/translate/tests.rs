@@ -67,6 +67,7 @@ fn slice(service: &str, ports: &[(&str, i32, &str)], endpoints: Vec<Endpoint>) -
                 })
                 .collect(),
         ),
+        service: None,
     }
 }
 
