@@ -96,7 +96,8 @@ pub struct ConntrackKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct ConntrackEntry {
-    /// `bpf_ktime_get_ns()` of the last packet seen.
+    /// When the last packet was seen: CLOCK_MONOTONIC to the last tick
+    /// (`lb-ebpf/src/clock.rs`).
     pub last_seen_ns: u64,
     /// Address to rewrite to (network byte order): backend or VIP.
     pub nat_addr: u32,

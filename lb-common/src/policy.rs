@@ -79,7 +79,7 @@ crate::user_pod!(IpcacheKey, EndpointInfo, PolicyKey, PolicyEntry);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct FlowEvent {
-    /// bpf_ktime_get_ns() (CLOCK_MONOTONIC).
+    /// CLOCK_MONOTONIC, to the last tick (`lb-ebpf/src/clock.rs`).
     pub ts_ns: u64,
     /// Addresses and ports as the pod sees them, network byte order.
     pub saddr: u32,

@@ -1,9 +1,6 @@
 //! Connection tracking for load-balanced flows (see `lb_common::conntrack`).
 
-use aya_ebpf::{
-    bindings::BPF_NOEXIST,
-    helpers::{bpf_ktime_get_ns, bpf_loop},
-};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_loop};
 use lb_common::{
     backend::Backend,
     conntrack::{
@@ -16,6 +13,7 @@ use lb_common::{
 };
 
 use crate::{
+    clock,
     maps::CONNTRACK,
     metrics::{count, count_events},
     packet::{Flow, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
@@ -101,7 +99,7 @@ pub fn lookup(key: &ConntrackKey, flow: &Flow) -> Option<ConntrackEntry> {
     // SAFETY: the pointer comes from a successful lookup; the copy is taken at
     // once, and a concurrent writer can at worst make last_seen slightly stale.
     unsafe {
-        (*entry).last_seen_ns = bpf_ktime_get_ns();
+        (*entry).last_seen_ns = clock::now();
         (*entry).flags |= close_flags(flow, (*entry).flags, false);
         Some(*entry)
     }
@@ -123,7 +121,7 @@ pub fn lookup_translated<P: Packet>(
     let entry = CONNTRACK.get_ptr_mut(k)?;
     // SAFETY: as in `lookup`.
     unsafe {
-        let now = bpf_ktime_get_ns();
+        let now = clock::now();
         let from_backend = k.direction == CT_REPLY;
         let mut flags = close_flags(flow, (*entry).flags, from_backend);
         if from_backend && (*entry).flags & CT_F_ANSWERED == 0 {
@@ -200,7 +198,7 @@ fn close_flags(flow: &Flow, had: u16, from_backend: bool) -> u16 {
 #[inline(always)]
 pub fn reopens(entry: &ConntrackEntry, flow: &Flow) -> bool {
     if flow.proto != PROTO_TCP {
-        let idle = unsafe { bpf_ktime_get_ns() }.saturating_sub(entry.last_seen_ns);
+        let idle = clock::now().saturating_sub(entry.last_seen_ns);
         return idle >= UDP_REUSE_NS;
     }
     opens_connection(flow) && (entry.flags & CT_F_CLOSING != 0 || entry.syn_seq != flow.tcp_seq)
@@ -283,7 +281,7 @@ pub fn claim(k: &ConntrackKey, flow: &Flow) -> Claim {
     {
         return Claim::Own;
     }
-    let idle = unsafe { bpf_ktime_get_ns() }.saturating_sub(held.last_seen_ns);
+    let idle = clock::now().saturating_sub(held.last_seen_ns);
     let hold = if flow.proto != PROTO_TCP {
         UDP_REUSE_NS
     } else {
@@ -407,7 +405,7 @@ pub fn free_port<P: Packet>(
         snat: (src, 0),
         ..*new
     };
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = clock::now();
     let mut search = PortSearch {
         flow: *flow,
         backend: *new.backend,
@@ -509,7 +507,7 @@ fn first_seq(flow: &Flow) -> u32 {
 /// removed again if the second cannot be.
 #[inline(always)]
 pub fn create(flow: &Flow, new: &NewFlow, reply_written: bool) -> Result<(), i32> {
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = clock::now();
     let forward = ConntrackEntry {
         last_seen_ns: now,
         syn_seq: first_seq(flow),

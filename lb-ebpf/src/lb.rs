@@ -1,7 +1,7 @@
 //! Service translation: the decisions of the two tc programs.
 
 use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT};
-use aya_ebpf::{btf_maps::lpm_trie::Key, helpers::bpf_ktime_get_ns, programs::TcContext};
+use aya_ebpf::{btf_maps::lpm_trie::Key, programs::TcContext};
 use aya_log_ebpf::info;
 use lb_common::{
     backend::Backend,
@@ -334,7 +334,7 @@ pub fn select_backend(flow: &Flow, service: &ServiceValue) -> Option<(u32, Backe
         client: flow.saddr,
         rev_nat_id: service.rev_nat_id,
     };
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = crate::clock::now();
     let timeout_ns = u64::from(service.affinity_timeout) * 1_000_000_000;
     if let Some(prev) = AFFINITY.get_ptr(key).map(|p| unsafe { *p }) {
         let fresh = now.saturating_sub(prev.last_used_ns) < timeout_ns;

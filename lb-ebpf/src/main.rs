@@ -17,6 +17,7 @@
 #![no_std]
 #![no_main]
 
+mod clock;
 mod conntrack;
 mod lb;
 mod logging;

@@ -93,7 +93,7 @@ pub fn allowed(
 fn report(flow: &Flow, direction: u8, identity: u32, verdict: Option<u32>) {
     if let Some(mut entry) = FLOWS.reserve(0) {
         entry.write(FlowEvent {
-            ts_ns: unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() },
+            ts_ns: crate::clock::now(),
             saddr: flow.saddr,
             daddr: flow.daddr,
             sport: flow.sport,
@@ -121,7 +121,7 @@ fn known(key: &ConntrackKey, flow: &Flow) -> bool {
 #[inline(always)]
 fn track(key: &ConntrackKey) {
     let entry = ConntrackEntry {
-        last_seen_ns: unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() },
+        last_seen_ns: crate::clock::now(),
         ..Default::default()
     };
     let _ = CONNTRACK.insert(key, entry, 0);

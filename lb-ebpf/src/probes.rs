@@ -64,9 +64,20 @@ pub fn probe_ct_miss(ctx: TcContext) -> i32 {
     verdict(CONNTRACK.get_ptr(conntrack::reply_key(&f)).is_none())
 }
 
-/// The clock, read once (conntrack stamps each packet's entry).
+/// The clock, read once as the paths read it (`clock::now`, to the last
+/// tick: conntrack stamps each packet's entry).
 #[classifier]
 pub fn probe_clock(ctx: TcContext) -> i32 {
+    let Some(f) = flow(&ctx) else {
+        return TC_ACT_SHOT;
+    };
+    let now = crate::clock::now();
+    verdict(now != 0 && f.dport != 0)
+}
+
+/// The exact clock (`bpf_ktime_get_ns`), which the paths read before.
+#[classifier]
+pub fn probe_clock_exact(ctx: TcContext) -> i32 {
     let Some(f) = flow(&ctx) else {
         return TC_ACT_SHOT;
     };

@@ -53,7 +53,8 @@ impl Default for Timeouts {
 }
 
 /// Whether an entry last seen at `entry.last_seen_ns` has expired at `now_ns`
-/// (both CLOCK_MONOTONIC, as bpf_ktime_get_ns).
+/// (both CLOCK_MONOTONIC; the data path reads it to the last tick, so an
+/// age is a saturating difference).
 pub fn expired(key: &ConntrackKey, entry: &ConntrackEntry, now_ns: u64, t: &Timeouts) -> bool {
     let time_wait_guard = key.direction == CT_REPLY && entry.flags & CT_F_BACKEND_CLOSED_FIRST != 0;
     let limit = match (key.proto, State::of(entry)) {
@@ -118,7 +119,7 @@ impl Summary {
     }
 }
 
-/// Counts `entries` by state (pure; `now_ns` as `bpf_ktime_get_ns`).
+/// Counts `entries` by state (pure; `now_ns` on the data path's clock, CLOCK_MONOTONIC).
 pub fn summarize(entries: &[(ConntrackKey, ConntrackEntry)], now_ns: u64) -> Summary {
     let mut tally = Tally::new(now_ns);
     for (k, e) in entries {
@@ -192,7 +193,8 @@ pub fn warn_if_filling(summary: &Summary, capacity: u32) {
     }
 }
 
-/// The clock bpf_ktime_get_ns reads.
+/// The clock the data path stamps entries with (CLOCK_MONOTONIC; it reads
+/// it to the last tick).
 pub fn monotonic_ns() -> Result<u64> {
     let ts =
         nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).context("clock_gettime")?;

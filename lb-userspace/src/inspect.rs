@@ -220,7 +220,8 @@ pub struct ConntrackView {
     pub flags: Vec<&'static str>,
 }
 
-/// `now_ns`: CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
+/// `now_ns`: CLOCK_MONOTONIC, the clock the data path stamps entries with
+/// (to the last tick: `lb-ebpf/src/clock.rs`).
 pub fn conntrack_view(
     entries: &[(ConntrackKey, ConntrackEntry)],
     now_ns: u64,

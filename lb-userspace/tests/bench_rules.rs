@@ -3,8 +3,8 @@
 //! without the agent, a ClusterIP reaches every endpoint of its Service
 //! through the iptables rules (from the pod they serve) and through the
 //! nftables rules (from theirs), and nothing translates it for a pod that
-//! neither serves. And the data path bench's cost probes measure what
-//! they say they do.
+//! neither serves. And the data path bench's cost probes and uplink
+//! packets measure what they say they do.
 
 mod common;
 
@@ -91,6 +91,23 @@ fn every_cost_probe_does_its_operation() {
     for scenario in Scenario::ALL {
         for (program, _) in costs::model(scenario) {
             assert!(probes.contains(program), "{scenario:?}: no probe {program}");
+        }
+    }
+}
+
+/// The uplink bench's packets do what its table says on both hooks: a new
+/// flow from outside leaves DNATed to a backend and SNATed to the node, an
+/// established one as its first packet did, a packet for no Service
+/// unchanged (`uplink::measure` checks every run's verdict and bytes).
+#[test]
+fn the_uplink_bench_checks_every_path_on_both_hooks() {
+    use lb::bench::uplink::{self, Hook, UplinkPath};
+    for hook in Hook::ALL {
+        for path in UplinkPath::ALL {
+            let m = uplink::measure(path, hook, 10, 2, 20)
+                .unwrap_or_else(|e| panic!("{}: {e:#}", uplink::label(path, hook)));
+            assert_eq!(m.runs, 40);
+            assert!(m.ns.median > 0.0, "{}: not timed", m.label);
         }
     }
 }

@@ -12,6 +12,7 @@ use anyhow::{bail, ensure, Context, Result};
 use aya::maps::lpm_trie::Key;
 use aya::programs::{TestRun, TestRunOptions};
 use lb_common::{
+    conntrack::CONNTRACK_MAX_ENTRIES,
     policy::{
         EndpointInfo, IpcacheKey, PolicyEntry, PolicyKey, DIR_EGRESS, ENDPOINT_F_EGRESS_ISOLATED,
         POLICY_KEY_FIXED_BITS,
@@ -35,13 +36,20 @@ pub const VIP: &str = "10.96.0.10";
 const CLIENT: &str = "10.244.1.5";
 /// The measured Service's backends.
 const BACKENDS: usize = 10;
+/// New flows per figure into a table with room: each writes up to two
+/// entries, so the table (`CONNTRACK_MAX_ENTRIES`) stays under half full.
+pub const NEW_FLOWS: usize = 250_000;
 
 /// What one packet is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scenario {
     /// A SYN of a flow never seen: Service lookup, Maglev, conntrack
-    /// create, DNAT.
+    /// create, DNAT; into a conntrack table with room (`NEW_FLOWS` flows at
+    /// most per figure, against its 1,048,576 entries).
     NewFlow,
+    /// The same into a full conntrack table (filled first): every insert
+    /// evicts the least recently used entry.
+    NewFlowFullTable,
     /// A packet of a tracked flow: conntrack hit, DNAT.
     Established,
     /// A packet to an address that is no Service: lookups that miss, passed
@@ -53,8 +61,9 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 4] = [
+    pub const ALL: [Scenario; 5] = [
         Scenario::NewFlow,
+        Scenario::NewFlowFullTable,
         Scenario::Established,
         Scenario::NoService,
         Scenario::PolicyDrop,
@@ -63,6 +72,7 @@ impl Scenario {
     pub fn name(self) -> &'static str {
         match self {
             Scenario::NewFlow => "new flow to a Service",
+            Scenario::NewFlowFullTable => "new flow, conntrack table full",
             Scenario::Established => "established flow",
             Scenario::NoService => "packet for no Service",
             Scenario::PolicyDrop => "policy drop",
@@ -257,6 +267,10 @@ pub fn measure(
     batches: usize,
     per_batch: usize,
 ) -> Result<Measured> {
+    let per_batch = match scenario {
+        Scenario::NewFlow => per_batch.min(NEW_FLOWS / batches.max(1)),
+        _ => per_batch,
+    };
     let mut dp = datapath_with(services)?;
     if scenario == Scenario::PolicyDrop {
         isolate_client(&mut dp, false, 0)?;
@@ -274,12 +288,20 @@ pub fn measure(
     let mut out = Vec::new();
     let mut means = Vec::with_capacity(batches);
     let mut flow = 1usize;
+    if scenario == Scenario::NewFlowFullTable {
+        // As many new flows as the table has entries, each writing at
+        // least one: full, before the first measured run.
+        for _ in 0..CONNTRACK_MAX_ENTRIES as usize {
+            run_once(prog, &syn(flow, VIP, 80), &mut out)?;
+            flow += 1;
+        }
+    }
     for _ in 0..batches {
         let mut total = 0u64;
         for _ in 0..per_batch {
             let input_new;
             let input: &[u8] = match scenario {
-                Scenario::NewFlow => {
+                Scenario::NewFlow | Scenario::NewFlowFullTable => {
                     input_new = syn(flow, VIP, 80);
                     flow += 1;
                     &input_new
@@ -325,7 +347,7 @@ fn check(
     expected_established: &[u8],
 ) -> Result<()> {
     match scenario {
-        Scenario::NewFlow => {
+        Scenario::NewFlow | Scenario::NewFlowFullTable => {
             ensure!(verdict == TC_ACT_OK, "new flow: verdict {verdict}");
             let f = Frame::parse(out).map_err(anyhow::Error::msg)?;
             ensure!(

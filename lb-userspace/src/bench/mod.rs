@@ -17,6 +17,7 @@ pub mod plot;
 pub mod policy;
 pub mod prog_stats;
 pub mod report;
+pub mod uplink;
 
 use std::path::Path;
 
@@ -148,6 +149,8 @@ pub struct Results {
     /// The probes' costs (`costs`), at the first and the last Service count.
     pub costs: Vec<datapath::Measured>,
     pub policy: Vec<datapath::Measured>,
+    /// The uplink programs' paths (`uplink`), at the first and last counts.
+    pub uplink: Vec<datapath::Measured>,
     pub movement: Vec<maglev::Movement>,
     pub build: Vec<maglev::BuildTime>,
     pub e2e: e2e::Results,
@@ -197,6 +200,7 @@ pub async fn run(plan: Plan, parts: &[Part], out_dir: &Path, lb_binary: &Path) -
         floor: Vec::new(),
         costs: Vec::new(),
         policy: Vec::new(),
+        uplink: Vec::new(),
         movement: Vec::new(),
         build: Vec::new(),
         e2e: Default::default(),
@@ -263,6 +267,17 @@ fn datapath_part(plan: &Plan, results: &mut Results) -> Result<()> {
         eprintln!("bench: the cost of each operation, with {services} Services");
         let rows = costs::measure_probes(services, plan.batches, plan.per_batch)?;
         results.costs.extend(rows);
+        for hook in uplink::Hook::ALL {
+            for path in uplink::UplinkPath::ALL {
+                eprintln!(
+                    "bench: {}, with {services} Services",
+                    uplink::label(path, hook)
+                );
+                let m = uplink::measure(path, hook, services, plan.batches, plan.per_batch)?;
+                eprintln!("       {:.0} ns (median of batch means)", m.ns.median);
+                results.uplink.push(m);
+            }
+        }
     }
     for filler in [None, Some(99), Some(15_999)] {
         eprintln!("bench: policy verdict, {filler:?} filler entries");

@@ -78,9 +78,13 @@ pub fn write(r: &Results, out_dir: &Path) -> Result<()> {
         "The measured Service has 10 backends and a Maglev table (written by the \
          agent's own planner); the other Services of each column have one backend \
          each and are written straight into the SERVICES map (ClusterIPs, which \
-         get no Maglev table). New flows come from ever new client ports, so conntrack \
-         (an LRU of {} entries) runs full and evicts, as on a busy node.\n",
-        lb_common::conntrack::CONNTRACK_MAX_ENTRIES
+         get no Maglev table). New flows come from ever new client ports, into a \
+         conntrack table (an LRU of {} entries) with room: at most {} new flows per \
+         figure, each writing up to two entries. The full table is its own row: the \
+         same new flows after as many as the table has entries, so that every \
+         insert evicts.\n",
+        lb_common::conntrack::CONNTRACK_MAX_ENTRIES,
+        super::datapath::NEW_FLOWS
     );
     let _ = write!(o, "| nanoseconds per packet |");
     for n in r.plan.service_counts {
@@ -123,6 +127,7 @@ pub fn write(r: &Results, out_dir: &Path) -> Result<()> {
     }
     let _ = writeln!(o, "\n![per-packet cost](benchmarks.svg)\n");
     super::costs::write_section(&mut o, r);
+    super::uplink::write_section(&mut o, r);
 
     let _ = writeln!(o, "### The policy verdict\n");
     let _ = writeln!(
