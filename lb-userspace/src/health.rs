@@ -59,13 +59,13 @@ pub fn health_checks<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
         let own = by_service
             .get_or_insert_with(|| slices_by_service(slices))
             .get(&(ns.as_str(), name.as_str()));
-        let addrs: BTreeSet<&String> = own
+        let addrs: BTreeSet<&str> = own
             .into_iter()
             .flatten()
             .flat_map(|s| s.endpoints.iter().flatten())
-            .filter(|e| node.name.is_some() && e.node_name == node.name)
+            .filter(|e| node.name.is_some() && e.node_name.as_deref() == node.name.as_deref())
             .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
-            .flat_map(|e| e.addresses.iter())
+            .flat_map(|e| e.addresses.iter().map(|a| &**a))
             .collect();
         out.insert(
             port,

@@ -49,9 +49,14 @@ fn frontend(s: &DesiredService) -> Frontend {
 /// Service's translation beside the caches and the writer's state held the
 /// same entries a third time (13 MB at 10,000 Services).
 struct Claimant {
-    age: ServiceAge,
+    created: Created,
     frontends: Vec<(Frontend, Box<str>)>,
 }
+
+/// When a Service was created. With its reference (namespace, then name)
+/// it orders claims as `ServiceAge` does: the reference holds the names,
+/// so a claim keeps the time alone, not the names a second time.
+type Created = Option<k8s_openapi::jiff::Timestamp>;
 
 /// Every Service's claims, and the claimants of each frontend.
 #[derive(Default)]
@@ -63,7 +68,7 @@ pub struct ServiceIndex {
     claims: HashMap<Frontend, Vec<Claim>>,
 }
 
-type Claim = (ServiceAge, ServiceRef);
+type Claim = (Created, ServiceRef);
 
 impl ServiceIndex {
     /// Replaces a Service's translation (`None`: the Service is gone).
@@ -77,7 +82,7 @@ impl ServiceIndex {
         let mut touched = BTreeSet::from([svc.clone()]);
         let old = self.services.remove(svc);
         let new = new.map(|(age, t)| Claimant {
-            age,
+            created: age.0,
             frontends: t
                 .services
                 .iter()
@@ -96,7 +101,7 @@ impl ServiceIndex {
         if let Some(old) = old {
             for (f, _) in &old.frontends {
                 if let Some(c) = self.claims.get_mut(f) {
-                    let gone = (old.age.clone(), svc.clone());
+                    let gone = (old.created, svc.clone());
                     if let Ok(i) = c.binary_search(&gone) {
                         c.remove(i);
                     }
@@ -109,7 +114,7 @@ impl ServiceIndex {
         if let Some(new) = new {
             for (f, _) in &new.frontends {
                 let c = self.claims.entry(*f).or_default();
-                let claim = (new.age.clone(), svc.clone());
+                let claim = (new.created, svc.clone());
                 if let Err(i) = c.binary_search(&claim) {
                     c.insert(i, claim);
                 }
@@ -171,8 +176,8 @@ impl ServiceIndex {
 
     /// Every Service, oldest first (the order a full pass programs them in).
     pub fn by_age(&self) -> Vec<&ServiceRef> {
-        let mut all: Vec<(&ServiceAge, &ServiceRef)> =
-            self.services.iter().map(|(r, t)| (&t.age, r)).collect();
+        let mut all: Vec<(Created, &ServiceRef)> =
+            self.services.iter().map(|(r, t)| (t.created, r)).collect();
         all.sort();
         all.into_iter().map(|(_, r)| r).collect()
     }

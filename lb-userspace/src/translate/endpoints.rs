@@ -68,8 +68,8 @@ pub(super) fn candidates_for(
             let ready = c.and_then(|c| c.ready).unwrap_or(true);
             let serving = c.and_then(|c| c.serving).unwrap_or(ready);
             let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-            let local = node.name.is_some() && ep.node_name == node.name;
-            for a in &ep.addresses {
+            let local = node.name.is_some() && ep.node_name.as_deref() == node.name.as_deref();
+            for a in ep.addresses.iter() {
                 let Ok(ip) = a.parse::<Ipv4Addr>() else {
                     errors.push(ObjectError {
                         object: name_of("EndpointSlice", &slice.metadata),

@@ -36,7 +36,7 @@ fn cluster_ip(ip: &str, ports: Vec<ServicePort>) -> ServiceSpec {
 
 fn endpoint(ip: &str, ready: Option<bool>) -> Endpoint {
     Endpoint {
-        addresses: vec![ip.into()],
+        addresses: vec![Box::from(ip)].into(),
         conditions: Some(EndpointConditions {
             ready,
             serving: ready,
@@ -382,7 +382,7 @@ fn not_ready_endpoints_are_retained_for_established_flows() {
 
 fn terminating(ip: &str, serving: bool) -> Endpoint {
     Endpoint {
-        addresses: vec![ip.into()],
+        addresses: vec![Box::from(ip)].into(),
         conditions: Some(EndpointConditions {
             ready: Some(false),
             serving: Some(serving),
