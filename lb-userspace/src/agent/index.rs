@@ -10,7 +10,7 @@ use std::{
     sync::Arc,
 };
 
-use crate::translate::{DesiredService, ObjectError, ServiceAge, Translation};
+use crate::translate::{DesiredService, ObjectError, Translation};
 
 /// A Service, by namespace and name. The agent keeps a Service's key in
 /// half a dozen indexes (translations, claims, slices, what was written);
@@ -54,9 +54,9 @@ struct Claimant {
 }
 
 /// When a Service was created. With its reference (namespace, then name)
-/// it orders claims as `ServiceAge` does: the reference holds the names,
+/// it orders claims as `translate::ServiceAge` does: the reference holds the names,
 /// so a claim keeps the time alone, not the names a second time.
-type Created = Option<k8s_openapi::jiff::Timestamp>;
+pub type Created = Option<k8s_openapi::jiff::Timestamp>;
 
 /// Every Service's claims, and the claimants of each frontend.
 #[derive(Default)]
@@ -77,12 +77,12 @@ impl ServiceIndex {
     pub fn set(
         &mut self,
         svc: &ServiceRef,
-        new: Option<(ServiceAge, &Translation)>,
+        new: Option<(Created, &Translation)>,
     ) -> BTreeSet<ServiceRef> {
         let mut touched = BTreeSet::from([svc.clone()]);
         let old = self.services.remove(svc);
-        let new = new.map(|(age, t)| Claimant {
-            created: age.0,
+        let new = new.map(|(created, t)| Claimant {
+            created,
             frontends: t
                 .services
                 .iter()
@@ -213,12 +213,8 @@ mod tests {
         }
     }
 
-    fn age(n: i64) -> ServiceAge {
-        (
-            Some(k8s_openapi::jiff::Timestamp::from_second(n).unwrap()),
-            String::new(),
-            String::new(),
-        )
+    fn age(n: i64) -> Created {
+        Some(k8s_openapi::jiff::Timestamp::from_second(n).unwrap())
     }
 
     /// The index with each Service's last translation beside it, as the
@@ -233,9 +229,9 @@ mod tests {
         fn set(
             &mut self,
             s: &ServiceRef,
-            new: Option<(ServiceAge, Translation)>,
+            new: Option<(Created, Translation)>,
         ) -> BTreeSet<ServiceRef> {
-            let touched = self.ix.set(s, new.as_ref().map(|(a, t)| (a.clone(), t)));
+            let touched = self.ix.set(s, new.as_ref().map(|(a, t)| (*a, t)));
             match new {
                 Some((_, t)) => self.translations.insert(s.clone(), t),
                 None => self.translations.remove(s),

@@ -23,7 +23,7 @@ use crate::{
     health::{health_checks, HealthCheck},
     plan::{desired_state, fit_to_capacity, plan, plan_each, Capacity},
     translate::{
-        service_age, translate_service, DesiredService, EndpointSlice, NodeContext, ObjectError,
+        created_at, translate_service, DesiredService, EndpointSlice, NodeContext, ObjectError,
         Translation,
     },
 };
@@ -108,7 +108,7 @@ impl ServiceSide {
         } else {
             self.health.insert(svc.clone(), checks);
         }
-        let touched = self.index.set(svc, Some((service_age(&object), &t)));
+        let touched = self.index.set(svc, Some((created_at(&object), &t)));
         (t, touched)
     }
 

@@ -178,9 +178,14 @@ fn parse_ipv4_list<'a>(
 /// and name, so the order is total).
 pub type ServiceAge = (Option<k8s_openapi::jiff::Timestamp>, String, String);
 
+/// When a Service was created (the first part of its `ServiceAge`).
+pub fn created_at(s: &Service) -> Option<k8s_openapi::jiff::Timestamp> {
+    s.metadata.creation_timestamp.as_ref().map(|t| t.0)
+}
+
 pub fn service_age(s: &Service) -> ServiceAge {
     (
-        s.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        created_at(s),
         s.metadata.namespace.clone().unwrap_or_default(),
         s.metadata.name.clone().unwrap_or_default(),
     )
