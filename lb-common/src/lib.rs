@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod node;
 pub mod policy;
 pub mod service;
+pub mod sock;
 
 /// IANA protocol numbers as used in the IPv4 header.
 pub const PROTO_TCP: u8 = 6;
@@ -32,7 +33,8 @@ pub mod map_names {
     pub const POLICY: &str = "POLICY";
     pub const FLOWS: &str = "FLOWS";
     pub const PEER_NODES: &str = "PEER_NODES";
-    pub const ALL: [&str; 13] = [
+    pub const SOCK_REVERSE: &str = "SOCK_REVERSE";
+    pub const ALL: [&str; 14] = [
         SERVICES,
         BACKENDS,
         CONNTRACK,
@@ -46,6 +48,7 @@ pub mod map_names {
         POLICY,
         FLOWS,
         PEER_NODES,
+        SOCK_REVERSE,
     ];
 }
 

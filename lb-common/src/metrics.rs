@@ -53,7 +53,13 @@ pub mod reason {
     /// new flow (on another CPU) before this one could write it: the next
     /// port was tried, where the two would otherwise have clashed.
     pub const TUPLE_RACED: u32 = 18;
-    pub const COUNT: u32 = 19;
+    /// A pod's `connect()` or `sendmsg()` to a Service was sent to a
+    /// backend at the socket (socket LB): its packets need no translation.
+    pub const SOCK_TRANSLATED: u32 = 19;
+    /// A socket asked for its peer or a datagram's source and was given
+    /// the Service address back.
+    pub const SOCK_REVERSED: u32 = 20;
+    pub const COUNT: u32 = 21;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "new_flow",
@@ -75,6 +81,8 @@ pub mod reason {
         "tuple_clash_reused",
         "tuple_clash_own_source",
         "tuple_raced",
+        "sock_translated",
+        "sock_reversed",
     ];
 }
 

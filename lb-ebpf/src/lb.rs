@@ -410,7 +410,7 @@ fn free_source_port(ctx: &TcContext, flow: &Flow, new: &NewFlow) -> (Option<u16>
 
 /// Backend id, backend and slot chosen by the flow's hash.
 #[inline(always)]
-fn select_by_hash(flow: &Flow, service: &ServiceValue) -> Option<(u32, Backend, u16)> {
+pub fn select_by_hash(flow: &Flow, service: &ServiceValue) -> Option<(u32, Backend, u16)> {
     let hash = flow_hash(flow);
     // `checked_rem`, not `%`: a remainder the compiler cannot prove safe
     // becomes a call to a panic function, which the verifier rejects.

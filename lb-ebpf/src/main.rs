@@ -8,6 +8,10 @@
 //!   there, where XDP would copy every packet: a veth): NodePort,
 //!   LoadBalancer and external-IP frontends for traffic from outside the
 //!   node, with SNAT.
+//! - `lb_sock_connect4`, `lb_sock_sendmsg4`, `lb_sock_recvmsg4` and
+//!   `lb_sock_getpeername4` (cgroup hooks of the pods' sockets, with
+//!   socket LB on): a Service's backend chosen at `connect()` and
+//!   `sendmsg()`, the Service shown again to the socket (`sock`).
 //! - `lb_ct_sweep` (never attached): the agent's removal of expired
 //!   conntrack entries, run through BPF_PROG_TEST_RUN.
 //!
@@ -28,12 +32,13 @@ mod packet;
 mod policy;
 mod probes;
 mod reject;
+mod sock;
 mod sweep;
 mod uplink;
 
 use aya_ebpf::{
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 
 #[classifier]
@@ -66,6 +71,33 @@ pub fn lb_uplink_tc(ctx: TcContext) -> i32 {
         Ok(v) | Err(v) if v == uplink::Verdict::Pass => TC_ACT_OK,
         _ => TC_ACT_SHOT,
     }
+}
+
+/// A socket hook's verdict: carry on (the hooks never refuse a call).
+const SOCK_PROCEED: i32 = 1;
+
+#[cgroup_sock_addr(connect4)]
+pub fn lb_sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::to_backend(&ctx);
+    SOCK_PROCEED
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn lb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::to_backend(&ctx);
+    SOCK_PROCEED
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn lb_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::to_frontend(&ctx);
+    SOCK_PROCEED
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn lb_sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::to_frontend(&ctx);
+    SOCK_PROCEED
 }
 
 /// The agent's conntrack sweep (`sweep`): run on a batch of expired

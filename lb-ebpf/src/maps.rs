@@ -16,6 +16,7 @@ use lb_common::{
         AffinityKey, AffinityValue, ServiceKey, ServiceValue, SourceRange, BACKENDS_MAX_ENTRIES,
         MAGLEV_MAX_TABLES, MAGLEV_TABLE_SIZE_LARGE, SERVICES_MAX_ENTRIES,
     },
+    sock::{SockRevKey, SockRevValue, SOCK_REVERSE_MAX_ENTRIES},
 };
 
 /// BPF_F_NO_PREALLOC: big maps that cost memory only for what they hold.
@@ -91,3 +92,12 @@ pub static PEER_NODES: HashMap<u32, u32, 4096> = HashMap::new();
 /// This node's address and SNAT port range, written by the agent.
 #[btf_map]
 pub static NODE: Array<NodeConfig, 1> = Array::new();
+
+/// Socket LB: (socket, backend) -> the Service it asked for
+/// (`lb_common::sock`).
+#[btf_map]
+pub static SOCK_REVERSE: LruHashMap<
+    SockRevKey,
+    SockRevValue,
+    { SOCK_REVERSE_MAX_ENTRIES as usize },
+> = LruHashMap::new();

@@ -192,6 +192,16 @@ enum LabCommand {
         #[arg(long)]
         kubeconfig: PathBuf,
     },
+    /// One request to ADDR as an application makes it, printing the answer,
+    /// the peer the socket reports and the client the server saw (run it in
+    /// a pod with `lb lab exec`: with socket LB, the peer is the Service's).
+    Probe {
+        #[arg(value_enum)]
+        mode: lb::lab::probe::ProbeMode,
+        addr: std::net::SocketAddr,
+        #[arg(long, default_value_t = 3)]
+        timeout_seconds: u64,
+    },
     /// Run a command inside a pod's network namespace: `lb lab exec NS/POD -- CMD...`.
     Exec {
         pod: String,
@@ -379,6 +389,18 @@ fn main() -> Result<()> {
                 prefix,
                 command,
             } => lab_exec(&pod, &prefix, &command),
+            LabCommand::Probe {
+                mode,
+                addr,
+                timeout_seconds,
+            } => {
+                let seen = lab::probe::run(mode, addr, Duration::from_secs(timeout_seconds))?;
+                // A session printed each of its results as it went.
+                if !matches!(mode, lab::probe::ProbeMode::UdpSession) {
+                    println!("{seen}");
+                }
+                Ok(())
+            }
             LabCommand::Dns { netns, kubeconfig } => tokio::runtime::Runtime::new()?
                 .block_on(lb::lab::dns_server::run(netns, kubeconfig)),
         },
@@ -444,10 +466,14 @@ fn lab_exec(pod: &str, prefix: &str, command: &[String]) -> Result<()> {
             .get(name)
             .await
             .with_context(|| format!("pod {ns}/{name}"))?;
-        lab::pod_netns(&serde_json::to_value(&pod)?)
+        let pod = serde_json::to_value(&pod)?;
+        anyhow::Ok((lab::pod_netns(&pod)?, pod))
     })?;
+    let (netns, pod) = netns;
     let (program, args) = command.split_first().context("no command given")?;
-    let status = lb::netns::command_in_pod(&netns, program)?
+    let mut cmd = lb::netns::command_in_pod(&netns, program)?;
+    lab::cgroup::join_pod(&mut cmd, &netns, &pod)?;
+    let status = cmd
         .args(args)
         .status()
         .with_context(|| format!("running {program}"))?;

@@ -78,6 +78,12 @@ pub struct AgentArgs {
     /// Maglev tables: one per frontend reached from outside the node (NodePort, LoadBalancer, external IP).
     #[arg(long, env = "LB_MAGLEV_TABLES_MAX", default_value_t = MapSizes::default().maglev_tables)]
     pub maglev_tables_max: u32,
+    /// Socket LB: translate a pod's connect() and sendmsg() to a Service at
+    /// the socket, by cgroup hooks attached to this cgroup (v2) directory,
+    /// which must hold the pods' processes (the node's kubepods cgroup, or
+    /// the cgroup2 root); without it, off (every packet translated on the veth).
+    #[arg(long, env = "LB_SOCKET_LB_CGROUP")]
+    pub socket_lb_cgroup: Option<PathBuf>,
     /// Entries of the CONNTRACK table (LRU, preallocated, about 100 bytes an entry).
     #[arg(long, env = "LB_CONNTRACK_MAX", default_value_t = MapSizes::default().conntrack)]
     pub conntrack_max: u32,
@@ -123,6 +129,7 @@ impl AgentArgs {
             interface_prefix: self.interface_prefix,
             uplink: Some(self.uplink).filter(|u| !u.is_empty()),
             uplink_hook: self.uplink_hook,
+            socket_lb_cgroup: self.socket_lb_cgroup,
             proc_sys_net: self.proc_sys_net,
             resync: Duration::from_secs(self.resync_seconds.max(1)),
             bpf_log: self.bpf_log,

@@ -15,6 +15,7 @@ mod policies;
 mod services;
 mod slices;
 mod slim;
+mod socket_lb;
 mod watch;
 mod writer;
 
@@ -82,6 +83,8 @@ pub struct AgentConfig {
     pub uplink: Option<String>,
     /// Which hook runs the uplink program (`datapath::attach::UplinkHook`).
     pub uplink_hook: crate::datapath::attach::UplinkHook,
+    /// Socket LB's cgroup (`datapath::socket_lb`); none for off.
+    pub socket_lb_cgroup: Option<PathBuf>,
     /// This network namespace's /proc/sys/net (a container mounts the
     /// host's at another path, as its own is read-only).
     pub proc_sys_net: PathBuf,
@@ -311,6 +314,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     if let Some(uplink) = &cfg.uplink {
         attach_uplink(&mut dp, &cfg, uplink);
     }
+    socket_lb::attach_or_detach(&mut dp, &cfg)?;
 
     let mut side = ServiceSide::new(cfg.map_sizes.capacity());
     let mut policy = PolicySide::default();
@@ -345,7 +349,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             }
             let services_changed = work.full || work.repair || !work.services.is_empty();
             if services_changed {
-                service_pass(&mut dp, &mut side, &caches, &node, &work, &stats);
+                let gone = service_pass(&mut dp, &mut side, &caches, &node, &work, &stats);
+                socket_lb::close_sockets_to(&cfg, gone);
                 health.sync(&side.health_checks()).await;
             }
             let errors: Vec<&ObjectError> = side.errors().chain(&policy.errors).collect();
@@ -449,6 +454,7 @@ fn report_errors(
 }
 
 /// Writes the service maps: the changed Services, or all of them.
+/// Returns the backends it removed.
 fn service_pass(
     dp: &mut Datapath,
     side: &mut ServiceSide,
@@ -456,7 +462,7 @@ fn service_pass(
     node: &NodeContext,
     work: &Work,
     stats: &crate::metrics::Shared,
-) {
+) -> Vec<crate::translate::BackendAddr> {
     let started = Instant::now();
     if work.full {
         if let Err(e) = dp.maps.set_node(node.addrs.first().copied()) {
@@ -512,11 +518,13 @@ fn service_pass(
             st.services = w.frontends;
             st.backends = w.backends;
             st.ready = true;
+            w.gone_backends
         }
         Err(e) => {
             st.error("map_write");
             side.distrust_written();
             tracing::error!("updating maps: {e:#}");
+            Vec::new()
         }
     }
 }

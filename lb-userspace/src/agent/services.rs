@@ -32,13 +32,16 @@ use crate::{
 const OPS_PER_CHUNK: usize = 8192;
 
 /// What a pass wrote.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Written {
     pub ops: usize,
     /// Writes that repaired maps changed behind the agent's back.
     pub drift: usize,
     pub frontends: usize,
     pub backends: usize,
+    /// Backends this pass removed from the map (no Service has them any
+    /// more): socket LB's sockets connected to them are closed.
+    pub gone_backends: Vec<crate::translate::BackendAddr>,
 }
 
 #[derive(Default)]
@@ -201,6 +204,7 @@ impl ServiceSide {
             drift,
             frontends: desired.services.keys().filter(|k| k.slot == 0).count(),
             backends: desired.backends.len(),
+            ..Default::default()
         };
         self.writer = Some(ServiceWriter::adopt(
             desired,
@@ -254,6 +258,16 @@ impl ServiceSide {
             } else {
                 self.errors.insert(svc.clone(), errors);
             }
+            out.gone_backends.extend(step.ops.iter().filter_map(|op| {
+                match op {
+                    crate::plan::MapOp::DeleteBackend(id) => writer
+                        .written()
+                        .backends
+                        .get(id)
+                        .map(crate::plan::backend_addr),
+                    _ => None,
+                }
+            }));
             writer.commit(step);
         }
         out.frontends = writer.frontends();
@@ -278,6 +292,7 @@ impl ServiceSide {
             drift: ops.len(),
             frontends: w.frontends(),
             backends: w.written().backends.len(),
+            ..Default::default()
         })
     }
 

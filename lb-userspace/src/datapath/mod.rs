@@ -5,6 +5,8 @@ pub mod batch;
 pub mod maps;
 pub mod policy_maps;
 pub mod sizes;
+pub mod sock_destroy;
+pub mod socket_lb;
 
 use std::path::{Path, PathBuf};
 
@@ -36,6 +38,13 @@ pub const PROG_UPLINK_TC: &str = "lb_uplink_tc";
 /// The conntrack sweep's remover: run through BPF_PROG_TEST_RUN, never
 /// attached (see `remove_unchanged`).
 pub const PROG_CT_SWEEP: &str = "lb_ct_sweep";
+/// The socket LB's cgroup hooks (`attach::attach_socket_lb`).
+pub const PROGS_SOCK: [&str; 4] = [
+    "lb_sock_connect4",
+    "lb_sock_sendmsg4",
+    "lb_sock_recvmsg4",
+    "lb_sock_getpeername4",
+];
 
 /// The programs and their maps, loaded into the kernel.
 pub struct Datapath {
@@ -97,6 +106,14 @@ impl Datapath {
             xdp.load()
                 .with_context(|| format!("verifier rejected {name}"))?;
         }
+        for name in PROGS_SOCK {
+            let prog: &mut aya::programs::CgroupSockAddr = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("verifier rejected {name}"))?;
+        }
         let maps = Maps::take(&mut ebpf)?;
         Ok(Self {
             ebpf,
@@ -152,6 +169,15 @@ impl Datapath {
             prog.load()?;
         }
         Ok(prog)
+    }
+
+    /// One of the socket LB's programs (`PROGS_SOCK`).
+    pub fn sock_program(&mut self, name: &str) -> Result<&mut aya::programs::CgroupSockAddr> {
+        Ok(self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing"))?
+            .try_into()?)
     }
 
     pub fn xdp(&mut self) -> Result<&mut aya::programs::Xdp> {

@@ -73,12 +73,13 @@ pub async fn handler(
         Ok(r) => r,
         Err(e) => return error(&StoreError::BadRequest(e)),
     };
-    let netns = match store
-        .get(Kind::Pod, &ns, &name)
-        .and_then(|p| super::pod_netns(&p).map_err(|e| StoreError::BadRequest(e.to_string())))
-    {
-        Ok(n) => n,
+    let pod = match store.get(Kind::Pod, &ns, &name) {
+        Ok(p) => p,
         Err(e) => return error(&e),
+    };
+    let netns = match super::pod_netns(&pod) {
+        Ok(n) => n,
+        Err(e) => return error(&StoreError::BadRequest(e.to_string())),
     };
     let Ok(ws) = ws else {
         return error(&StoreError::BadRequest(
@@ -86,7 +87,7 @@ pub async fn handler(
         ));
     };
     ws.protocols(["v5.channel.k8s.io", "v4.channel.k8s.io"])
-        .on_upgrade(move |socket| run(socket, netns, request))
+        .on_upgrade(move |socket| run(socket, netns, pod, request))
 }
 
 /// The Status sent on channel 3 when the command ends.
@@ -128,9 +129,12 @@ async fn pump(mut from: impl AsyncRead + Unpin, channel: u8, out: mpsc::Sender<M
     }
 }
 
-async fn run(socket: WebSocket, netns: String, request: ExecRequest) {
+/// Runs the command in the pod's network namespace and its node's cgroup
+/// of pods, as its containers run.
+async fn run(socket: WebSocket, netns: String, pod: Value, request: ExecRequest) {
     let (mut sink, mut stream) = socket.split();
     let spawned = crate::netns::command_in_pod(&netns, &request.command[0]).and_then(|mut c| {
+        super::cgroup::join_pod(&mut c, &netns, &pod)?;
         c.args(&request.command[1..])
             .stdin(if request.stdin {
                 Stdio::piped()

@@ -232,7 +232,8 @@ impl Kubelet {
         }
         net::write_resolv_conf(&self.names.pod_ns(k), meta_str(pod, "namespace"))?;
         let log = std::fs::File::create(self.pod_log(pod))?;
-        let init = sandbox::run_init_containers(pod, &self.names.pod_ns(k), &log).await?;
+        let cgroup = super::cgroup::node_cgroup(&self.names.prefix, &super::node_name(node))?;
+        let init = sandbox::run_init_containers(pod, &self.names.pod_ns(k), &cgroup, &log).await?;
         let mut cmd = if super::cluster_dns::is_dns_pod(pod) {
             // The DNS server watches the API from the host and answers in
             // the pod's namespace (`dns_server.rs`).
@@ -247,7 +248,9 @@ impl Kubelet {
             .arg(&self.kubeconfig);
             cmd
         } else {
-            self.echo_command(pod, k)?
+            let mut cmd = self.echo_command(pod, k)?;
+            super::cgroup::join(&mut cmd, &cgroup)?;
+            cmd
         };
         let mut child = cmd
             .stdout(Stdio::piped())

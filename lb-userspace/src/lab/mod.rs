@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod apiserver;
+pub mod cgroup;
 pub mod cloud;
 pub mod cluster_dns;
 pub mod controllers;
@@ -23,6 +24,7 @@ pub mod objects;
 pub mod openapi;
 pub mod patch;
 pub mod printing;
+pub mod probe;
 pub mod rollout;
 pub mod sandbox;
 pub mod selectors;
@@ -59,6 +61,10 @@ pub struct LabConfig {
     pub agents: bool,
     /// Extra arguments for every agent.
     pub agent_args: Vec<String>,
+    /// Socket LB on every agent (`--socket-lb-cgroup`, the node's cgroup
+    /// of pods): also on when LB_LAB_SOCKET_LB=1, so that any lab test can
+    /// run with it.
+    pub socket_lb: bool,
 }
 
 impl LabConfig {
@@ -70,8 +76,14 @@ impl LabConfig {
             lb_binary: lb_binary.into(),
             agents: true,
             agent_args: vec![],
+            socket_lb: socket_lb_from_env(),
         }
     }
+}
+
+/// LB_LAB_SOCKET_LB=1: labs run with socket LB unless told otherwise.
+pub fn socket_lb_from_env() -> bool {
+    std::env::var("LB_LAB_SOCKET_LB").is_ok_and(|v| v == "1")
 }
 
 pub fn state_dir(prefix: &str) -> PathBuf {
@@ -99,6 +111,7 @@ pub struct Lab {
     pub nodes: usize,
     lb_binary: PathBuf,
     agent_args: Vec<String>,
+    socket_lb: bool,
     kubelet: Kubelet,
     agents: Vec<(usize, Child)>,
     tasks: Vec<JoinHandle<()>>,
@@ -142,6 +155,7 @@ impl Lab {
             prefix: cfg.prefix.clone(),
         };
         let node_names: Vec<String> = (1..=cfg.nodes).map(node_name).collect();
+        cgroup::create(&cfg.prefix, &node_names)?;
         let mut kubelet = Kubelet::new(
             store.clone(),
             names.clone(),
@@ -159,6 +173,7 @@ impl Lab {
             nodes: cfg.nodes,
             lb_binary: cfg.lb_binary.clone(),
             agent_args: cfg.agent_args.clone(),
+            socket_lb: cfg.socket_lb,
             kubelet: kubelet.clone(),
             agents: vec![],
             tasks: vec![],
@@ -293,14 +308,18 @@ impl Lab {
             .arg(self.pin_dir(i))
             .arg("--interface-prefix")
             .arg(self.names.host_veth_prefix())
-            .args(&self.agent_args)
-            .env(
-                "LB_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+            .args(&self.agent_args);
+        if self.socket_lb {
+            cmd.arg("--socket-lb-cgroup")
+                .arg(cgroup::node_cgroup(&self.prefix, &node_name(i))?);
+        }
+        cmd.env(
+            "LB_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
         self.agents
             .push((i, cmd.spawn().context("starting the agent")?));
         Ok(())
@@ -455,6 +474,7 @@ pub fn running_pid(prefix: &str) -> Option<i32> {
 /// Removes the namespaces, pins and state of lab `prefix`, and kills its processes.
 pub fn teardown(prefix: &str) {
     net::destroy(prefix);
+    cgroup::remove(prefix);
     let _ = std::fs::remove_dir_all(pin_root(prefix));
     let _ = std::fs::remove_dir_all(state_dir(prefix));
 }

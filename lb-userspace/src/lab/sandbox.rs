@@ -112,6 +112,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 pub async fn run_init_containers(
     pod: &Value,
     pod_ns: &str,
+    cgroup: &std::path::Path,
     log: &std::fs::File,
 ) -> Result<Vec<InitOutcome>> {
     let never = pod["spec"]["restartPolicy"] == "Never";
@@ -131,6 +132,7 @@ pub async fn run_init_containers(
         let mut backoff = Duration::from_secs(1);
         while let Some((program, args)) = argv.split_first() {
             let mut cmd = netns::command_in_pod(pod_ns, program)?;
+            super::cgroup::join(&mut cmd, cgroup)?;
             cmd.args(args)
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)

@@ -45,10 +45,23 @@ pub async fn lab_with_agent_args(
     nodes: usize,
     args: &[&str],
 ) -> Lab {
+    lab_with_config(letter, manifests, nodes, |cfg| {
+        cfg.agent_args = args.iter().map(|a| a.to_string()).collect();
+    })
+    .await
+}
+
+/// `lab_with`, its configuration changed by `change` first.
+pub async fn lab_with_config(
+    letter: char,
+    manifests: PathBuf,
+    nodes: usize,
+    change: impl FnOnce(&mut LabConfig),
+) -> Lab {
     let mut cfg = LabConfig::new(&prefix(letter), env!("CARGO_BIN_EXE_lb"));
     cfg.manifests = Some(manifests);
     cfg.nodes = nodes;
-    cfg.agent_args = args.iter().map(|a| a.to_string()).collect();
+    change(&mut cfg);
     let lab = Lab::up(cfg).await.expect("lab up");
     lab.wait_pods_ready(Duration::from_secs(60))
         .await
@@ -370,4 +383,43 @@ pub fn agent_log_tail(lab: &Lab, node: usize, n: usize) -> String {
         std::fs::read_to_string(lab.log_path(&format!("agent-node-{node}"))).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// `lb lab exec NS/POD -- lb lab probe MODE ADDR`: one request from a
+/// process in the pod (its network namespace and its node's cgroup, where
+/// socket LB sees it), as a user would run it.
+pub async fn probe(
+    lab: &Lab,
+    from: (&str, &str),
+    mode: &str,
+    addr: SocketAddr,
+) -> anyhow::Result<lb::lab::probe::ProbeResult> {
+    let lb_bin = env!("CARGO_BIN_EXE_lb");
+    let out = tokio::process::Command::new(lb_bin)
+        .args(["lab", "exec", "--prefix", &lab.prefix])
+        .arg(format!("{}/{}", from.0, from.1))
+        .args(["--", lb_bin, "lab", "probe", mode])
+        .arg(addr.to_string())
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        anyhow::bail!(
+            "probe {mode} {addr} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    lb::lab::probe::parse(stdout.trim())
+}
+
+/// A data path counter of node `node` (`lb_datapath_packets_total`).
+pub async fn datapath_count(lab: &Lab, node: usize, reason: &str) -> f64 {
+    let (_, scrape) = agent_http(lab, node, "/metrics").await.expect("metrics");
+    metric(
+        &scrape,
+        &format!("lb_datapath_packets_total{{reason=\"{reason}\"}}"),
+    )
+    .unwrap_or(0.0)
 }

@@ -1,0 +1,326 @@
+//! Closing the pods' UDP sockets that socket LB pinned to a backend that
+//! is gone (the trap of socket LB: cilium#27300). A connected UDP socket's
+//! packets carry the backend's address from `connect()` on, so no packet
+//! hook can move them; an application blocked on it would wait forever.
+//! The socket is destroyed (sock_diag SOCK_DESTROY, as `ss -K` does): its
+//! next call fails with ECONNABORTED, and a resolver opens a new socket,
+//! which socket LB sends to a live backend. Sockets live in the pods'
+//! network namespaces, which are found from the processes of socket LB's
+//! cgroup; sock_diag sees one namespace at a time, so each is entered on a
+//! thread of its own.
+
+use std::{
+    collections::BTreeSet,
+    fs::File,
+    io,
+    mem::size_of,
+    net::Ipv4Addr,
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result};
+use bytemuck::{Pod, Zeroable};
+
+const NETLINK_SOCK_DIAG: i32 = 4;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const SOCK_DESTROY: u16 = 21;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP: u16 = 0x300;
+/// A connected UDP socket is in state TCP_ESTABLISHED.
+const TCP_ESTABLISHED: u8 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct NlMsgHdr {
+    len: u32,
+    ty: u16,
+    flags: u16,
+    seq: u32,
+    pid: u32,
+}
+
+/// `struct inet_diag_sockid`: ports and addresses in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq)]
+struct SockId {
+    sport: [u8; 2],
+    dport: [u8; 2],
+    src: [[u8; 4]; 4],
+    dst: [[u8; 4]; 4],
+    interface: u32,
+    cookie: [u32; 2],
+}
+
+/// `struct inet_diag_req_v2`.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct DiagRequest {
+    family: u8,
+    protocol: u8,
+    ext: u8,
+    pad: u8,
+    states: u32,
+    id: SockId,
+}
+
+/// `struct inet_diag_msg`.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct DiagMsg {
+    family: u8,
+    state: u8,
+    timer: u8,
+    retrans: u8,
+    id: SockId,
+    expires: u32,
+    rqueue: u32,
+    wqueue: u32,
+    uid: u32,
+    inode: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Request {
+    hdr: NlMsgHdr,
+    req: DiagRequest,
+}
+
+fn request(ty: u16, flags: u16, id: SockId) -> Request {
+    Request {
+        hdr: NlMsgHdr {
+            len: size_of::<Request>() as u32,
+            ty,
+            flags: NLM_F_REQUEST | flags,
+            seq: 1,
+            pid: 0,
+        },
+        req: DiagRequest {
+            family: libc::AF_INET as u8,
+            protocol: libc::IPPROTO_UDP as u8,
+            ext: 0,
+            pad: 0,
+            states: u32::MAX,
+            id,
+        },
+    }
+}
+
+fn diag_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the descriptor is owned at once.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            NETLINK_SOCK_DIAG,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor just returned by socket(2), owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn send(fd: &OwnedFd, req: &Request) -> io::Result<()> {
+    let bytes = bytemuck::bytes_of(req);
+    // SAFETY: the buffer is valid for its length.
+    let n = unsafe { libc::send(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn recv(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: the buffer is valid for its length.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// The netlink messages in `buf`: (type, payload).
+fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    let mut rest = buf;
+    std::iter::from_fn(move || {
+        let hdr: NlMsgHdr =
+            bytemuck::try_pod_read_unaligned(rest.get(..size_of::<NlMsgHdr>())?).ok()?;
+        let len = hdr.len as usize;
+        let payload = rest.get(size_of::<NlMsgHdr>()..len)?;
+        rest = rest.get(len.next_multiple_of(4)..).unwrap_or_default();
+        Some((hdr.ty, payload))
+    })
+}
+
+/// The netlink error code of an NLMSG_ERROR payload (0: an ACK).
+fn error_code(payload: &[u8]) -> i32 {
+    payload
+        .get(..4)
+        .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// The connected UDP sockets of this network namespace.
+fn connected_udp(fd: &OwnedFd) -> Result<Vec<SockId>> {
+    send(
+        fd,
+        &request(SOCK_DIAG_BY_FAMILY, NLM_F_DUMP, SockId::zeroed()),
+    )
+    .context("sock_diag dump request")?;
+    let mut found = Vec::new();
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        let n = recv(fd, &mut buf).context("sock_diag dump")?;
+        for (ty, payload) in messages(&buf[..n]) {
+            match ty {
+                NLMSG_DONE => return Ok(found),
+                NLMSG_ERROR => {
+                    let code = error_code(payload);
+                    anyhow::bail!("sock_diag dump: {}", io::Error::from_raw_os_error(-code));
+                }
+                SOCK_DIAG_BY_FAMILY => {
+                    let Some(msg) = payload.get(..size_of::<DiagMsg>()) else {
+                        continue;
+                    };
+                    let msg: DiagMsg = bytemuck::pod_read_unaligned(msg);
+                    if msg.state == TCP_ESTABLISHED {
+                        found.push(msg.id);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn destroy(fd: &OwnedFd, id: SockId) -> io::Result<()> {
+    send(fd, &request(SOCK_DESTROY, NLM_F_ACK, id))?;
+    let mut buf = [0u8; 512];
+    let n = recv(fd, &mut buf)?;
+    for (ty, payload) in messages(&buf[..n]) {
+        if ty == NLMSG_ERROR && error_code(payload) != 0 {
+            return Err(io::Error::from_raw_os_error(-error_code(payload)));
+        }
+    }
+    Ok(())
+}
+
+/// A socket's destination, as the backends are named.
+fn destination(id: &SockId) -> (Ipv4Addr, u16) {
+    (Ipv4Addr::from(id.dst[0]), u16::from_be_bytes(id.dport))
+}
+
+/// Destroys the connected UDP sockets of the current network namespace
+/// whose destination is one of `gone`; how many it destroyed. A socket
+/// that closed meanwhile (ENOENT) is not an error.
+pub fn destroy_udp_connected_to(gone: &BTreeSet<(Ipv4Addr, u16)>) -> Result<usize> {
+    let fd = diag_socket().context("sock_diag socket")?;
+    let mut destroyed = 0;
+    for id in connected_udp(&fd)? {
+        if !gone.contains(&destination(&id)) {
+            continue;
+        }
+        match destroy(&fd, id) {
+            Ok(()) => destroyed += 1,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e).context("SOCK_DESTROY"),
+        }
+    }
+    Ok(destroyed)
+}
+
+/// One path to each network namespace of the processes in `cgroup` and
+/// its descendants (`/proc/PID/ns/net` of one process per namespace).
+pub fn namespaces_of_cgroup(cgroup: &Path) -> Vec<PathBuf> {
+    let mut seen = BTreeSet::new();
+    let mut found = Vec::new();
+    let mut dirs = vec![cgroup.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines() {
+            let ns = PathBuf::from(format!("/proc/{pid}/ns/net"));
+            if let Ok(meta) = std::fs::metadata(&ns) {
+                if seen.insert((meta.dev(), meta.ino())) {
+                    found.push(ns);
+                }
+            }
+        }
+        let children = std::fs::read_dir(&dir).into_iter().flatten().flatten();
+        dirs.extend(
+            children
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path()),
+        );
+    }
+    found
+}
+
+/// `destroy_udp_connected_to` in every network namespace of `cgroup`'s
+/// processes, each on a thread of its own; the total destroyed.
+pub fn destroy_in_cgroup(cgroup: &Path, gone: &BTreeSet<(Ipv4Addr, u16)>) -> Result<usize> {
+    let mut total = 0;
+    for ns in namespaces_of_cgroup(cgroup) {
+        // A process that exited since the walk took its namespace along.
+        let Ok(file) = File::open(&ns) else {
+            continue;
+        };
+        let gone = gone.clone();
+        let destroyed = std::thread::spawn(move || -> Result<usize> {
+            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                .context("setns")?;
+            destroy_udp_connected_to(&gone)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("socket destroyer panicked"))?
+        .with_context(|| format!("in {}", ns.display()))?;
+        total += destroyed;
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kernel_structs_have_their_c_sizes() {
+        assert_eq!(size_of::<NlMsgHdr>(), 16);
+        assert_eq!(size_of::<SockId>(), 48);
+        assert_eq!(size_of::<DiagRequest>(), 56);
+        assert_eq!(size_of::<DiagMsg>(), 72);
+    }
+
+    /// On this machine's loopback (no namespace needed; root, as the suite
+    /// runs): a connected UDP
+    /// socket to a "gone" destination is destroyed, its next receive
+    /// fails with ECONNABORTED; one to another destination is left alone.
+    #[test]
+    fn a_socket_connected_to_a_gone_destination_is_aborted_and_no_other() {
+        let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let other = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let doomed = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        doomed.connect(server.local_addr().unwrap()).unwrap();
+        let kept = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        kept.connect(other.local_addr().unwrap()).unwrap();
+        let port = server.local_addr().unwrap().port();
+        let gone = BTreeSet::from([(Ipv4Addr::LOCALHOST, port)]);
+        assert_eq!(destroy_udp_connected_to(&gone).unwrap(), 1);
+        doomed.set_nonblocking(true).unwrap();
+        let err = doomed.recv(&mut [0u8; 8]).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ECONNABORTED), "{err}");
+        kept.set_nonblocking(true).unwrap();
+        let err = kept.recv(&mut [0u8; 8]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "{err}");
+    }
+}
