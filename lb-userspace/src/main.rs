@@ -68,6 +68,25 @@ enum Command {
         #[command(flatten)]
         conntrack: lb::inspect::ConntrackFilter,
     },
+    /// The end-to-end bench's client as a process of its own (run by the
+    /// bench inside a pod's namespace and cgroup): requests to TARGETS,
+    /// their timings printed as JSON.
+    #[cfg(feature = "lab")]
+    #[command(hide = true)]
+    BenchClient {
+        #[arg(long, value_delimiter = ',', required = true)]
+        targets: Vec<std::net::SocketAddr>,
+        /// This many requests one after another...
+        #[arg(long)]
+        sequential: Option<usize>,
+        /// ...or this many clients side by side for --duration-ms.
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+        #[arg(long, default_value_t = 1000)]
+        duration_ms: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Measure the data path and write BENCHMARKS.md and a plot (`cargo
     /// xtask bench` runs it from a release build).
     #[cfg(feature = "lab")]
@@ -293,6 +312,26 @@ fn main() -> Result<()> {
             conntrack,
         } => {
             print!("{}", lb::inspect::run(&pin_dir, what, output, conntrack)?);
+            Ok(())
+        }
+        #[cfg(feature = "lab")]
+        Command::BenchClient {
+            targets,
+            sequential,
+            workers,
+            duration_ms,
+            seed,
+        } => {
+            use lb::bench::client::Job;
+            let job = match sequential {
+                Some(n) => Job::Sequential { n, seed },
+                None => Job::Concurrent {
+                    workers,
+                    duration: Duration::from_millis(duration_ms),
+                    seed,
+                },
+            };
+            println!("{}", job.run_here(targets)?.to_json());
             Ok(())
         }
         #[cfg(feature = "lab")]

@@ -18,6 +18,7 @@ async fn kube_proxy_shaped_rules_spread_a_cluster_ip_over_its_endpoints() {
         &common::prefix('k'),
         std::path::Path::new(env!("CARGO_BIN_EXE_lb")),
         false,
+        false,
     )
     .await
     .expect("lab without agent");

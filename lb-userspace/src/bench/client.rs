@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::netns;
 
@@ -86,6 +86,43 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// As `lb bench-client` prints it: samples as [connect, total] in
+    /// nanoseconds.
+    pub fn to_json(&self) -> serde_json::Value {
+        let ns = |d: Duration| d.as_nanos() as u64;
+        serde_json::json!({
+            "samples": self.samples.iter().map(|s| [ns(s.connect), ns(s.total)]).collect::<Vec<_>>(),
+            "failures": self.failures,
+            "elapsed_ns": ns(self.elapsed),
+        })
+    }
+
+    pub fn from_json(v: &serde_json::Value) -> Result<Outcome> {
+        let samples = v["samples"]
+            .as_array()
+            .context("no samples")?
+            .iter()
+            .map(|s| {
+                let at = |i: usize| s[i].as_u64().map(Duration::from_nanos);
+                Some(Sample {
+                    connect: at(0)?,
+                    total: at(1)?,
+                })
+            })
+            .collect::<Option<Vec<_>>>()
+            .context("a malformed sample")?;
+        Ok(Outcome {
+            samples,
+            failures: v["failures"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|f| f.as_str().map(str::to_string))
+                .collect(),
+            elapsed: Duration::from_nanos(v["elapsed_ns"].as_u64().context("no elapsed_ns")?),
+        })
+    }
+
     /// Fails when more than one request in a hundred failed: the figures
     /// would then describe a broken path, not a slow one. Fewer failures
     /// are counted in the report.
@@ -105,20 +142,23 @@ impl Outcome {
 /// `n` requests one after another from namespace `netns`, each to a target
 /// picked at random (seeded, so every mode meets the same sequence).
 pub fn sequential(netns: &str, targets: Vec<SocketAddr>, n: usize, seed: u64) -> Result<Outcome> {
-    netns::run_in(netns, move || {
-        let mut picker = Picker(seed | 1);
-        let mut out = Outcome::default();
-        let started = Instant::now();
-        for _ in 0..n {
-            let addr = targets[picker.pick(targets.len())];
-            match request(addr) {
-                Ok(s) => out.samples.push(s),
-                Err(e) => out.failures.push(format!("{addr}: {e:#}")),
-            }
+    netns::run_in(netns, move || sequential_here(&targets, n, seed))
+}
+
+/// `sequential` from this thread's network namespace.
+pub fn sequential_here(targets: &[SocketAddr], n: usize, seed: u64) -> Outcome {
+    let mut picker = Picker(seed | 1);
+    let mut out = Outcome::default();
+    let started = Instant::now();
+    for _ in 0..n {
+        let addr = targets[picker.pick(targets.len())];
+        match request(addr) {
+            Ok(s) => out.samples.push(s),
+            Err(e) => out.failures.push(format!("{addr}: {e:#}")),
         }
-        out.elapsed = started.elapsed();
-        out
-    })
+    }
+    out.elapsed = started.elapsed();
+    out
 }
 
 /// `workers` clients in namespace `netns` sending requests back to back
@@ -130,12 +170,25 @@ pub fn concurrent(
     duration: Duration,
     seed: u64,
 ) -> Result<Outcome> {
+    // Threads start in the namespace of the thread that makes them.
+    netns::run_in(netns, move || {
+        concurrent_here(targets, workers, duration, seed)
+    })?
+}
+
+/// `concurrent` from this thread's network namespace.
+pub fn concurrent_here(
+    targets: Vec<SocketAddr>,
+    workers: usize,
+    duration: Duration,
+    seed: u64,
+) -> Result<Outcome> {
     let stop = Arc::new(AtomicBool::new(false));
     let targets = Arc::new(targets);
     let mut handles = Vec::new();
     for w in 0..workers {
         let (stop, targets) = (stop.clone(), targets.clone());
-        handles.push(netns::spawn_in(netns, move || {
+        handles.push(std::thread::spawn(move || {
             let mut picker = Picker((seed + w as u64 * 7919) | 1);
             let mut out = Outcome::default();
             while !stop.load(Ordering::Relaxed) {
@@ -145,10 +198,96 @@ pub fn concurrent(
                     Err(e) => out.failures.push(format!("{addr}: {e:#}")),
                 }
             }
-            out
-        })?);
+            Ok(out)
+        }));
     }
     gather(handles, stop, duration)
+}
+
+/// What a client process runs (`lb bench-client`): `sequential` or
+/// `concurrent`.
+#[derive(Clone, Copy, Debug)]
+pub enum Job {
+    Sequential {
+        n: usize,
+        seed: u64,
+    },
+    Concurrent {
+        workers: usize,
+        duration: Duration,
+        seed: u64,
+    },
+}
+
+impl Job {
+    /// Runs the job from this thread's network namespace.
+    pub fn run_here(self, targets: Vec<SocketAddr>) -> Result<Outcome> {
+        match self {
+            Job::Sequential { n, seed } => Ok(sequential_here(&targets, n, seed)),
+            Job::Concurrent {
+                workers,
+                duration,
+                seed,
+            } => concurrent_here(targets, workers, duration, seed),
+        }
+    }
+
+    fn args(self) -> Vec<String> {
+        match self {
+            Job::Sequential { n, seed } => vec![
+                "--sequential".into(),
+                n.to_string(),
+                "--seed".into(),
+                seed.to_string(),
+            ],
+            Job::Concurrent {
+                workers,
+                duration,
+                seed,
+            } => vec![
+                "--workers".into(),
+                workers.to_string(),
+                "--duration-ms".into(),
+                duration.as_millis().to_string(),
+                "--seed".into(),
+                seed.to_string(),
+            ],
+        }
+    }
+}
+
+/// `job` run by a process of its own inside a pod: in its network
+/// namespace `netns` and its node's cgroup `cgroup`, where socket LB sees
+/// the process's sockets as an application's (the bench's own threads are
+/// in no pod's cgroup).
+pub fn in_pod_process(
+    lb_binary: &std::path::Path,
+    netns: &str,
+    cgroup: &std::path::Path,
+    targets: &[SocketAddr],
+    job: Job,
+) -> Result<Outcome> {
+    let mut cmd = netns::command_in(netns, lb_binary, true)?;
+    crate::lab::cgroup::join(&mut cmd, cgroup)?;
+    let targets: Vec<String> = targets.iter().map(SocketAddr::to_string).collect();
+    let out = cmd
+        .arg("bench-client")
+        .arg("--targets")
+        .arg(targets.join(","))
+        .args(job.args())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("starting lb bench-client")?;
+    if !out.status.success() {
+        bail!(
+            "lb bench-client failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("lb bench-client's output")?;
+    Outcome::from_json(&v)
 }
 
 /// A DNS-like query: a new UDP socket (a new source port) per query, one
@@ -307,6 +446,23 @@ pub fn quantile(values: &mut [f64], q: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_outcome_reads_back_from_its_json() {
+        let out = Outcome {
+            samples: vec![Sample {
+                connect: Duration::from_micros(61),
+                total: Duration::from_micros(150),
+            }],
+            failures: vec!["10.96.0.11:80: refused".into()],
+            elapsed: Duration::from_millis(900),
+        };
+        let back = Outcome::from_json(&out.to_json()).unwrap();
+        assert_eq!(back.samples[0].connect, out.samples[0].connect);
+        assert_eq!(back.samples[0].total, out.samples[0].total);
+        assert_eq!(back.failures, out.failures);
+        assert_eq!(back.elapsed, out.elapsed);
+    }
 
     #[test]
     fn quantiles_by_nearest_rank() {

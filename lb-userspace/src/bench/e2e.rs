@@ -1,7 +1,9 @@
 //! End to end in the lab: new TCP connections from a client pod through a
 //! ClusterIP, translated by lb's data path, by rules shaped like
 //! kube-proxy's iptables and nftables modes, and not at all (straight to a
-//! pod: the floor). Two labs run side by side: one with the agent, one
+//! pod: the floor), and by lb's socket LB (a client process in the pod's
+//! cgroup, its connect() translated). Two labs run side by side: one with
+//! the agent (socket LB on, for that client's cgroup only), one
 //! without it where both rule sets are loaded, each taken only by its own
 //! client pod (matched by source address). Every
 //! repetition measures every mode back to back, so ratios are taken within
@@ -47,15 +49,19 @@ pub enum Mode {
     /// Straight to a pod's address in the lab with lb's programs attached.
     LbPodToPod,
     Lb,
+    /// lb translating at connect() (socket LB), from a client process in
+    /// the pod's cgroup.
+    LbSocket,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 5] = [
+    pub const ALL: [Mode; 6] = [
         Mode::Floor,
         Mode::Iptables,
         Mode::Nftables,
         Mode::LbPodToPod,
         Mode::Lb,
+        Mode::LbSocket,
     ];
 
     pub fn name(self) -> &'static str {
@@ -65,6 +71,7 @@ impl Mode {
             Mode::Nftables => "ClusterIP, nftables (kube-proxy's shape)",
             Mode::LbPodToPod => "pod to pod, lb's programs attached",
             Mode::Lb => "ClusterIP, lb",
+            Mode::LbSocket => "ClusterIP, lb with socket LB",
         }
     }
 }
@@ -114,8 +121,8 @@ pub async fn run(
     rules_lab: &str,
     lb_binary: &std::path::Path,
 ) -> Result<Results> {
-    let with_agent = workload_lab(agent_lab, lb_binary, true).await?;
-    let with_rules = workload_lab(rules_lab, lb_binary, false).await?;
+    let with_agent = workload_lab(agent_lab, lb_binary, true, true).await?;
+    let with_rules = workload_lab(rules_lab, lb_binary, false, false).await?;
     let rules_node = with_rules.node_netns(1);
     let echo_lb = echo_pods(&with_agent)?;
     let echo_rules = echo_pods(&with_rules)?;
@@ -158,30 +165,37 @@ pub async fn run(
                 .map(|ip| SocketAddr::V4(SocketAddrV4::new(*ip, 8080)))
                 .collect()
         };
+        let thread = |lab: &Lab, pod: &str| -> Result<Client> {
+            Ok(Client::Thread(lab.pod_netns("default", pod)?))
+        };
         let targets = [
             (
                 Mode::Floor,
-                with_rules.pod_netns("default", "direct")?,
+                thread(&with_rules, "direct")?,
                 pods(&echo_rules),
             ),
             (
                 Mode::Iptables,
-                with_rules.pod_netns("default", "client")?,
+                thread(&with_rules, "client")?,
                 vips(&with_rules),
             ),
             (
                 Mode::Nftables,
-                with_rules.pod_netns("default", "client-2")?,
+                thread(&with_rules, "client-2")?,
                 vips(&with_rules),
             ),
             (
                 Mode::LbPodToPod,
-                with_agent.pod_netns("default", "direct")?,
+                thread(&with_agent, "direct")?,
                 pods(&echo_lb),
             ),
+            (Mode::Lb, thread(&with_agent, "client")?, vips(&with_agent)),
+            // Its own client pod, as the floor has: its connections to a
+            // backend are not tracked, and must not share a 5-tuple with
+            // the translated ones of `client`.
             (
-                Mode::Lb,
-                with_agent.pod_netns("default", "client")?,
+                Mode::LbSocket,
+                Client::process_in(&with_agent, "client-2", lb_binary)?,
                 vips(&with_agent),
             ),
         ];
@@ -196,10 +210,14 @@ pub async fn run(
             })
             .collect();
         for rep in 0..s.repeats {
-            for (k, (mode, netns, to)) in targets.iter().enumerate() {
+            for (k, (mode, from, to)) in targets.iter().enumerate() {
                 let seed = 1 + rep as u64;
-                let (figures, requests, failures) = measure(s, netns, to, seed)
+                let translated = sock_translated(&with_agent)?;
+                let (figures, requests, failures) = measure(s, from, to, seed)
                     .with_context(|| format!("{} with {n} Services", mode.name()))?;
+                if *mode == Mode::LbSocket {
+                    check_socket_lb(sock_translated(&with_agent)? - translated, requests)?;
+                }
                 let row = &mut rows[k];
                 row.reps.push(figures);
                 row.requests += requests;
@@ -226,9 +244,15 @@ pub async fn run(
 
 /// A lab with the bench workload, its pods ready (and, with the agent,
 /// Service `web` programmed).
-pub async fn workload_lab(prefix: &str, lb_binary: &std::path::Path, agents: bool) -> Result<Lab> {
+pub async fn workload_lab(
+    prefix: &str,
+    lb_binary: &std::path::Path,
+    agents: bool,
+    socket_lb: bool,
+) -> Result<Lab> {
     let mut cfg = LabConfig::new(prefix, lb_binary);
     cfg.agents = agents;
+    cfg.socket_lb = socket_lb;
     let lab = Lab::up(cfg).await?;
     manifests::apply(
         &lab.store,
@@ -409,17 +433,104 @@ pub(super) fn load(netns: &str, program: &str, args: &[&str], input: &str) -> Re
     Ok(())
 }
 
+/// Connections and datagrams translated at the socket on the agent lab's
+/// node (`sock_translated`).
+fn sock_translated(lab: &Lab) -> Result<f64> {
+    let (_, scrape) = lab.agent_get(1, "/metrics")?;
+    Ok(lab::metric(
+        &scrape,
+        "lb_datapath_packets_total{reason=\"sock_translated\"}",
+    )
+    .unwrap_or(0.0))
+}
+
+/// The socket LB mode measured socket LB: every request's connect() was
+/// translated at the socket, not one left to the per-packet path.
+fn check_socket_lb(translated: f64, requests: usize) -> Result<()> {
+    if translated < requests as f64 {
+        bail!(
+            "socket LB translated {translated} of {requests} connections: the mode would measure the per-packet path"
+        );
+    }
+    Ok(())
+}
+
+/// Where a mode's requests come from.
+enum Client {
+    /// The bench's own threads in a pod's network namespace (in no pod's
+    /// cgroup: socket LB does not see them).
+    Thread(String),
+    /// A process of its own in a pod's namespace and cgroup (`lb
+    /// bench-client`), as an application in the pod.
+    Process {
+        netns: String,
+        cgroup: std::path::PathBuf,
+        lb_binary: std::path::PathBuf,
+    },
+}
+
+impl Client {
+    fn process_in(lab: &Lab, pod: &str, lb_binary: &std::path::Path) -> Result<Client> {
+        let p = lab.store.get(Kind::Pod, "default", pod)?;
+        let node = p["spec"]["nodeName"]
+            .as_str()
+            .context("pod not scheduled")?;
+        Ok(Client::Process {
+            netns: lab.pod_netns("default", pod)?,
+            cgroup: lab::cgroup::node_cgroup(&lab.prefix, node)?,
+            lb_binary: lb_binary.to_path_buf(),
+        })
+    }
+
+    fn run(&self, targets: &[SocketAddr], job: client::Job) -> Result<Outcome> {
+        match (self, job) {
+            (Client::Thread(netns), client::Job::Sequential { n, seed }) => {
+                client::sequential(netns, targets.to_vec(), n, seed)
+            }
+            (
+                Client::Thread(netns),
+                client::Job::Concurrent {
+                    workers,
+                    duration,
+                    seed,
+                },
+            ) => client::concurrent(netns, targets.to_vec(), workers, duration, seed),
+            (
+                Client::Process {
+                    netns,
+                    cgroup,
+                    lb_binary,
+                },
+                job,
+            ) => client::in_pod_process(lb_binary, netns, cgroup, targets, job),
+        }
+    }
+}
+
 /// One mode in one repetition: sequential requests for the latencies, then
 /// concurrent clients for the rate.
 fn measure(
     s: &Settings,
-    netns: &str,
+    from: &Client,
     targets: &[SocketAddr],
     seed: u64,
 ) -> Result<(Figures, usize, usize)> {
-    let seq = client::sequential(netns, targets.to_vec(), s.sequential, seed)?;
+    let seq = from.run(
+        targets,
+        client::Job::Sequential {
+            n: s.sequential,
+            seed,
+        },
+    )?;
     seq.check("sequential requests")?;
-    let conc = client::concurrent(netns, targets.to_vec(), s.workers, s.duration, seed)?;
+    let conc = from.run(
+        targets,
+        client::Job::Concurrent {
+            workers: s.workers,
+            duration: s.duration,
+            seed,
+        },
+    )?;
     conc.check("concurrent requests")?;
     let micros = |o: &Outcome, f: fn(&client::Sample) -> Duration| -> Vec<f64> {
         o.samples.iter().map(|x| f(x).as_secs_f64() * 1e6).collect()

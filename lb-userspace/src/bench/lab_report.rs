@@ -70,7 +70,14 @@ pub fn end_to_end(o: &mut String, r: &Results) {
          within a repetition, {reps} repetitions. Pod-to-pod traffic (the \
          floor, straight to a pod's address) comes from a third client \
          pod, so its connections never share a 5-tuple with the ClusterIP \
-         ones. Figures are the median over repetitions (min–max); ratios are \
+         ones. **Socket LB**: lb's agent lab runs with socket LB on; its \
+         requests come from a process of their own (`lb bench-client`) in \
+         the second client pod's network namespace and node cgroup, where \
+         the cgroup hooks see its sockets (the bench's own client threads \
+         are in no pod's cgroup: their ClusterIP connections are translated \
+         per packet, the row above); the bench checks that the node's \
+         `sock_translated` counter grew by at least as many connections. \
+         Figures are the median over repetitions (min–max); ratios are \
          taken per repetition against the floor of the same lab run.\n",
         seq = s.sequential,
         w = s.workers,
