@@ -69,13 +69,11 @@ enum Command {
         conntrack: lb::inspect::ConntrackFilter,
     },
     /// The end-to-end bench's client as a process of its own (run by the
-    /// bench inside a pod's namespace and cgroup): requests to TARGETS,
-    /// their timings printed as JSON.
+    /// bench inside a pod's namespace and cgroup): requests to the
+    /// addresses read from stdin (one a line), their timings printed as JSON.
     #[cfg(feature = "lab")]
     #[command(hide = true)]
     BenchClient {
-        #[arg(long, value_delimiter = ',', required = true)]
-        targets: Vec<std::net::SocketAddr>,
         /// This many requests one after another...
         #[arg(long)]
         sequential: Option<usize>,
@@ -316,13 +314,20 @@ fn main() -> Result<()> {
         }
         #[cfg(feature = "lab")]
         Command::BenchClient {
-            targets,
             sequential,
             workers,
             duration_ms,
             seed,
         } => {
             use lb::bench::client::Job;
+            let targets = std::io::stdin()
+                .lines()
+                .map(|l| Ok(l?.trim().parse()?))
+                .collect::<Result<Vec<std::net::SocketAddr>>>()
+                .context("reading the targets from stdin")?;
+            if targets.is_empty() {
+                anyhow::bail!("no targets on stdin");
+            }
             let job = match sequential {
                 Some(n) => Job::Sequential { n, seed },
                 None => Job::Concurrent {

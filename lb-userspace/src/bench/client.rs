@@ -269,15 +269,22 @@ pub fn in_pod_process(
 ) -> Result<Outcome> {
     let mut cmd = netns::command_in(netns, lb_binary, true)?;
     crate::lab::cgroup::join(&mut cmd, cgroup)?;
+    // The targets go on stdin: 30,000 of them overflow an argument.
     let targets: Vec<String> = targets.iter().map(SocketAddr::to_string).collect();
-    let out = cmd
+    let mut child = cmd
         .arg("bench-client")
-        .arg("--targets")
-        .arg(targets.join(","))
         .args(job.args())
-        .stdin(std::process::Stdio::null())
-        .output()
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .context("starting lb bench-client")?;
+    child
+        .stdin
+        .take()
+        .context("bench-client stdin")?
+        .write_all(targets.join("\n").as_bytes())?;
+    let out = child.wait_with_output()?;
     if !out.status.success() {
         bail!(
             "lb bench-client failed ({}): {}",
