@@ -10,8 +10,10 @@
 //!   node, with SNAT.
 //! - `lb_sock_connect4`, `lb_sock_sendmsg4`, `lb_sock_recvmsg4` and
 //!   `lb_sock_getpeername4` (cgroup hooks of the pods' sockets, with
-//!   socket LB on): a Service's backend chosen at `connect()` and
-//!   `sendmsg()`, the Service shown again to the socket (`sock`).
+//!   socket LB on), and their `6` twins for IPv6 sockets reaching IPv4
+//!   Services by v4-mapped addresses: a Service's backend chosen at
+//!   `connect()` and `sendmsg()`, the Service shown again to the socket
+//!   (`sock`).
 //! - `lb_ct_sweep` (never attached): the agent's removal of expired
 //!   conntrack entries, run through BPF_PROG_TEST_RUN.
 //!
@@ -97,6 +99,32 @@ pub fn lb_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername4)]
 pub fn lb_sock_getpeername4(ctx: SockAddrContext) -> i32 {
     sock::to_frontend(&ctx);
+    SOCK_PROCEED
+}
+
+// The same for IPv6 sockets reaching IPv4 Services by v4-mapped addresses.
+
+#[cgroup_sock_addr(connect6)]
+pub fn lb_sock_connect6(ctx: SockAddrContext) -> i32 {
+    sock::to_backend6(&ctx);
+    SOCK_PROCEED
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn lb_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::to_backend6(&ctx);
+    SOCK_PROCEED
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn lb_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::to_frontend6(&ctx);
+    SOCK_PROCEED
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn lb_sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::to_frontend6(&ctx);
     SOCK_PROCEED
 }
 

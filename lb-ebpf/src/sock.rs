@@ -6,7 +6,11 @@
 //! either way: the tc programs judge the pod's flows on the backend's
 //! address, as they judge a translated one.
 //!
-//! What the socket hooks leave to the per-packet path: Services with
+//! What the socket hooks leave to the per-packet path: every frontend but
+//! a ClusterIP (a NodePort on a node's address, a LoadBalancer or external
+//! IP: `sendmsg()` cannot tell a request from a UDP server's answer, and a
+//! pod answers SNATed NodePort clients at a node's address, on a port that
+//! may be a NodePort's; the lab's churn test met it), Services with
 //! `sessionAffinity: ClientIP` (the per-packet path keys the affinity by
 //! the client's address, which a socket may not have chosen yet at
 //! `connect()`), and a Service without backends (the tc program answers
@@ -18,7 +22,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     metrics::reason,
-    service::{ServiceValue, SERVICE_F_AFFINITY},
+    service::{ServiceValue, SERVICE_F_AFFINITY, SERVICE_F_CLUSTER_IP},
     sock::{SockRevKey, SockRevValue},
     PROTO_TCP, PROTO_UDP,
 };
@@ -64,37 +68,26 @@ fn socket_flow(cookie: u64, daddr: u32, dport: u16, proto: u8) -> Flow {
     }
 }
 
-/// Whether the socket hook translates this Service (see the module's
+/// Whether the socket hook translates this frontend (see the module's
 /// documentation for what it leaves to the per-packet path).
 #[inline(always)]
 fn translated_at_socket(service: &ServiceValue) -> bool {
-    service.flags & SERVICE_F_AFFINITY == 0 && service.count > 0
+    service.flags & SERVICE_F_CLUSTER_IP != 0
+        && service.flags & SERVICE_F_AFFINITY == 0
+        && service.count > 0
 }
 
-/// `connect()` (TCP, connected UDP) and `sendmsg()` (unconnected UDP) to
-/// a Service: the destination becomes one of its backends, remembered for
-/// the reverse lookups.
+/// The backend for a socket's `connect()` or `sendmsg()` to `vip:vport`
+/// (network byte order), remembered for the reverse lookups; none when
+/// the destination is no Service the socket hook translates.
 #[inline(always)]
-pub fn to_backend(ctx: &SockAddrContext) {
-    // SAFETY: the kernel passes a valid context; its fields are read and
-    // written as the verifier allows (4-byte accesses).
-    let sa = unsafe { &mut *ctx.sock_addr };
-    let Some(proto) = protocol(sa) else {
-        return;
-    };
-    let cookie = cookie(ctx);
-    let vip = sa.user_ip4;
-    let vport = sa.user_port as u16;
+fn backend_for(cookie: u64, vip: u32, vport: u16, proto: u8) -> Option<(u32, u16)> {
     let flow = socket_flow(cookie, vip, vport, proto);
-    let Some(service) = lookup_service(&flow, 0) else {
-        return;
-    };
+    let service = lookup_service(&flow, 0)?;
     if !translated_at_socket(&service) {
-        return;
+        return None;
     }
-    let Some((_, backend, _)) = select_by_hash(&flow, &service) else {
-        return;
-    };
+    let (_, backend, _) = select_by_hash(&flow, &service)?;
     let key = SockRevKey {
         cookie,
         addr: backend.addr,
@@ -110,13 +103,44 @@ pub fn to_backend(ctx: &SockAddrContext) {
     // Without its entry the socket would see the backend as its peer:
     // better than no connection, so a failed insert does not stop it.
     let _ = SOCK_REVERSE.insert(key, frontend, 0);
-    sa.user_ip4 = backend.addr;
-    sa.user_port = u32::from(backend.port);
     count_events(reason::SOCK_TRANSLATED, 1);
+    Some((backend.addr, backend.port))
 }
 
-/// `getpeername()` and `recvmsg()`: a backend this socket was sent to by
-/// `to_backend` is shown as the Service it asked for.
+/// The Service a socket was sent to when it sent to backend `addr:port`.
+#[inline(always)]
+fn frontend_for(cookie: u64, addr: u32, port: u16) -> Option<(u32, u16)> {
+    let key = SockRevKey {
+        cookie,
+        addr,
+        port,
+        pad0: 0,
+    };
+    // SAFETY: copied out at once.
+    let frontend = SOCK_REVERSE.get_ptr(key).map(|v| unsafe { *v })?;
+    count_events(reason::SOCK_REVERSED, 1);
+    Some((frontend.addr, frontend.port))
+}
+
+/// `connect()` (TCP, connected UDP) and `sendmsg()` (unconnected UDP) of
+/// an IPv4 socket to a Service: the destination becomes one of its
+/// backends.
+#[inline(always)]
+pub fn to_backend(ctx: &SockAddrContext) {
+    // SAFETY: the kernel passes a valid context; its fields are read and
+    // written as the verifier allows (4-byte accesses, IPv4 fields only).
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let Some(proto) = protocol(sa) else {
+        return;
+    };
+    if let Some((addr, port)) = backend_for(cookie(ctx), sa.user_ip4, sa.user_port as u16, proto) {
+        sa.user_ip4 = addr;
+        sa.user_port = u32::from(port);
+    }
+}
+
+/// `getpeername()` and `recvmsg()` of an IPv4 socket: a backend this
+/// socket was sent to by `to_backend` is shown as the Service it asked for.
 #[inline(always)]
 pub fn to_frontend(ctx: &SockAddrContext) {
     // SAFETY: as in `to_backend`.
@@ -124,17 +148,54 @@ pub fn to_frontend(ctx: &SockAddrContext) {
     if protocol(sa).is_none() {
         return;
     }
-    let key = SockRevKey {
-        cookie: cookie(ctx),
-        addr: sa.user_ip4,
-        port: sa.user_port as u16,
-        pad0: 0,
-    };
-    // SAFETY: copied out at once.
-    let Some(frontend) = SOCK_REVERSE.get_ptr(key).map(|v| unsafe { *v }) else {
+    if let Some((addr, port)) = frontend_for(cookie(ctx), sa.user_ip4, sa.user_port as u16) {
+        sa.user_ip4 = addr;
+        sa.user_port = u32::from(port);
+    }
+}
+
+/// `::ffff:0:0/96` in network byte order: an IPv4 address carried by an
+/// IPv6 socket (the third word).
+const V4_MAPPED: u32 = 0x0000_ffff_u32.to_be();
+
+/// The IPv4 address of a v4-mapped IPv6 address (`::ffff:a.b.c.d`).
+#[inline(always)]
+fn mapped_v4(ip6: &[u32; 4]) -> Option<u32> {
+    (ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED).then_some(ip6[3])
+}
+
+/// `to_backend` for an IPv6 socket sending to a v4-mapped address (a Java
+/// or dual-stack client reaching an IPv4 Service): the mapped address
+/// becomes the backend's.
+#[inline(always)]
+pub fn to_backend6(ctx: &SockAddrContext) {
+    // SAFETY: as in `to_backend` (IPv6 fields only).
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let Some(proto) = protocol(sa) else {
         return;
     };
-    sa.user_ip4 = frontend.addr;
-    sa.user_port = u32::from(frontend.port);
-    count_events(reason::SOCK_REVERSED, 1);
+    let Some(vip) = mapped_v4(&sa.user_ip6) else {
+        return;
+    };
+    if let Some((addr, port)) = backend_for(cookie(ctx), vip, sa.user_port as u16, proto) {
+        sa.user_ip6[3] = addr;
+        sa.user_port = u32::from(port);
+    }
+}
+
+/// `to_frontend` for an IPv6 socket whose peer is a v4-mapped backend.
+#[inline(always)]
+pub fn to_frontend6(ctx: &SockAddrContext) {
+    // SAFETY: as in `to_backend6`.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if protocol(sa).is_none() {
+        return;
+    }
+    let Some(addr) = mapped_v4(&sa.user_ip6) else {
+        return;
+    };
+    if let Some((addr, port)) = frontend_for(cookie(ctx), addr, sa.user_port as u16) {
+        sa.user_ip6[3] = addr;
+        sa.user_port = u32::from(port);
+    }
 }

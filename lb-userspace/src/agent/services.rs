@@ -177,7 +177,12 @@ impl ServiceSide {
         // ops at once were 10 MB at 10,000 Services, held only to be written.
         let mut chunk = Vec::with_capacity(OPS_PER_CHUNK);
         let mut ops = 0;
+        // Backends that went while no agent ran (or before a relist).
+        let mut gone_backends = Vec::new();
         plan_each(&current, &desired, &mut |op| {
+            if let crate::plan::MapOp::DeleteBackend(id) = &op {
+                gone_backends.extend(current.backends.get(id).map(crate::plan::backend_addr));
+            }
             chunk.push(op);
             ops += 1;
             if chunk.len() == OPS_PER_CHUNK {
@@ -204,7 +209,7 @@ impl ServiceSide {
             drift,
             frontends: desired.services.keys().filter(|k| k.slot == 0).count(),
             backends: desired.backends.len(),
-            ..Default::default()
+            gone_backends,
         };
         self.writer = Some(ServiceWriter::adopt(
             desired,

@@ -38,12 +38,17 @@ pub const PROG_UPLINK_TC: &str = "lb_uplink_tc";
 /// The conntrack sweep's remover: run through BPF_PROG_TEST_RUN, never
 /// attached (see `remove_unchanged`).
 pub const PROG_CT_SWEEP: &str = "lb_ct_sweep";
-/// The socket LB's cgroup hooks (`attach::attach_socket_lb`).
-pub const PROGS_SOCK: [&str; 4] = [
+/// The socket LB's cgroup hooks (`socket_lb::attach`): IPv4 sockets, and
+/// IPv6 sockets with v4-mapped addresses.
+pub const PROGS_SOCK: [&str; 8] = [
     "lb_sock_connect4",
     "lb_sock_sendmsg4",
     "lb_sock_recvmsg4",
     "lb_sock_getpeername4",
+    "lb_sock_connect6",
+    "lb_sock_sendmsg6",
+    "lb_sock_recvmsg6",
+    "lb_sock_getpeername6",
 ];
 
 /// The programs and their maps, loaded into the kernel.

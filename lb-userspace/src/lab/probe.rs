@@ -79,7 +79,7 @@ pub fn run(mode: ProbeMode, addr: SocketAddr, timeout: Duration) -> Result<Probe
 
 /// `ProbeMode::UdpSession`: the result of the last request.
 fn udp_session(addr: SocketAddr, timeout: Duration) -> Result<ProbeResult> {
-    let s = UdpSocket::bind(("0.0.0.0", 0))?;
+    let s = udp_socket(addr)?;
     s.set_read_timeout(Some(timeout))?;
     s.connect(addr)?;
     let mut last = None;
@@ -141,8 +141,17 @@ fn tcp(addr: SocketAddr, timeout: Duration) -> Result<ProbeResult> {
     })
 }
 
+/// A UDP socket of `addr`'s family (an IPv6 one for a v4-mapped address).
+fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    if addr.is_ipv6() {
+        UdpSocket::bind(("::", 0))
+    } else {
+        UdpSocket::bind(("0.0.0.0", 0))
+    }
+}
+
 fn udp(addr: SocketAddr, timeout: Duration, connected: bool) -> Result<ProbeResult> {
-    let s = UdpSocket::bind(("0.0.0.0", 0))?;
+    let s = udp_socket(addr)?;
     s.set_read_timeout(Some(timeout))?;
     let mut buf = [0u8; 512];
     let (n, peer) = if connected {
