@@ -91,7 +91,7 @@ struct Request {
     req: DiagRequest,
 }
 
-fn request(ty: u16, flags: u16, id: SockId) -> Request {
+fn request(ty: u16, flags: u16, family: u8, id: SockId) -> Request {
     Request {
         hdr: NlMsgHdr {
             len: size_of::<Request>() as u32,
@@ -101,7 +101,7 @@ fn request(ty: u16, flags: u16, id: SockId) -> Request {
             pid: 0,
         },
         req: DiagRequest {
-            family: libc::AF_INET as u8,
+            family,
             protocol: libc::IPPROTO_UDP as u8,
             ext: 0,
             pad: 0,
@@ -171,11 +171,11 @@ fn error_code(payload: &[u8]) -> i32 {
         .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
 }
 
-/// The connected UDP sockets of this network namespace.
-fn connected_udp(fd: &OwnedFd) -> Result<Vec<SockId>> {
+/// The connected UDP sockets of `family` in this network namespace.
+fn connected_udp(fd: &OwnedFd, family: u8) -> Result<Vec<SockId>> {
     send(
         fd,
-        &request(SOCK_DIAG_BY_FAMILY, NLM_F_DUMP, SockId::zeroed()),
+        &request(SOCK_DIAG_BY_FAMILY, NLM_F_DUMP, family, SockId::zeroed()),
     )
     .context("sock_diag dump request")?;
     let mut found = Vec::new();
@@ -204,8 +204,8 @@ fn connected_udp(fd: &OwnedFd) -> Result<Vec<SockId>> {
     }
 }
 
-fn destroy(fd: &OwnedFd, id: SockId) -> io::Result<()> {
-    send(fd, &request(SOCK_DESTROY, NLM_F_ACK, id))?;
+fn destroy(fd: &OwnedFd, family: u8, id: SockId) -> io::Result<()> {
+    send(fd, &request(SOCK_DESTROY, NLM_F_ACK, family, id))?;
     let mut buf = [0u8; 512];
     let n = recv(fd, &mut buf)?;
     for (ty, payload) in messages(&buf[..n]) {
@@ -216,9 +216,16 @@ fn destroy(fd: &OwnedFd, id: SockId) -> io::Result<()> {
     Ok(())
 }
 
-/// A socket's destination, as the backends are named.
-fn destination(id: &SockId) -> (Ipv4Addr, u16) {
-    (Ipv4Addr::from(id.dst[0]), u16::from_be_bytes(id.dport))
+/// A socket's IPv4 destination, as the backends are named: its address,
+/// or, for an IPv6 socket, its v4-mapped address (`::ffff:a.b.c.d`, as
+/// socket LB translates them); none for any other IPv6 destination.
+fn destination(family: u8, id: &SockId) -> Option<(Ipv4Addr, u16)> {
+    let port = u16::from_be_bytes(id.dport);
+    if family == libc::AF_INET as u8 {
+        return Some((Ipv4Addr::from(id.dst[0]), port));
+    }
+    let mapped = id.dst[0] == [0; 4] && id.dst[1] == [0; 4] && id.dst[2] == [0, 0, 0xff, 0xff];
+    mapped.then(|| (Ipv4Addr::from(id.dst[3]), port))
 }
 
 /// Destroys the connected UDP sockets of the current network namespace
@@ -227,14 +234,16 @@ fn destination(id: &SockId) -> (Ipv4Addr, u16) {
 pub fn destroy_udp_connected_to(gone: &BTreeSet<(Ipv4Addr, u16)>) -> Result<usize> {
     let fd = diag_socket().context("sock_diag socket")?;
     let mut destroyed = 0;
-    for id in connected_udp(&fd)? {
-        if !gone.contains(&destination(&id)) {
-            continue;
-        }
-        match destroy(&fd, id) {
-            Ok(()) => destroyed += 1,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) => return Err(e).context("SOCK_DESTROY"),
+    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        for id in connected_udp(&fd, family)? {
+            if !destination(family, &id).is_some_and(|d| gone.contains(&d)) {
+                continue;
+            }
+            match destroy(&fd, family, id) {
+                Ok(()) => destroyed += 1,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(e).context("SOCK_DESTROY"),
+            }
         }
     }
     Ok(destroyed)
@@ -302,9 +311,9 @@ mod tests {
     }
 
     /// On this machine's loopback (no namespace needed; root, as the suite
-    /// runs): a connected UDP
-    /// socket to a "gone" destination is destroyed, its next receive
-    /// fails with ECONNABORTED; one to another destination is left alone.
+    /// runs): a connected UDP socket to a "gone" destination is destroyed,
+    /// its next receive fails with ECONNABORTED, an IPv6 one's by its
+    /// v4-mapped address too; one to another destination is left alone.
     #[test]
     fn a_socket_connected_to_a_gone_destination_is_aborted_and_no_other() {
         let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -314,11 +323,18 @@ mod tests {
         let kept = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         kept.connect(other.local_addr().unwrap()).unwrap();
         let port = server.local_addr().unwrap().port();
+        // An IPv6 socket to the same destination by its v4-mapped address.
+        let doomed6 = std::net::UdpSocket::bind("[::]:0").unwrap();
+        doomed6
+            .connect(format!("[::ffff:127.0.0.1]:{port}"))
+            .unwrap();
         let gone = BTreeSet::from([(Ipv4Addr::LOCALHOST, port)]);
-        assert_eq!(destroy_udp_connected_to(&gone).unwrap(), 1);
-        doomed.set_nonblocking(true).unwrap();
-        let err = doomed.recv(&mut [0u8; 8]).unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::ECONNABORTED), "{err}");
+        assert_eq!(destroy_udp_connected_to(&gone).unwrap(), 2);
+        for s in [&doomed, &doomed6] {
+            s.set_nonblocking(true).unwrap();
+            let err = s.recv(&mut [0u8; 8]).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::ECONNABORTED), "{err}");
+        }
         kept.set_nonblocking(true).unwrap();
         let err = kept.recv(&mut [0u8; 8]).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "{err}");
