@@ -100,24 +100,21 @@ impl Datapath {
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the object"))?
                 .try_into()?;
-            prog.load()
-                .with_context(|| format!("verifier rejected {name}"))?;
+            load_retrying(name, || prog.load())?;
         }
         for name in [PROG_UPLINK, PROG_CT_SWEEP] {
             let xdp: &mut aya::programs::Xdp = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the object"))?
                 .try_into()?;
-            xdp.load()
-                .with_context(|| format!("verifier rejected {name}"))?;
+            load_retrying(name, || xdp.load())?;
         }
         for name in PROGS_SOCK {
             let prog: &mut aya::programs::CgroupSockAddr = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the object"))?
                 .try_into()?;
-            prog.load()
-                .with_context(|| format!("verifier rejected {name}"))?;
+            load_retrying(name, || prog.load())?;
         }
         let maps = Maps::take(&mut ebpf)?;
         Ok(Self {
@@ -157,8 +154,7 @@ impl Datapath {
             .with_context(|| format!("program {name} missing"))?
             .try_into()?;
         if prog.fd().is_err() {
-            prog.load()
-                .with_context(|| format!("verifier rejected {name}"))?;
+            load_retrying(name, || prog.load())?;
         }
         Ok(prog)
     }
@@ -171,7 +167,7 @@ impl Datapath {
             .context("program bench_empty_xdp missing")?
             .try_into()?;
         if prog.fd().is_err() {
-            prog.load()?;
+            load_retrying("bench_empty_xdp", || prog.load())?;
         }
         Ok(prog)
     }
@@ -240,6 +236,30 @@ impl Datapath {
             (PROG_TO_POD, TcAttachType::Egress),
         ]
     }
+}
+
+/// Loads a program (`load`), again when the verifier gave up with EAGAIN:
+/// it does when a signal is pending for the loading thread (`do_check` in
+/// kernel/bpf/verifier.c), such as a SIGCHLD for a child process that
+/// exited, caught by tokio's handler in a process that runs children (the
+/// test suite's labs: `bench_rules` failed so once in CI). libbpf retries
+/// the same way.
+fn load_retrying(
+    name: &str,
+    mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>,
+) -> Result<()> {
+    const TRIES: usize = 5;
+    for _ in 1..TRIES {
+        match load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) =>
+            {
+                tracing::debug!("loading {name}: verifier interrupted by a signal; again");
+            }
+            r => return r.with_context(|| format!("verifier rejected {name}")),
+        }
+    }
+    load().with_context(|| format!("verifier rejected {name} ({TRIES} tries)"))
 }
 
 /// Mounts bpffs on /sys/fs/bpf unless it is there already.
