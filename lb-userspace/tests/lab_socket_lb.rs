@@ -181,12 +181,7 @@ struct UdpSession {
 
 impl UdpSession {
     fn start(lab: &lb::lab::Lab, from: (&str, &str), addr: std::net::SocketAddr) -> UdpSession {
-        let lb_bin = env!("CARGO_BIN_EXE_lb");
-        let mut child = tokio::process::Command::new(lb_bin)
-            .args(["lab", "exec", "--prefix", &lab.prefix])
-            .arg(format!("{}/{}", from.0, from.1))
-            .args(["--", lb_bin, "lab", "probe", "udp-session"])
-            .arg(addr.to_string())
+        let mut child = common::probe_command(lab, from, "udp-session", addr)
             .args(["--timeout-seconds", "2"])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())

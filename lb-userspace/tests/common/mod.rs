@@ -394,12 +394,7 @@ pub async fn probe(
     mode: &str,
     addr: SocketAddr,
 ) -> anyhow::Result<lb::lab::probe::ProbeResult> {
-    let lb_bin = env!("CARGO_BIN_EXE_lb");
-    let out = tokio::process::Command::new(lb_bin)
-        .args(["lab", "exec", "--prefix", &lab.prefix])
-        .arg(format!("{}/{}", from.0, from.1))
-        .args(["--", lb_bin, "lab", "probe", mode])
-        .arg(addr.to_string())
+    let out = probe_command(lab, from, mode, addr)
         .env("RUST_BACKTRACE", "0")
         .output()
         .await?;
@@ -412,6 +407,22 @@ pub async fn probe(
         );
     }
     lb::lab::probe::parse(stdout.trim())
+}
+
+/// The command `probe` runs: `lb lab exec NS/POD -- lb lab probe MODE ADDR`.
+pub fn probe_command(
+    lab: &Lab,
+    from: (&str, &str),
+    mode: &str,
+    addr: SocketAddr,
+) -> tokio::process::Command {
+    let lb_bin = env!("CARGO_BIN_EXE_lb");
+    let mut cmd = tokio::process::Command::new(lb_bin);
+    cmd.args(["lab", "exec", "--prefix", &lab.prefix])
+        .arg(format!("{}/{}", from.0, from.1))
+        .args(["--", lb_bin, "lab", "probe", mode])
+        .arg(addr.to_string());
+    cmd
 }
 
 /// A data path counter of node `node` (`lb_datapath_packets_total`).
