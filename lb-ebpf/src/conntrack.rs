@@ -210,6 +210,17 @@ pub fn opens_connection(flow: &Flow) -> bool {
     flow.proto == PROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
+/// Whether the packet may answer a flow seen before: anything but a TCP
+/// SYN without ACK, which opens a connection and answers none. A new
+/// connection's first packet skips the lookups of reply entries: in a
+/// table of a million entries each lookup of a key not seen before is a
+/// cache miss or two (the bucket, its first element), most of what a new
+/// flow costs (`docs/benchmarks.md`, the perf profile).
+#[inline(always)]
+pub fn may_answer(flow: &Flow) -> bool {
+    !opens_connection(flow)
+}
+
 /// A connection straight to a pod (no Service) whose 5-tuple is that of an
 /// earlier connection translated to this pod: the earlier one's reply entry
 /// would give this connection's replies the Service's address, and the
@@ -229,6 +240,9 @@ pub fn forget_translated_reply(flow: &Flow) {
 /// the frontend to the client): the flow's forward entry exists.
 #[inline(always)]
 pub fn answers_translated(flow: &Flow) -> bool {
+    if !may_answer(flow) {
+        return false;
+    }
     let sent = key(
         flow.daddr, flow.saddr, flow.dport, flow.sport, flow.proto, CT_FORWARD,
     );

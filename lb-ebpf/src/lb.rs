@@ -36,7 +36,7 @@ pub fn from_pod(ctx: &TcContext) -> Result<i32, i32> {
 
     // A backend answering a flow that this node translated: restore the
     // frontend as source (and the client as destination if it was SNATed).
-    if let Some(entry) = conntrack::lookup_translated(ctx, &conntrack::reply_key(&flow), &flow) {
+    if let Some(entry) = lookup_reply(ctx, &flow) {
         reverse_nat(ctx, &flow, &entry)?;
         count(ctx, reason::REVERSE_NAT);
         return Ok(PASS);
@@ -230,7 +230,7 @@ pub fn to_pod(ctx: &TcContext) -> Result<i32, i32> {
     // translation (`policy::admit_egress`): still to be reverse-translated
     // (a backend elsewhere), or already (a backend on this node). The
     // checks go from the most common packet to the least, each a lookup.
-    let reply = conntrack::lookup_translated(ctx, &conntrack::reply_key(&flow), &flow);
+    let reply = lookup_reply(ctx, &flow);
     let admitted = reply.is_some()
         || policy::already_received(&flow)
         || conntrack::answers_translated(&flow)
@@ -245,6 +245,16 @@ pub fn to_pod(ctx: &TcContext) -> Result<i32, i32> {
     reverse_nat(ctx, &flow, &entry)?;
     count(ctx, reason::REVERSE_NAT);
     Ok(PASS)
+}
+
+/// The reply entry of a translated flow that the packet answers, if it may
+/// answer one (`conntrack::may_answer`).
+#[inline(always)]
+pub fn lookup_reply<P: Packet>(ctx: &P, flow: &Flow) -> Option<ConntrackEntry> {
+    if !conntrack::may_answer(flow) {
+        return None;
+    }
+    conntrack::lookup_translated(ctx, &conntrack::reply_key(flow), flow)
 }
 
 #[inline(always)]

@@ -3,7 +3,7 @@
 //! before reverse NAT for traffic a pod receives (ingress: the sender is
 //! judged). Fail closed: an isolated endpoint gets only what a rule allows.
 
-use aya_ebpf::btf_maps::lpm_trie::Key;
+use aya_ebpf::{bindings::BPF_RB_NO_WAKEUP, btf_maps::lpm_trie::Key};
 use lb_common::{
     conntrack::{ConntrackEntry, ConntrackKey, CT_POLICY_EGRESS, CT_POLICY_INGRESS},
     policy::{
@@ -109,7 +109,9 @@ fn report(flow: &Flow, direction: u8, identity: u32, verdict: Option<u32>) {
             rule_id: verdict.unwrap_or(0),
             identity,
         });
-        entry.submit(0);
+        // No wakeup: `lb flows` polls the ring; a wakeup is an irq_work
+        // (an interrupt) for every verdict the reader has caught up with.
+        entry.submit(BPF_RB_NO_WAKEUP as u64);
     }
 }
 
@@ -137,7 +139,7 @@ fn track(key: &ConntrackKey) {
 /// entries are what fills the table.
 #[inline(always)]
 pub fn admit_egress(flow: &Flow, original: &Flow) -> bool {
-    if known(&key(original, CT_POLICY_INGRESS, true), original) {
+    if conntrack::may_answer(original) && known(&key(original, CT_POLICY_INGRESS, true), original) {
         return true; // a reply (matched before reverse NAT)
     }
     let translated = original.daddr != flow.daddr || original.dport != flow.dport;
@@ -219,7 +221,7 @@ pub fn already_received(flow: &Flow) -> bool {
 /// sent, or a new flow its ingress policy allows.
 #[inline(always)]
 pub fn admit_ingress(flow: &Flow) -> bool {
-    if known(&key(flow, CT_POLICY_EGRESS, true), flow) {
+    if conntrack::may_answer(flow) && known(&key(flow, CT_POLICY_EGRESS, true), flow) {
         return true;
     }
     let Some(ep) = endpoint(flow.daddr) else {

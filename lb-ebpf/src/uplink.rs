@@ -22,7 +22,7 @@ use lb_common::{
 use crate::{
     conntrack::{self, NewFlow},
     lb::{
-        count_midflow_miss, flow_hash, keeps_backend, lookup_service, select_backend,
+        count_midflow_miss, flow_hash, keeps_backend, lookup_reply, lookup_service, select_backend,
         source_allowed,
     },
     maps::{ENDPOINTS, NODE},
@@ -70,7 +70,7 @@ pub fn uplink<H: Hook>(ctx: &H) -> Result<Verdict, Verdict> {
         return Ok(PASS);
     };
 
-    if let Some(entry) = conntrack::lookup_translated(ctx, &conntrack::reply_key(&flow), &flow) {
+    if let Some(entry) = lookup_reply(ctx, &flow) {
         rewrite_both(ctx, &flow, Side::Source, &entry)?;
         count(ctx, reason::REVERSE_NAT);
         return Ok(PASS);

@@ -72,6 +72,11 @@ impl Frame {
         self.build_with_flags(payload, TCP_SYN)
     }
 
+    /// `build` of a TCP packet after the SYN, as every answer is: an ACK.
+    pub fn build_ack(&self, payload: &[u8]) -> Vec<u8> {
+        self.build_with_flags(payload, TCP_ACK)
+    }
+
     /// `build`, with these TCP flags.
     pub fn build_with_flags(&self, payload: &[u8], tcp_flags: u8) -> Vec<u8> {
         self.build_tcp(payload, tcp_flags, 1000)

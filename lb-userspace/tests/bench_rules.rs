@@ -87,11 +87,11 @@ fn every_cost_probe_does_its_operation() {
     use lb::bench::{costs, datapath::Scenario};
     let rows = costs::measure_probes(10, 1, 5).expect("every probe did its operation");
     let names: Vec<&str> = rows.iter().map(|m| m.label.as_str()).collect();
-    let probes: Vec<&str> = costs::PROBES.iter().map(|p| p.program).collect();
+    let probes: Vec<&str> = costs::PROBES.iter().map(|p| p.id).collect();
     assert_eq!(names, probes);
     for scenario in Scenario::ALL {
-        for (program, _) in costs::model(scenario) {
-            assert!(probes.contains(program), "{scenario:?}: no probe {program}");
+        for (id, _) in costs::model(scenario) {
+            assert!(probes.contains(id), "{scenario:?}: no probe {id}");
         }
     }
 }

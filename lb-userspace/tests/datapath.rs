@@ -72,10 +72,18 @@ fn syn_to_vip_is_dnated_to_a_backend_and_reply_is_reverse_translated() {
 
     // The backend's reply leaves towards the client with the VIP as source.
     let reply = Frame::tcp(&backend, 8080, CLIENT, 40000);
-    let (verdict, out) = run(&mut dp, PROG_TO_POD, &reply.build(b"pong"));
+    let (verdict, out) = run(&mut dp, PROG_TO_POD, &reply.build_ack(b"pong"));
     assert_eq!(verdict, TC_ACT_OK);
     let got = Frame::parse(&out).expect("valid checksums after reverse NAT");
     assert_eq!(got, Frame::tcp(VIP, 80, CLIENT, 40000));
+    assert_eq!(counter(&dp, "reverse_nat"), 1);
+
+    // A SYN without ACK answers nothing, so it is never taken for a reply
+    // (the reply lookups are skipped): the backend opening a connection of
+    // its own on the reply's tuple leaves as it was sent.
+    let (verdict, out) = run(&mut dp, PROG_TO_POD, &reply.build(b""));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(Frame::parse(&out).unwrap(), reply);
     assert_eq!(counter(&dp, "reverse_nat"), 1);
 }
 
@@ -510,7 +518,7 @@ fn nodeport_from_outside_is_dnated_and_snated_and_its_reply_restored() {
     // The backend's reply to node:snat_port gets frontend and client back.
     let (verdict, out) = run_xdp(
         &mut dp,
-        &Frame::tcp("10.244.2.5", 8080, NODE_IP, fwd.sport).build(b"pong"),
+        &Frame::tcp("10.244.2.5", 8080, NODE_IP, fwd.sport).build_ack(b"pong"),
     );
     assert_eq!(verdict, XDP_PASS);
     assert_eq!(
@@ -548,7 +556,7 @@ fn external_traffic_policy_local_keeps_the_client_address() {
     let (_, out) = run(
         &mut dp,
         PROG_FROM_POD,
-        &Frame::tcp("10.244.1.5", 8080, OUTSIDE, 50000).build(b"pong"),
+        &Frame::tcp("10.244.1.5", 8080, OUTSIDE, 50000).build_ack(b"pong"),
     );
     assert_eq!(
         Frame::parse(&out).unwrap(),
@@ -641,7 +649,7 @@ fn hairpin_a_pod_reaching_itself_through_its_service() {
     let (_, out) = run(
         &mut dp,
         PROG_FROM_POD,
-        &Frame::tcp(CLIENT, 8080, VIP, 40000).build(b"pong"),
+        &Frame::tcp(CLIENT, 8080, VIP, 40000).build_ack(b"pong"),
     );
     assert_eq!(
         Frame::parse(&out).unwrap(),
@@ -775,6 +783,11 @@ mod network_policy {
         run(dp, prog, &f.build(b"")).0
     }
 
+    /// The verdict on an answer (an ACK: a SYN answers nothing).
+    fn answer_verdict(dp: &mut Datapath, prog: &str, f: Frame) -> u32 {
+        run(dp, prog, &f.build_ack(b"")).0
+    }
+
     #[test]
     fn ingress_isolation_admits_only_what_a_rule_allows_and_replies() {
         let mut dp = setup(0, ENDPOINT_F_INGRESS_ISOLATED | ENDPOINT_F_EGRESS_ISOLATED);
@@ -815,7 +828,7 @@ mod network_policy {
         );
         // Stateful: B is egress-isolated with no rule, yet its reply passes.
         assert_eq!(
-            verdict(
+            answer_verdict(
                 &mut dp,
                 PROG_FROM_POD,
                 Frame::tcp(POD_B, 8080, POD_A, 40001)
@@ -853,7 +866,7 @@ mod network_policy {
         let (v, _) = run(
             &mut dp,
             PROG_TO_POD,
-            &Frame::tcp(VIP, 80, POD_A, 40001).build(b""),
+            &Frame::tcp(VIP, 80, POD_A, 40001).build_ack(b""),
         );
         assert_eq!(v, TC_ACT_OK);
     }
@@ -891,13 +904,13 @@ mod network_policy {
         let (v, reply) = run(
             &mut dp,
             PROG_TO_POD,
-            &Frame::tcp(POD_B, 8080, POD_A, 40001).build(b""),
+            &Frame::tcp(POD_B, 8080, POD_A, 40001).build_ack(b""),
         );
         assert_eq!(v, TC_ACT_OK);
         assert_eq!(Frame::parse(&reply).unwrap().src.to_string(), VIP);
         // As a backend on this node sends it: already from the VIP.
         assert_eq!(
-            verdict(&mut dp, PROG_TO_POD, Frame::tcp(VIP, 80, POD_A, 40001)),
+            answer_verdict(&mut dp, PROG_TO_POD, Frame::tcp(VIP, 80, POD_A, 40001)),
             TC_ACT_OK
         );
         // Nothing else from B or the VIP gets in.
@@ -945,7 +958,7 @@ mod network_policy {
         let (v, reply) = run(
             &mut dp,
             PROG_FROM_POD,
-            &Frame::tcp(POD_B, 8080, VIP, 41000).build(b""),
+            &Frame::tcp(POD_B, 8080, VIP, 41000).build_ack(b""),
         );
         assert_eq!(v, TC_ACT_OK);
         assert_eq!(run(&mut dp, PROG_TO_POD, &reply).0, TC_ACT_OK);

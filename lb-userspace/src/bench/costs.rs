@@ -16,73 +16,69 @@ use super::{
 };
 use crate::datapath::PROG_FROM_POD;
 
-/// A probe program, and what its one operation is.
+/// A probe program, and what its one operation is. Most run on the same
+/// packet every time, so what they touch stays in the CPU's caches, as an
+/// established flow's entries do; `fresh` ones on a new flow's packet each
+/// run, as a new flow's lookups meet keys never seen before.
 pub struct Probe {
+    /// The row's name (the model's), and the program run.
+    pub id: &'static str,
     pub program: &'static str,
     pub operation: &'static str,
+    pub fresh: bool,
+}
+
+impl Probe {
+    const fn hot(program: &'static str, operation: &'static str) -> Self {
+        Self {
+            id: program,
+            program,
+            operation,
+            fresh: false,
+        }
+    }
 }
 
 pub const PARSE: &str = "probe_parse";
+/// The miss probe on a new flow's packet each run.
+pub const CT_MISS_NEW: &str = "ct_miss_new";
 
-pub const PROBES: [Probe; 12] = [
+pub const PROBES: [Probe; 13] = [
+    Probe::hot(PARSE, "parse (Ethernet, IPv4, TCP/UDP ports)"),
+    Probe::hot("probe_ct_miss", "conntrack lookup, miss (LRU hash)"),
     Probe {
-        program: PARSE,
-        operation: "parse (Ethernet, IPv4, TCP/UDP ports)",
-    },
-    Probe {
+        id: CT_MISS_NEW,
         program: "probe_ct_miss",
-        operation: "conntrack lookup, miss (LRU hash)",
+        operation: "conntrack lookup, miss, a new flow's key each run",
+        fresh: true,
     },
-    Probe {
-        program: "probe_ct_hit",
-        operation: "conntrack lookup, hit (LRU hash)",
-    },
-    Probe {
-        program: "probe_ct_update",
-        operation: "conntrack write (LRU hash update)",
-    },
-    Probe {
-        program: "probe_clock",
-        operation: "clock read, to the last tick (bpf_ktime_get_coarse_ns)",
-    },
-    Probe {
-        program: "probe_clock_exact",
-        operation: "clock read, exact (bpf_ktime_get_ns; the paths' before)",
-    },
-    Probe {
-        program: "probe_service_hit",
-        operation: "Service lookup (hash)",
-    },
-    Probe {
-        program: "probe_backend_hit",
-        operation: "backend lookup (hash)",
-    },
-    Probe {
-        program: "probe_maglev",
-        operation: "Maglev lookup (map in map)",
-    },
-    Probe {
-        program: "probe_lpm",
-        operation: "ipcache lookup (LPM trie)",
-    },
-    Probe {
-        program: "probe_csum_helper",
-        operation: "checksum helper (bpf_l4_csum_replace)",
-    },
-    Probe {
-        program: "probe_count",
-        operation: "counter add (per-CPU array)",
-    },
+    Probe::hot("probe_ct_hit", "conntrack lookup, hit (LRU hash)"),
+    Probe::hot("probe_ct_update", "conntrack write (LRU hash update)"),
+    Probe::hot(
+        "probe_clock",
+        "clock read, to the last tick (bpf_ktime_get_coarse_ns)",
+    ),
+    Probe::hot(
+        "probe_clock_exact",
+        "clock read, exact (bpf_ktime_get_ns; the paths' before)",
+    ),
+    Probe::hot("probe_service_hit", "Service lookup (hash)"),
+    Probe::hot("probe_backend_hit", "backend lookup (hash)"),
+    Probe::hot("probe_maglev", "Maglev lookup (map in map)"),
+    Probe::hot("probe_lpm", "ipcache lookup (LPM trie)"),
+    Probe::hot("probe_csum_helper", "checksum helper (bpf_l4_csum_replace)"),
+    Probe::hot("probe_count", "counter add (per-CPU array)"),
 ];
 
 /// The operations a path runs, and how many times (read from
 /// `lb-ebpf/src/lb.rs`, `conntrack.rs` and `policy.rs` for the bench's
 /// packets; a miss of a hash map is counted as a hit of one, which it
-/// costs about).
+/// costs about). A new flow's SYN looks up keys never seen before (cold
+/// misses); the other paths' packets are the same each run.
 pub fn model(scenario: Scenario) -> &'static [(&'static str, u32)] {
     match scenario {
-        // Reply-key miss, forward-key hit (stamped with the clock), the
-        // backend still there, DNAT of address and port, one count.
+        // An ACK: reply-key miss, forward-key hit (stamped with the clock),
+        // the backend still there, DNAT of address and port, one count.
         Scenario::Established => &[
             (PARSE, 1),
             ("probe_ct_miss", 1),
@@ -92,23 +88,25 @@ pub fn model(scenario: Scenario) -> &'static [(&'static str, u32)] {
             ("probe_csum_helper", 2),
             ("probe_count", 1),
         ],
-        // Reply and forward keys miss, the Service lookup misses; egress
-        // policy: the policy-conntrack lookups miss twice, the client is
-        // no endpoint; the SYN's stale reply entry is deleted (a miss).
+        // An ACK straight to a pod: reply and forward keys miss, the
+        // Service lookup misses; egress policy: the policy-conntrack
+        // lookups (a reply of an admitted flow, a flow already sent) miss,
+        // the client is no endpoint.
         Scenario::NoService => &[
             (PARSE, 1),
-            ("probe_ct_miss", 5),
+            ("probe_ct_miss", 4),
             ("probe_service_hit", 1),
             ("probe_backend_hit", 1),
         ],
-        // Both keys miss; Service, Maglev and backend lookups; egress policy
-        // (a policy-conntrack miss, the endpoint lookup); the backend tuple's
-        // claim (a miss); the clock and two conntrack writes; DNAT; one count.
-        // Into a full table the same operations run: what the eviction of
-        // the writes adds is the difference between the two rows.
+        // A SYN (no reply lookups: it answers nothing): the forward key
+        // misses; Service, Maglev and backend lookups; egress policy (the
+        // endpoint lookup); the backend tuple's claim (a miss); the clock
+        // and two conntrack writes; DNAT; one count. Into a full table the
+        // same operations run: what the eviction of the writes adds is the
+        // difference between the two rows.
         Scenario::NewFlow | Scenario::NewFlowFullTable => &[
             (PARSE, 1),
-            ("probe_ct_miss", 4),
+            (CT_MISS_NEW, 2),
             ("probe_service_hit", 1),
             ("probe_maglev", 1),
             ("probe_backend_hit", 2),
@@ -118,15 +116,15 @@ pub fn model(scenario: Scenario) -> &'static [(&'static str, u32)] {
             ("probe_count", 1),
         ],
         // As a new flow up to the policy: the endpoint (isolated), the
-        // ipcache and the policy trie (three LPM lookups of the wildcards
-        // and the exact rule), one count.
+        // ipcache and the policy trie (four lookups: the exact rule and
+        // the wildcards), one count.
         Scenario::PolicyDrop => &[
             (PARSE, 1),
-            ("probe_ct_miss", 3),
+            (CT_MISS_NEW, 1),
             ("probe_service_hit", 1),
             ("probe_maglev", 1),
             ("probe_backend_hit", 2),
-            ("probe_lpm", 4),
+            ("probe_lpm", 5),
             ("probe_count", 1),
         ],
     }
@@ -148,24 +146,40 @@ pub fn measure_probes(services: usize, batches: usize, per_batch: usize) -> Resu
     let prog = dp.program(PROG_FROM_POD)?;
     datapath::run_once(prog, &packet, &mut out)?;
     let mut rows = Vec::new();
+    // Fresh probes' flows: new ones each run, as many as a new-flow figure.
+    let mut flow = 1;
+    let per_batch_fresh = per_batch.min(datapath::NEW_FLOWS / batches.max(1));
     for probe in &PROBES {
         let prog = dp.bench_tc(probe.program)?;
+        let per_batch = if probe.fresh {
+            per_batch_fresh
+        } else {
+            per_batch
+        };
         let mut means = Vec::with_capacity(batches);
         for _ in 0..batches {
             let mut total = 0;
             for _ in 0..per_batch {
-                let (verdict, ns) = datapath::run_once(prog, &packet, &mut out)?;
+                let fresh;
+                let input = if probe.fresh {
+                    fresh = datapath::syn(flow, datapath::VIP, 80);
+                    flow += 1;
+                    &fresh
+                } else {
+                    &packet
+                };
+                let (verdict, ns) = datapath::run_once(prog, input, &mut out)?;
                 ensure!(
-                    verdict == 0 && out == packet,
+                    verdict == 0 && out == *input,
                     "{}: verdict {verdict}, or the packet changed: the probe did not do its operation",
-                    probe.program
+                    probe.id
                 );
                 total += ns;
             }
             means.push(total as f64 / per_batch as f64);
         }
         rows.push(Measured {
-            label: probe.program.into(),
+            label: probe.id.into(),
             services,
             runs: batches * per_batch,
             ns: Stats::of(&means),
@@ -239,7 +253,7 @@ pub fn write_section(o: &mut String, r: &super::Results) {
     for p in &PROBES {
         let _ = write!(o, "| {} |", p.operation);
         for rows in &rows_at {
-            let _ = write!(o, " {:.0} |", added(rows, p.program, floor));
+            let _ = write!(o, " {:.0} |", added(rows, p.id, floor));
         }
         let _ = writeln!(o);
     }

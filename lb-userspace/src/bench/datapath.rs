@@ -24,7 +24,7 @@ use lb_common::{
 use super::Stats;
 use crate::{
     datapath::{Datapath, PROG_FROM_POD},
-    packet::Frame,
+    packet::{Frame, TCP_ACK},
     plan::{desired_state, plan, service_key, MapState},
     translate::{BackendAddr, DesiredService},
 };
@@ -254,9 +254,19 @@ where
 
 /// A SYN from CLIENT (or another client address for `flow` > 60000) to `dst`.
 pub(super) fn syn(flow: usize, dst: &str, dport: u16) -> Vec<u8> {
+    from_client(flow, dst, dport).build(b"")
+}
+
+/// The same flow's packets after the handshake, as most of a connection's
+/// are: an ACK.
+pub(super) fn ack(flow: usize, dst: &str, dport: u16) -> Vec<u8> {
+    from_client(flow, dst, dport).build_with_flags(b"", TCP_ACK)
+}
+
+fn from_client(flow: usize, dst: &str, dport: u16) -> Frame {
     let sport = 1024 + (flow % 60000) as u16;
     let src = Ipv4Addr::from(u32::from(ip(CLIENT)) + (flow / 60000) as u32 * 256);
-    Frame::tcp(&src.to_string(), sport, dst, dport).build(b"")
+    Frame::tcp(&src.to_string(), sport, dst, dport)
 }
 
 /// Measures `scenario` on a data path with `services` Services: `batches`
@@ -276,14 +286,19 @@ pub fn measure(
         isolate_client(&mut dp, false, 0)?;
     }
     let backends: Vec<Ipv4Addr> = measured_service().backends.iter().map(|b| b.ip).collect();
-    let established = syn(0, VIP, 80);
+    let established = ack(0, VIP, 80);
     let mut expected_established = Vec::new();
     if scenario == Scenario::Established {
-        // The flow's first packet creates its entry; the runs measure the rest.
+        // The flow's SYN creates its entries; the runs are the ACKs after.
         let prog = dp.program(PROG_FROM_POD)?;
+        run_once(prog, &syn(0, VIP, 80), &mut expected_established)?;
         run_once(prog, &established, &mut expected_established)?;
+        ensure!(
+            expected_established.len() == established.len(),
+            "established flow: its first ACK was not passed"
+        );
     }
-    let no_service = syn(0, "10.97.0.1", 80);
+    let no_service = ack(0, "10.97.0.1", 80);
     let prog = dp.program(PROG_FROM_POD)?;
     let mut out = Vec::new();
     let mut means = Vec::with_capacity(batches);

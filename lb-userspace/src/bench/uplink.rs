@@ -17,7 +17,7 @@ use super::datapath::{datapath_with, ip, run_once, Measured, TestRunDyn, VIP};
 use super::Stats;
 use crate::{
     datapath::{Datapath, PROG_UPLINK_TC},
-    packet::Frame,
+    packet::{Frame, TCP_ACK},
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -87,9 +87,18 @@ pub fn label(path: UplinkPath, hook: Hook) -> String {
 
 /// A SYN from outside (a new client address every 60,000 flows) to `dst`.
 fn syn_from_outside(flow: usize, dst: &str) -> Vec<u8> {
+    from_outside(flow, dst).build(b"")
+}
+
+/// The packet after the handshake, as most of a connection's are: an ACK.
+fn ack_from_outside(flow: usize, dst: &str) -> Vec<u8> {
+    from_outside(flow, dst).build_with_flags(b"", TCP_ACK)
+}
+
+fn from_outside(flow: usize, dst: &str) -> Frame {
     let sport = 1024 + (flow % 60000) as u16;
     let src = Ipv4Addr::from(u32::from(ip(OUTSIDE)) + (flow / 60000) as u32);
-    Frame::tcp(&src.to_string(), sport, dst, 80).build(b"")
+    Frame::tcp(&src.to_string(), sport, dst, 80)
 }
 
 fn program(dp: &mut Datapath, hook: Hook) -> Result<&mut dyn TestRunDyn> {
@@ -114,12 +123,14 @@ pub fn measure(
     };
     let mut dp = datapath_with(services)?;
     dp.maps.set_node(Some(ip(NODE)))?;
-    let established = syn_from_outside(0, VIP);
-    let no_service = syn_from_outside(0, "172.18.0.200");
+    let established = ack_from_outside(0, VIP);
+    let no_service = ack_from_outside(0, "172.18.0.200");
     let prog = program(&mut dp, hook)?;
     let mut expected = Vec::new();
     if path == UplinkPath::Established {
-        // The flow's first packet creates its entries; the runs are the rest.
+        // The flow's SYN creates its entries; the runs are the ACKs after.
+        run_once(prog, &syn_from_outside(0, VIP), &mut expected)?;
+        check_new(hook, hook.pass(), &expected)?;
         run_once(prog, &established, &mut expected)?;
         check_new(hook, hook.pass(), &expected)?;
     }
