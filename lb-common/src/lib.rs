@@ -8,6 +8,7 @@
 
 pub mod backend;
 pub mod conntrack;
+pub mod csum;
 pub mod metrics;
 pub mod node;
 pub mod policy;

@@ -59,7 +59,12 @@ pub mod reason {
     /// A socket asked for its peer or a datagram's source and was given
     /// the Service address back.
     pub const SOCK_REVERSED: u32 = 20;
-    pub const COUNT: u32 = 21;
+    /// The checksum helper's update of an address matched neither a
+    /// partial nor a complete checksum's (`csum::State::Unexplained`):
+    /// the port's change took the helper too. Never expected; any mean
+    /// the shortcut of `nat::rewrite` misreads this kernel.
+    pub const CSUM_STATE_UNEXPLAINED: u32 = 21;
+    pub const COUNT: u32 = 22;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "new_flow",
@@ -83,6 +88,7 @@ pub mod reason {
         "tuple_raced",
         "sock_translated",
         "sock_reversed",
+        "csum_state_unexplained",
     ];
 }
 

@@ -6,6 +6,7 @@ use aya_log_ebpf::info;
 use lb_common::{
     backend::Backend,
     conntrack::{ConntrackEntry, CT_F_TUPLE_REUSED},
+    csum::State,
     metrics::reason,
     service::{
         AffinityKey, AffinityValue, ServiceKey, ServiceValue, SourceRange, SERVICE_F_AFFINITY,
@@ -152,10 +153,12 @@ pub fn from_pod(ctx: &TcContext) -> Result<i32, i32> {
     Ok(PASS)
 }
 
-/// DNAT to the entry's backend, and SNAT when the entry says so (hairpin).
+/// DNAT to the entry's backend, and SNAT when the entry says so (hairpin,
+/// or a moved source port: then often the port alone, which takes the
+/// checksum's state the DNAT learnt).
 #[inline(always)]
 fn dnat_snat(ctx: &TcContext, flow: &Flow, entry: &ConntrackEntry) -> Result<(), i32> {
-    dnat(ctx, flow, entry.nat_addr, entry.nat_port)?;
+    let state = dnat(ctx, flow, entry.nat_addr, entry.nat_port)?;
     if entry.snat_addr == 0 {
         return Ok(());
     }
@@ -164,42 +167,37 @@ fn dnat_snat(ctx: &TcContext, flow: &Flow, entry: &ConntrackEntry) -> Result<(),
         dport: entry.nat_port,
         ..*flow
     };
-    nat::rewrite(
-        ctx,
-        &rewritten,
-        Side::Source,
-        entry.snat_addr,
-        entry.snat_port,
-    )
-    .map_err(|_| {
-        count(ctx, reason::DROP_REWRITE_FAILED);
-        DROP
-    })
+    let snat = (entry.snat_addr, entry.snat_port);
+    nat::rewrite(ctx, &rewritten, Side::Source, snat, state)
+        .map(|_| ())
+        .map_err(|_| rewrite_failed(ctx))
 }
 
 #[inline(always)]
 fn reverse_nat(ctx: &TcContext, flow: &Flow, entry: &ConntrackEntry) -> Result<(), i32> {
-    let mut r = nat::rewrite(ctx, flow, Side::Source, entry.nat_addr, entry.nat_port);
-    if r.is_ok() && entry.snat_addr != 0 {
-        // The checksums now account for the new source: describe the packet
-        // as it is before rewriting its destination.
-        let rewritten = Flow {
-            saddr: entry.nat_addr,
-            sport: entry.nat_port,
-            ..*flow
-        };
-        r = nat::rewrite(
-            ctx,
-            &rewritten,
-            Side::Destination,
-            entry.snat_addr,
-            entry.snat_port,
-        );
+    let frontend = (entry.nat_addr, entry.nat_port);
+    let state = nat::rewrite(ctx, flow, Side::Source, frontend, State::Unknown)
+        .map_err(|_| rewrite_failed(ctx))?;
+    if entry.snat_addr == 0 {
+        return Ok(());
     }
-    r.map_err(|_| {
-        count(ctx, reason::DROP_REWRITE_FAILED);
-        DROP
-    })
+    // The checksums now account for the new source: describe the packet
+    // as it is before rewriting its destination.
+    let rewritten = Flow {
+        saddr: entry.nat_addr,
+        sport: entry.nat_port,
+        ..*flow
+    };
+    let client = (entry.snat_addr, entry.snat_port);
+    nat::rewrite(ctx, &rewritten, Side::Destination, client, state)
+        .map(|_| ())
+        .map_err(|_| rewrite_failed(ctx))
+}
+
+#[inline(always)]
+fn rewrite_failed(ctx: &TcContext) -> i32 {
+    count(ctx, reason::DROP_REWRITE_FAILED);
+    DROP
 }
 
 /// Egress policy of the sending pod, judged on where the packet really goes
@@ -258,11 +256,9 @@ pub fn lookup_reply<P: Packet>(ctx: &P, flow: &Flow) -> Option<ConntrackEntry> {
 }
 
 #[inline(always)]
-fn dnat(ctx: &TcContext, flow: &Flow, addr: u32, port: u16) -> Result<(), i32> {
-    nat::rewrite(ctx, flow, Side::Destination, addr, port).map_err(|_| {
-        count(ctx, reason::DROP_REWRITE_FAILED);
-        DROP
-    })
+fn dnat(ctx: &TcContext, flow: &Flow, addr: u32, port: u16) -> Result<State, i32> {
+    nat::rewrite(ctx, flow, Side::Destination, (addr, port), State::Unknown)
+        .map_err(|_| rewrite_failed(ctx))
 }
 
 /// `loadBalancerSourceRanges`: whether the client may open a new flow.

@@ -8,9 +8,16 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use lb_common::PROTO_UDP;
+use lb_common::{
+    csum::{self, State},
+    metrics::reason,
+    PROTO_UDP,
+};
 
-use crate::packet::{Flow, Packet, ETH_HLEN, IP_CSUM, IP_DADDR, IP_SADDR};
+use crate::{
+    metrics::count,
+    packet::{Flow, Packet, ETH_HLEN, IP_CSUM, IP_DADDR, IP_SADDR},
+};
 
 /// Which end of the packet to rewrite.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -21,16 +28,32 @@ pub enum Side {
 
 /// Rewrites the source or destination address and port of `flow`'s packet.
 ///
-/// Only the L4 checksum needs a helper: how it is kept depends on the
-/// packet's checksum state, which the program cannot read (a pod's own
-/// packets carry a partial checksum, only the pseudo-header's part, which
-/// a port change does not touch; a received one a full checksum, which it
-/// does). The IP header's checksum is always complete, so it and the
-/// fields are written in place: two helper calls per side, not five. The
-/// direct writes make the verifier unclone a shared packet first, as
-/// `bpf_skb_store_bytes` would.
+/// The L4 checksum needs the helper for the address: how it is kept
+/// depends on the packet's checksum state, which the program cannot read
+/// (a pod's own packets carry a partial checksum, only the pseudo-header's
+/// part, which a port change does not touch; a received one a full
+/// checksum, which it does). But the two states take an address change
+/// differently, so the helper's result tells which one the packet is in
+/// (`csum::state_after_address`), and the port's change is then written
+/// without a second call: none at all to a partial checksum, an
+/// incremental update to a complete one. Only when that cannot be told
+/// (the addresses sum alike, or a port changes alone and no earlier
+/// rewrite learnt the state) does the port take the helper too. The IP
+/// header's checksum is always complete, so it and the fields are written
+/// in place. The direct writes make the verifier unclone a shared packet
+/// first, as `bpf_skb_store_bytes` would.
+///
+/// `state` is what an earlier rewrite of the same packet learnt (a port
+/// changed alone has no address change to learn from); the state known
+/// after this one is returned.
 #[inline(always)]
-pub fn rewrite(ctx: &TcContext, flow: &Flow, side: Side, addr: u32, port: u16) -> Result<(), i64> {
+pub fn rewrite(
+    ctx: &TcContext,
+    flow: &Flow,
+    side: Side,
+    (addr, port): (u32, u16),
+    state: State,
+) -> Result<State, i64> {
     let (old_addr, old_port, addr_off, port_off) = match side {
         Side::Source => (flow.saddr, flow.sport, ETH_HLEN + IP_SADDR, flow.l4_off),
         Side::Destination => (flow.daddr, flow.dport, ETH_HLEN + IP_DADDR, flow.l4_off + 2),
@@ -41,50 +64,60 @@ pub fn rewrite(ctx: &TcContext, flow: &Flow, side: Side, addr: u32, port: u16) -
         0
     };
     let csum_off = flow.l4_csum_off();
+    let mut state = state;
     if old_addr != addr {
+        let before = read_u16(ctx, csum_off)?;
         ctx.l4_csum_replace(
             csum_off,
             old_addr as u64,
             addr as u64,
             BPF_F_PSEUDO_HDR as u64 | mangled | 4,
         )?;
-        // After the helper: it may have moved the packet's data.
+        // After the helper: it may have moved the packet's data. The
+        // headers' fixed offsets first: a check of the L4 checksum's
+        // (further on) would let the compiler drop theirs, which the
+        // verifier cannot follow.
         let ip_csum = at::<u16, TcContext>(ctx, ETH_HLEN + IP_CSUM).map_err(|()| -1i64)?;
         let field = at::<u32, TcContext>(ctx, addr_off).map_err(|()| -1i64)?;
-        // SAFETY: both pointers were bounds-checked by `at` just now.
+        // SAFETY: the pointers were bounds-checked by `at` just now.
         unsafe {
-            ip_csum.write_unaligned(csum_replace4(ip_csum.read_unaligned(), old_addr, addr));
+            ip_csum.write_unaligned(csum::replace4(ip_csum.read_unaligned(), old_addr, addr));
             field.write_unaligned(addr);
         }
+        let after = read_u16(ctx, csum_off)?;
+        let udp = flow.proto == PROTO_UDP;
+        state = csum::state_after_address(before, after, (old_addr, addr), udp);
     }
     if old_port != port {
-        ctx.l4_csum_replace(csum_off, old_port as u64, port as u64, mangled | 2)?;
+        match state {
+            State::Partial | State::Absent => {}
+            State::Complete => {
+                let l4_csum = at::<u16, TcContext>(ctx, csum_off).map_err(|()| -1i64)?;
+                // SAFETY: bounds-checked by `at` just now.
+                unsafe {
+                    let c = csum::replace2(l4_csum.read_unaligned(), old_port, port);
+                    l4_csum.write_unaligned(csum::udp_nonzero(c, flow.proto));
+                }
+            }
+            State::Unknown | State::Unexplained => {
+                if state == State::Unexplained {
+                    count(ctx, reason::CSUM_STATE_UNEXPLAINED);
+                }
+                ctx.l4_csum_replace(csum_off, old_port as u64, port as u64, mangled | 2)?;
+            }
+        }
         let field = at::<u16, TcContext>(ctx, port_off).map_err(|()| -1i64)?;
         // SAFETY: bounds-checked by `at` just now; unaligned after IP options.
         unsafe { field.write_unaligned(port) };
     }
-    Ok(())
-}
-
-/// One's-complement checksum update for a 32-bit field (RFC 1624):
-/// HC' = ~(~HC + ~m + m'). Values are taken as they lie in memory; the
-/// one's-complement sum does not depend on byte order.
-#[inline(always)]
-fn csum_replace4(csum: u16, old: u32, new: u32) -> u16 {
-    let mut sum = u32::from(!csum);
-    sum += (!old & 0xffff) + (!old >> 16);
-    sum += (new & 0xffff) + (new >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
+    Ok(state)
 }
 
 #[inline(always)]
-fn csum_replace2(csum: u16, old: u16, new: u16) -> u16 {
-    let mut sum = u32::from(!csum) + u32::from(!old) + u32::from(new);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
+fn read_u16(ctx: &TcContext, offset: usize) -> Result<u16, i64> {
+    let p = at::<u16, TcContext>(ctx, offset).map_err(|()| -1i64)?;
+    // SAFETY: bounds-checked by `at`.
+    Ok(unsafe { p.read_unaligned() })
 }
 
 #[inline(always)]
@@ -118,15 +151,12 @@ pub fn rewrite_direct<P: Packet>(
     unsafe {
         let old_addr = addr_ptr.read_unaligned();
         let old_port = port_ptr.read_unaligned();
-        ip_csum.write_unaligned(csum_replace4(ip_csum.read_unaligned(), old_addr, addr));
+        ip_csum.write_unaligned(csum::replace4(ip_csum.read_unaligned(), old_addr, addr));
         let c = l4_csum.read_unaligned();
         // A UDP checksum of 0 means "none" and stays so.
         if !(flow.proto == PROTO_UDP && c == 0) {
-            let mut c = csum_replace2(csum_replace4(c, old_addr, addr), old_port, port);
-            if flow.proto == PROTO_UDP && c == 0 {
-                c = 0xffff;
-            }
-            l4_csum.write_unaligned(c);
+            let c = csum::replace2(csum::replace4(c, old_addr, addr), old_port, port);
+            l4_csum.write_unaligned(csum::udp_nonzero(c, flow.proto));
         }
         addr_ptr.write_unaligned(addr);
         port_ptr.write_unaligned(port);

@@ -12,12 +12,13 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use lb_common::{metrics::reason, service::ServiceKey};
+use lb_common::{csum::State, metrics::reason, service::ServiceKey};
 
 use crate::{
     conntrack,
     maps::{BACKENDS, CONNTRACK, MAGLEV, SERVICES},
     metrics::count,
+    nat::{self, Side},
     packet::{self, Flow, Parsed},
     policy,
 };
@@ -169,4 +170,61 @@ pub fn probe_maglev(ctx: TcContext) -> i32 {
     // SAFETY: copied out at once.
     let slot = unsafe { MAGLEV.get_value(&1u32, &entry) }.copied();
     verdict(slot.is_some_and(|s| s != 0))
+}
+
+/// Another address and port for the packet's destination (the rewrite
+/// probes' DNAT).
+#[inline(always)]
+fn elsewhere(f: &Flow) -> (u32, u16) {
+    (f.daddr ^ 0x0101_0000, f.dport ^ 0x0101)
+}
+
+/// DNAT of the destination's address and port and back, as the paths
+/// rewrite: the port's checksum change written in place, the state told by
+/// the address's helper call (`nat::rewrite`). Two rewrites, one helper
+/// call each.
+#[classifier]
+pub fn probe_rewrite(ctx: TcContext) -> i32 {
+    let Some(f) = flow(&ctx) else {
+        return TC_ACT_SHOT;
+    };
+    let to = elsewhere(&f);
+    let there = Flow {
+        daddr: to.0,
+        dport: to.1,
+        ..f
+    };
+    let back = (f.daddr, f.dport);
+    let done = nat::rewrite(&ctx, &f, Side::Destination, to, State::Unknown).is_ok()
+        && nat::rewrite(&ctx, &there, Side::Destination, back, State::Unknown).is_ok();
+    verdict(done)
+}
+
+/// The same DNAT and back with a helper call for each port change too, as
+/// the paths rewrote before session 21: the address alone, then the port
+/// alone with the checksum's state unknown. Four helper calls.
+#[classifier]
+pub fn probe_rewrite_helpers(ctx: TcContext) -> i32 {
+    let Some(f) = flow(&ctx) else {
+        return TC_ACT_SHOT;
+    };
+    let to = elsewhere(&f);
+    let steps = [
+        (f, (to.0, f.dport)),
+        (Flow { daddr: to.0, ..f }, to),
+        (
+            Flow {
+                daddr: to.0,
+                dport: to.1,
+                ..f
+            },
+            (f.daddr, to.1),
+        ),
+        (Flow { dport: to.1, ..f }, (f.daddr, f.dport)),
+    ];
+    let mut done = true;
+    for (from, to) in steps {
+        done &= nat::rewrite(&ctx, &from, Side::Destination, to, State::Unknown).is_ok();
+    }
+    verdict(done)
 }

@@ -15,6 +15,7 @@
 use aya_ebpf::programs::{TcContext, XdpContext};
 use lb_common::{
     conntrack::{ConntrackEntry, CT_F_EXTERNAL, CT_F_TUPLE_REUSED},
+    csum::State,
     metrics::reason,
     service::{SERVICE_F_CLUSTER_IP, SERVICE_F_LOCAL},
 };
@@ -42,16 +43,18 @@ pub enum Verdict {
 use Verdict::{Drop as DROP, Pass as PASS};
 
 /// The one thing the two hooks do differently: rewriting a packet.
+/// (`state`: what the packet's first rewrite learnt of its checksum, for
+/// its second, `nat::rewrite`.)
 pub trait Hook: Packet {
-    fn rewrite(&self, flow: &Flow, side: Side, addr: u32, port: u16) -> Result<(), ()>;
+    fn rewrite(&self, flow: &Flow, side: Side, to: (u32, u16), state: State) -> Result<State, ()>;
 }
 
 impl Hook for XdpContext {
     /// Direct writes: no checksum helpers in XDP, and packets from the wire
     /// carry complete checksums.
     #[inline(always)]
-    fn rewrite(&self, flow: &Flow, side: Side, addr: u32, port: u16) -> Result<(), ()> {
-        rewrite_direct(self, flow, side, addr, port)
+    fn rewrite(&self, flow: &Flow, side: Side, to: (u32, u16), _: State) -> Result<State, ()> {
+        rewrite_direct(self, flow, side, to.0, to.1).map(|()| State::Complete)
     }
 }
 
@@ -59,8 +62,8 @@ impl Hook for TcContext {
     /// With the L4 checksum helper, as on the pods' veths: a packet that
     /// crossed a veth from a local socket may carry a partial checksum.
     #[inline(always)]
-    fn rewrite(&self, flow: &Flow, side: Side, addr: u32, port: u16) -> Result<(), ()> {
-        nat::rewrite(self, flow, side, addr, port).map_err(|_| ())
+    fn rewrite(&self, flow: &Flow, side: Side, to: (u32, u16), state: State) -> Result<State, ()> {
+        nat::rewrite(self, flow, side, to, state).map_err(|_| ())
     }
 }
 
@@ -157,7 +160,13 @@ fn rewrite_both<H: Hook>(
         count(ctx, reason::DROP_REWRITE_FAILED);
         DROP
     };
-    ctx.rewrite(flow, first, entry.nat_addr, entry.nat_port)
+    let state = ctx
+        .rewrite(
+            flow,
+            first,
+            (entry.nat_addr, entry.nat_port),
+            State::Unknown,
+        )
         .map_err(fail)?;
     if entry.snat_addr == 0 {
         return Ok(());
@@ -180,7 +189,8 @@ fn rewrite_both<H: Hook>(
             },
         ),
     };
-    ctx.rewrite(&after, second, entry.snat_addr, entry.snat_port)
+    ctx.rewrite(&after, second, (entry.snat_addr, entry.snat_port), state)
+        .map(|_| ())
         .map_err(fail)
 }
 

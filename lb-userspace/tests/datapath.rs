@@ -77,6 +77,9 @@ fn syn_to_vip_is_dnated_to_a_backend_and_reply_is_reverse_translated() {
     let got = Frame::parse(&out).expect("valid checksums after reverse NAT");
     assert_eq!(got, Frame::tcp(VIP, 80, CLIENT, 40000));
     assert_eq!(counter(&dp, "reverse_nat"), 1);
+    // Every port's checksum change was written without a second helper
+    // call: the address's told the checksum's state.
+    assert_eq!(counter(&dp, "csum_state_unexplained"), 0);
 
     // A SYN without ACK answers nothing, so it is never taken for a reply
     // (the reply lookups are skipped): the backend opening a connection of
@@ -100,6 +103,7 @@ fn udp_to_vip_is_dnated_with_valid_checksum() {
         Frame::parse(&out).unwrap(),
         Frame::udp(CLIENT, 5000, "10.244.1.7", 1053)
     );
+    assert_eq!(counter(&dp, "csum_state_unexplained"), 0);
 }
 
 #[test]
