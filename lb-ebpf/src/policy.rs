@@ -11,6 +11,7 @@ use lb_common::{
         ENDPOINT_F_EGRESS_ISOLATED, ENDPOINT_F_INGRESS_ISOLATED, IDENTITY_HOST, IDENTITY_WORLD,
         POLICY_KEY_FIXED_BITS, VERDICT_ALLOW, VERDICT_DROP,
     },
+    PROTO_TCP,
 };
 
 use crate::{
@@ -137,31 +138,55 @@ fn track(key: &ConntrackKey) {
 /// `lb::to_pod`), so no policy entry is kept for it. Two entries fewer per
 /// connection: at thousands of new connections a second the closed ones'
 /// entries are what fills the table.
+///
+/// The sender's endpoint is looked up first: most pods are not isolated
+/// for egress, and their packets need no more (`admit_unisolated`).
 #[inline(always)]
 pub fn admit_egress(flow: &Flow, original: &Flow) -> bool {
-    if conntrack::may_answer(original) && known(&key(original, CT_POLICY_INGRESS, true), original) {
-        return true; // a reply (matched before reverse NAT)
-    }
-    let translated = original.daddr != flow.daddr || original.dport != flow.dport;
-    let k = key(flow, CT_POLICY_EGRESS, false);
-    if !translated && known(&k, flow) {
-        return true;
-    }
     let Some(ep) = endpoint(flow.saddr) else {
         return true; // not a pod this node manages
     };
-    if ep.flags & ENDPOINT_F_EGRESS_ISOLATED != 0 {
-        let identity = identity_of(flow.daddr);
-        let verdict = allowed(&ep, DIR_EGRESS, flow.proto, identity, flow.dport);
-        report(flow, DIR_EGRESS, identity, verdict);
-        if verdict.is_none() {
-            return false;
-        }
+    let translated = original.daddr != flow.daddr || original.dport != flow.dport;
+    let k = key(flow, CT_POLICY_EGRESS, false);
+    if ep.flags & ENDPOINT_F_EGRESS_ISOLATED == 0 {
+        admit_unisolated(&ep, &k, flow, translated);
+        return true;
+    }
+    if conntrack::may_answer(original) && known(&key(original, CT_POLICY_INGRESS, true), original) {
+        return true; // a reply (matched before reverse NAT)
+    }
+    if !translated && known(&k, flow) {
+        return true;
+    }
+    let identity = identity_of(flow.daddr);
+    let verdict = allowed(&ep, DIR_EGRESS, flow.proto, identity, flow.dport);
+    report(flow, DIR_EGRESS, identity, verdict);
+    if verdict.is_none() {
+        return false;
     }
     if !translated {
         track(&k);
     }
     true
+}
+
+/// A packet of a pod not isolated for egress (`k`: its flow's egress
+/// entry). The flow is recorded all the same, for the pod's ingress side:
+/// the replies of what a pod sent are admitted by that entry
+/// (`admit_ingress`), should the pod be isolated for ingress now or later.
+/// A pod isolated for ingress has each packet's entry looked up (and
+/// written again if it was lost); any other records a TCP flow at its SYN
+/// and a UDP flow at a packet that finds no entry, and its other TCP
+/// packets need no lookup: the replies keep the entry fresh.
+#[inline(always)]
+fn admit_unisolated(ep: &EndpointInfo, k: &ConntrackKey, flow: &Flow, translated: bool) {
+    if translated {
+        return;
+    }
+    let per_packet = ep.flags & ENDPOINT_F_INGRESS_ISOLATED != 0 || flow.proto != PROTO_TCP;
+    if conntrack::opens_connection(flow) || (per_packet && !known(k, flow)) {
+        track(k);
+    }
 }
 
 /// A NodePort or LoadBalancer flow from outside, about to be SNATed to this

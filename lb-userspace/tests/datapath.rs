@@ -1064,6 +1064,35 @@ mod network_policy {
         );
         assert_eq!(counter(&dp, "drop_policy"), 0);
     }
+
+    /// A pod not isolated at all records what it sends at the SYN (its
+    /// other packets need no policy lookup): once isolated for ingress,
+    /// with no rule, it still gets the replies of its open connection, and
+    /// nothing new.
+    #[test]
+    fn a_pod_isolated_for_ingress_mid_connection_keeps_its_replies() {
+        let mut dp = setup(0, 0);
+        let sent = Frame::tcp(POD_A, 40000, OTHER, 80);
+        assert_eq!(run(&mut dp, PROG_FROM_POD, &sent.build(b"")).0, TC_ACT_OK);
+        let ack = sent.build_ack(b"GET");
+        assert_eq!(run(&mut dp, PROG_FROM_POD, &ack).0, TC_ACT_OK);
+        isolate(&mut dp, POD_A, 1, ENDPOINT_F_INGRESS_ISOLATED);
+        assert_eq!(
+            answer_verdict(&mut dp, PROG_TO_POD, Frame::tcp(OTHER, 80, POD_A, 40000)),
+            TC_ACT_OK,
+            "the reply of a connection opened before"
+        );
+        assert_eq!(
+            verdict(&mut dp, PROG_TO_POD, Frame::tcp(OTHER, 80, POD_A, 40001)),
+            TC_ACT_SHOT,
+            "a new flow to the pod"
+        );
+    }
+
+    fn isolate(dp: &mut Datapath, pod: &str, endpoint_id: u16, flags: u16) {
+        let info = EndpointInfo { endpoint_id, flags };
+        dp.maps.endpoints.insert(be(pod), info, 0).unwrap();
+    }
 }
 
 /// Collects log records (the agent forwards them to tracing instead).

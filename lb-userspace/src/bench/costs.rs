@@ -98,12 +98,10 @@ pub fn model(scenario: Scenario) -> &'static [(&'static str, u32)] {
             ("probe_count", 1),
         ],
         // An ACK straight to a pod: reply and forward keys miss, the
-        // Service lookup misses; egress policy: the policy-conntrack
-        // lookups (a reply of an admitted flow, a flow already sent) miss,
-        // the client is no endpoint.
+        // Service lookup misses; egress policy: the client is no endpoint.
         Scenario::NoService => &[
             (PARSE, 1),
-            ("probe_ct_miss", 4),
+            ("probe_ct_miss", 2),
             ("probe_service_hit", 1),
             ("probe_backend_hit", 1),
         ],
