@@ -6,7 +6,6 @@ use aya_log_ebpf::info;
 use lb_common::{
     backend::Backend,
     conntrack::{ConntrackEntry, CT_F_TUPLE_REUSED},
-    csum::State,
     metrics::reason,
     service::{
         AffinityKey, AffinityValue, ServiceKey, ServiceValue, SourceRange, SERVICE_F_AFFINITY,
@@ -154,44 +153,17 @@ pub fn from_pod(ctx: &TcContext) -> Result<i32, i32> {
 }
 
 /// DNAT to the entry's backend, and SNAT when the entry says so (hairpin,
-/// or a moved source port: then often the port alone, which takes the
-/// checksum's state the DNAT learnt).
+/// or a moved source port).
 #[inline(always)]
 fn dnat_snat(ctx: &TcContext, flow: &Flow, entry: &ConntrackEntry) -> Result<(), i32> {
-    let state = dnat(ctx, flow, entry.nat_addr, entry.nat_port)?;
-    if entry.snat_addr == 0 {
-        return Ok(());
-    }
-    let rewritten = Flow {
-        daddr: entry.nat_addr,
-        dport: entry.nat_port,
-        ..*flow
-    };
-    let snat = (entry.snat_addr, entry.snat_port);
-    nat::rewrite(ctx, &rewritten, Side::Source, snat, state)
-        .map(|_| ())
-        .map_err(|_| rewrite_failed(ctx))
+    nat::rewrite_both(ctx, flow, Side::Destination, entry).map_err(|()| rewrite_failed(ctx))
 }
 
+/// The frontend back as the source of a reply, and the client as its
+/// destination if it was SNATed.
 #[inline(always)]
 fn reverse_nat(ctx: &TcContext, flow: &Flow, entry: &ConntrackEntry) -> Result<(), i32> {
-    let frontend = (entry.nat_addr, entry.nat_port);
-    let state = nat::rewrite(ctx, flow, Side::Source, frontend, State::Unknown)
-        .map_err(|_| rewrite_failed(ctx))?;
-    if entry.snat_addr == 0 {
-        return Ok(());
-    }
-    // The checksums now account for the new source: describe the packet
-    // as it is before rewriting its destination.
-    let rewritten = Flow {
-        saddr: entry.nat_addr,
-        sport: entry.nat_port,
-        ..*flow
-    };
-    let client = (entry.snat_addr, entry.snat_port);
-    nat::rewrite(ctx, &rewritten, Side::Destination, client, state)
-        .map(|_| ())
-        .map_err(|_| rewrite_failed(ctx))
+    nat::rewrite_both(ctx, flow, Side::Source, entry).map_err(|()| rewrite_failed(ctx))
 }
 
 #[inline(always)]
@@ -253,12 +225,6 @@ pub fn lookup_reply<P: Packet>(ctx: &P, flow: &Flow) -> Option<ConntrackEntry> {
         return None;
     }
     conntrack::lookup_translated(ctx, &conntrack::reply_key(flow), flow)
-}
-
-#[inline(always)]
-fn dnat(ctx: &TcContext, flow: &Flow, addr: u32, port: u16) -> Result<State, i32> {
-    nat::rewrite(ctx, flow, Side::Destination, (addr, port), State::Unknown)
-        .map_err(|_| rewrite_failed(ctx))
 }
 
 /// `loadBalancerSourceRanges`: whether the client may open a new flow.

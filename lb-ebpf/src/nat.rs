@@ -6,9 +6,10 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    programs::TcContext,
+    programs::{TcContext, XdpContext},
 };
 use lb_common::{
+    conntrack::ConntrackEntry,
     csum::{self, State},
     metrics::reason,
     PROTO_UDP,
@@ -24,6 +25,72 @@ use crate::{
 pub enum Side {
     Source,
     Destination,
+}
+
+/// The one thing the hooks (tc, XDP) do differently: rewriting a packet.
+/// (`state`: what the packet's first rewrite learnt of its checksum, for
+/// its second, `nat::rewrite`.)
+pub trait Hook: Packet {
+    fn rewrite(&self, flow: &Flow, side: Side, to: (u32, u16), state: State) -> Result<State, ()>;
+}
+
+impl Hook for XdpContext {
+    /// Direct writes: no checksum helpers in XDP, and packets from the wire
+    /// carry complete checksums.
+    #[inline(always)]
+    fn rewrite(&self, flow: &Flow, side: Side, to: (u32, u16), _: State) -> Result<State, ()> {
+        rewrite_direct(self, flow, side, to.0, to.1).map(|()| State::Complete)
+    }
+}
+
+impl Hook for TcContext {
+    /// With the L4 checksum helper, as on the pods' veths: a packet that
+    /// crossed a veth from a local socket may carry a partial checksum.
+    #[inline(always)]
+    fn rewrite(&self, flow: &Flow, side: Side, to: (u32, u16), state: State) -> Result<State, ()> {
+        rewrite(self, flow, side, to, state).map_err(|_| ())
+    }
+}
+
+/// Rewrites `first` to the entry's NAT address, then, with SNAT, the other
+/// side to the entry's SNAT address: DNAT and SNAT of a flow's packet
+/// (`first`: the destination), or the reverse of both on a reply (the
+/// source). The second rewrite, often of a port alone, takes the checksum
+/// state the first learnt.
+#[inline(always)]
+pub fn rewrite_both<H: Hook>(
+    ctx: &H,
+    flow: &Flow,
+    first: Side,
+    entry: &ConntrackEntry,
+) -> Result<(), ()> {
+    let to = (entry.nat_addr, entry.nat_port);
+    let state = ctx.rewrite(flow, first, to, State::Unknown)?;
+    if entry.snat_addr == 0 {
+        return Ok(());
+    }
+    // The checksums now account for the first rewrite: describe the
+    // packet as it is before the second.
+    let (second, after) = match first {
+        Side::Destination => (
+            Side::Source,
+            Flow {
+                daddr: entry.nat_addr,
+                dport: entry.nat_port,
+                ..*flow
+            },
+        ),
+        Side::Source => (
+            Side::Destination,
+            Flow {
+                saddr: entry.nat_addr,
+                sport: entry.nat_port,
+                ..*flow
+            },
+        ),
+    };
+    let snat = (entry.snat_addr, entry.snat_port);
+    ctx.rewrite(&after, second, snat, state).map(|_| ())
 }
 
 /// Rewrites the source or destination address and port of `flow`'s packet.

@@ -3,7 +3,7 @@
 //! and external-IP frontends, and the replies of flows this node SNATed.
 //! ClusterIPs are not reachable from outside, as with kube-proxy.
 //!
-//! One program body for both hooks (`Hook`). XDP is the cheaper hook where
+//! One program body for both hooks (`nat::Hook`). XDP is the cheaper hook where
 //! the driver runs it on its own receive buffers (a NIC). On a veth (a kind
 //! node's eth0, the lab's nodes) native XDP copies nearly every packet into
 //! a page of its own first (`veth_convert_skb_to_xdp_buff`: a TCP packet is
@@ -12,10 +12,8 @@
 //! only the header of a packet it rewrites, costs less (the agent picks the
 //! hook: `datapath::attach::UplinkHook`).
 
-use aya_ebpf::programs::{TcContext, XdpContext};
 use lb_common::{
     conntrack::{ConntrackEntry, CT_F_EXTERNAL, CT_F_TUPLE_REUSED},
-    csum::State,
     metrics::reason,
     service::{SERVICE_F_CLUSTER_IP, SERVICE_F_LOCAL},
 };
@@ -28,8 +26,8 @@ use crate::{
     },
     maps::{ENDPOINTS, NODE},
     metrics::count,
-    nat::{self, rewrite_direct, Side},
-    packet::{self, Flow, Packet},
+    nat::{self, Hook, Side},
+    packet::{self, Flow},
     policy,
 };
 
@@ -41,31 +39,6 @@ pub enum Verdict {
 }
 
 use Verdict::{Drop as DROP, Pass as PASS};
-
-/// The one thing the two hooks do differently: rewriting a packet.
-/// (`state`: what the packet's first rewrite learnt of its checksum, for
-/// its second, `nat::rewrite`.)
-pub trait Hook: Packet {
-    fn rewrite(&self, flow: &Flow, side: Side, to: (u32, u16), state: State) -> Result<State, ()>;
-}
-
-impl Hook for XdpContext {
-    /// Direct writes: no checksum helpers in XDP, and packets from the wire
-    /// carry complete checksums.
-    #[inline(always)]
-    fn rewrite(&self, flow: &Flow, side: Side, to: (u32, u16), _: State) -> Result<State, ()> {
-        rewrite_direct(self, flow, side, to.0, to.1).map(|()| State::Complete)
-    }
-}
-
-impl Hook for TcContext {
-    /// With the L4 checksum helper, as on the pods' veths: a packet that
-    /// crossed a veth from a local socket may carry a partial checksum.
-    #[inline(always)]
-    fn rewrite(&self, flow: &Flow, side: Side, to: (u32, u16), state: State) -> Result<State, ()> {
-        nat::rewrite(self, flow, side, to, state).map_err(|_| ())
-    }
-}
 
 #[inline(always)]
 pub fn uplink<H: Hook>(ctx: &H) -> Result<Verdict, Verdict> {
@@ -147,8 +120,7 @@ pub fn uplink<H: Hook>(ctx: &H) -> Result<Verdict, Verdict> {
     Ok(PASS)
 }
 
-/// Rewrites `first` to the entry's NAT address, then, with SNAT, the other
-/// side to the entry's SNAT address.
+/// `nat::rewrite_both`, a failure counted and dropped.
 #[inline(always)]
 fn rewrite_both<H: Hook>(
     ctx: &H,
@@ -156,42 +128,10 @@ fn rewrite_both<H: Hook>(
     first: Side,
     entry: &ConntrackEntry,
 ) -> Result<(), Verdict> {
-    let fail = |()| {
+    nat::rewrite_both(ctx, flow, first, entry).map_err(|()| {
         count(ctx, reason::DROP_REWRITE_FAILED);
         DROP
-    };
-    let state = ctx
-        .rewrite(
-            flow,
-            first,
-            (entry.nat_addr, entry.nat_port),
-            State::Unknown,
-        )
-        .map_err(fail)?;
-    if entry.snat_addr == 0 {
-        return Ok(());
-    }
-    let (second, after) = match first {
-        Side::Destination => (
-            Side::Source,
-            Flow {
-                daddr: entry.nat_addr,
-                dport: entry.nat_port,
-                ..*flow
-            },
-        ),
-        Side::Source => (
-            Side::Destination,
-            Flow {
-                saddr: entry.nat_addr,
-                sport: entry.nat_port,
-                ..*flow
-            },
-        ),
-    };
-    ctx.rewrite(&after, second, (entry.snat_addr, entry.snat_port), state)
-        .map(|_| ())
-        .map_err(fail)
+    })
 }
 
 /// The node's address and a free port for the new flow's source, whose

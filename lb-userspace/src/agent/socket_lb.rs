@@ -28,6 +28,12 @@ pub fn attach_or_detach(dp: &mut Datapath, cfg: &AgentConfig) -> Result<()> {
         cgroup = %cgroup.display(),
         "socket LB on: Services translated at connect() and sendmsg()"
     );
+    if let Some(why) = sock_destroy::why_sockets_cannot_be_closed(cgroup) {
+        tracing::warn!(
+            "socket LB: a connected UDP socket whose backend is removed cannot be closed ({why}): \
+             it keeps sending to that backend until the application opens a new one"
+        );
+    }
     Ok(())
 }
 

@@ -265,14 +265,66 @@ pub fn namespaces_of_cgroup(cgroup: &Path) -> Vec<PathBuf> {
                 }
             }
         }
-        let children = std::fs::read_dir(&dir).into_iter().flatten().flatten();
-        dirs.extend(
-            children
-                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                .map(|e| e.path()),
-        );
+        dirs.extend(child_cgroups(&dir));
     }
     found
+}
+
+/// Linux's `CAP_SYS_ADMIN` bit in a capability set.
+const CAP_SYS_ADMIN: u32 = 21;
+
+/// Why this process cannot close the sockets of `cgroup`'s pods, if it
+/// cannot: entering another network namespace (`setns`) takes
+/// CAP_SYS_ADMIN, and the pods' processes are seen only from the host's
+/// PID namespace (a DaemonSet's `hostPID: true`): from any other, the
+/// kernel lists them in `cgroup.procs` as PID 0.
+pub fn why_sockets_cannot_be_closed(cgroup: &Path) -> Option<&'static str> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    closing_blocked(effective_caps(&status), &first_procs(cgroup))
+}
+
+/// The first non-empty `cgroup.procs` in `cgroup` or below it, nearest
+/// first: cgroup v2 keeps processes in the leaves of a tree (the root
+/// excepted).
+fn first_procs(cgroup: &Path) -> String {
+    let mut dirs = std::collections::VecDeque::from([cgroup.to_path_buf()]);
+    while let Some(dir) = dirs.pop_front() {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        if !procs.trim().is_empty() {
+            return procs;
+        }
+        dirs.extend(child_cgroups(&dir));
+    }
+    String::new()
+}
+
+/// The cgroups directly below `dir`.
+fn child_cgroups(dir: &Path) -> impl Iterator<Item = PathBuf> {
+    let children = std::fs::read_dir(dir).into_iter().flatten().flatten();
+    children
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+}
+
+/// The effective capability set of a `/proc/PID/status` (`CapEff:`, hex).
+fn effective_caps(status: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0)
+}
+
+/// `why_sockets_cannot_be_closed`, from the effective capabilities and a
+/// `cgroup.procs` as read.
+fn closing_blocked(caps: u64, procs: &str) -> Option<&'static str> {
+    if caps & (1 << CAP_SYS_ADMIN) == 0 {
+        return Some("no CAP_SYS_ADMIN to enter the pods' network namespaces");
+    }
+    if procs.lines().any(|pid| pid.trim() == "0") {
+        return Some("the pods' processes are in another PID namespace (hostPID: true needed)");
+    }
+    None
 }
 
 /// `destroy_udp_connected_to` in every network namespace of `cgroup`'s
@@ -301,6 +353,20 @@ pub fn destroy_in_cgroup(cgroup: &Path, gone: &BTreeSet<(Ipv4Addr, u16)>) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn closing_sockets_needs_sys_admin_and_the_hosts_pids() {
+        let admin = 1u64 << CAP_SYS_ADMIN;
+        let status = "Name:\tlb\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\n";
+        assert_eq!(effective_caps(status), 0x1ff_ffff_ffff);
+        assert_eq!(effective_caps("Name:\tlb\n"), 0);
+        assert_eq!(closing_blocked(admin, "1\n412\n"), None);
+        assert_eq!(closing_blocked(admin, ""), None);
+        assert!(closing_blocked(admin, "0\n0\n").is_some_and(|why| why.contains("hostPID")));
+        // BPF, PERFMON, NET_ADMIN and SYS_RESOURCE: the DaemonSet's own set.
+        let daemonset = (1 << 39) | (1 << 38) | (1 << 12) | (1 << 24);
+        assert!(closing_blocked(daemonset, "1\n").is_some_and(|why| why.contains("CAP_SYS_ADMIN")));
+    }
 
     #[test]
     fn the_kernel_structs_have_their_c_sizes() {
