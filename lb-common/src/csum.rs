@@ -74,17 +74,16 @@ pub enum State {
 
 /// What the checksum helper's update of an address (`old` to `new`, the
 /// checksum `before` and `after` it) says of the checksum's state: the two
-/// states update it differently, unless the two addresses sum alike. With
-/// `udp`, a checksum of 0 is none (left alone by the helper), and a result
-/// of 0 is written as 0xffff (`BPF_F_MARK_MANGLED_0`).
+/// states update it differently, unless the two addresses sum alike. For
+/// UDP (`proto`), a checksum of 0 is none (left alone by the helper), and a
+/// result of 0 is written as 0xffff (`BPF_F_MARK_MANGLED_0`, `udp_nonzero`).
 #[inline(always)]
-pub fn state_after_address(before: u16, after: u16, (old, new): (u32, u32), udp: bool) -> State {
-    if udp && before == 0 {
+pub fn state_after_address(before: u16, after: u16, (old, new): (u32, u32), proto: u8) -> State {
+    if proto == crate::PROTO_UDP && before == 0 {
         return State::Absent;
     }
-    let written = |c: u16| if udp && c == 0 { 0xffff } else { c };
-    let complete = written(replace4(before, old, new));
-    let partial = written(partial_replace4(before, old, new));
+    let complete = udp_nonzero(replace4(before, old, new), proto);
+    let partial = udp_nonzero(partial_replace4(before, old, new), proto);
     if complete == partial {
         State::Unknown
     } else if after == partial {
@@ -164,7 +163,12 @@ mod tests {
             let before = complete(client, frontend, &seg);
             let after_addr = replace4(before, addr(frontend), addr(backend));
             assert_eq!(
-                state_after_address(before, after_addr, (addr(frontend), addr(backend)), false),
+                state_after_address(
+                    before,
+                    after_addr,
+                    (addr(frontend), addr(backend)),
+                    crate::PROTO_TCP
+                ),
                 State::Complete
             );
             let after = replace2(after_addr, 80u16.to_be(), 8080u16.to_be());
@@ -184,7 +188,12 @@ mod tests {
             let after = partial_replace4(before, addr(frontend), addr(backend));
             assert!(sum_ok(after, pseudo(client, backend, len)));
             assert_eq!(
-                state_after_address(before, after, (addr(frontend), addr(backend)), false),
+                state_after_address(
+                    before,
+                    after,
+                    (addr(frontend), addr(backend)),
+                    crate::PROTO_TCP
+                ),
                 State::Partial
             );
         }
@@ -197,7 +206,7 @@ mod tests {
     fn an_address_change_that_keeps_the_sum_tells_nothing() {
         let (a, b) = (addr([10, 1, 2, 3]), addr([2, 3, 10, 1]));
         assert_eq!(
-            state_after_address(0x1234, 0x1234, (a, b), false),
+            state_after_address(0x1234, 0x1234, (a, b), crate::PROTO_TCP),
             State::Unknown
         );
         // A result neither update gives (the helper did something else).
@@ -206,11 +215,14 @@ mod tests {
         let p = partial_replace4(0x1234, a, b);
         let other = (0..=u16::MAX).find(|v| *v != c && *v != p).unwrap_or(0);
         assert_eq!(
-            state_after_address(0x1234, other, (a, b), false),
+            state_after_address(0x1234, other, (a, b), crate::PROTO_TCP),
             State::Unexplained
         );
         // A UDP datagram without checksum has none to update.
-        assert_eq!(state_after_address(0, 0, (a, b), true), State::Absent);
+        assert_eq!(
+            state_after_address(0, 0, (a, b), crate::PROTO_UDP),
+            State::Absent
+        );
     }
 
     /// A UDP checksum whose update comes out 0 is written 0xffff by the
@@ -223,7 +235,7 @@ mod tests {
             .find(|c| replace4(*c, a, b) == 0)
             .unwrap_or(0);
         assert_eq!(
-            state_after_address(before, 0xffff, (a, b), true),
+            state_after_address(before, 0xffff, (a, b), crate::PROTO_UDP),
             State::Complete
         );
     }

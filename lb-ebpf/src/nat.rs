@@ -119,7 +119,7 @@ pub fn rewrite(
     flow: &Flow,
     side: Side,
     (addr, port): (u32, u16),
-    state: State,
+    mut state: State,
 ) -> Result<State, i64> {
     let (old_addr, old_port, addr_off, port_off) = match side {
         Side::Source => (flow.saddr, flow.sport, ETH_HLEN + IP_SADDR, flow.l4_off),
@@ -131,7 +131,6 @@ pub fn rewrite(
         0
     };
     let csum_off = flow.l4_csum_off();
-    let mut state = state;
     if old_addr != addr {
         let before = read_u16(ctx, csum_off)?;
         ctx.l4_csum_replace(
@@ -152,8 +151,7 @@ pub fn rewrite(
             field.write_unaligned(addr);
         }
         let after = read_u16(ctx, csum_off)?;
-        let udp = flow.proto == PROTO_UDP;
-        state = csum::state_after_address(before, after, (old_addr, addr), udp);
+        state = csum::state_after_address(before, after, (old_addr, addr), flow.proto);
     }
     if old_port != port {
         match state {

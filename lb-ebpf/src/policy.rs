@@ -121,6 +121,14 @@ fn known(key: &ConntrackKey, flow: &Flow) -> bool {
     conntrack::lookup(key, flow).is_some()
 }
 
+/// Whether the packet answers a flow admitted the other way (its entry
+/// under `direction`, the tuple swapped). A TCP SYN answers nothing and
+/// looks nothing up (`conntrack::may_answer`).
+#[inline(always)]
+fn answers(flow: &Flow, direction: u8) -> bool {
+    conntrack::may_answer(flow) && known(&key(flow, direction, true), flow)
+}
+
 #[inline(always)]
 fn track(key: &ConntrackKey) {
     let entry = ConntrackEntry {
@@ -152,7 +160,7 @@ pub fn admit_egress(flow: &Flow, original: &Flow) -> bool {
         admit_unisolated(&ep, &k, flow, translated);
         return true;
     }
-    if conntrack::may_answer(original) && known(&key(original, CT_POLICY_INGRESS, true), original) {
+    if answers(original, CT_POLICY_INGRESS) {
         return true; // a reply (matched before reverse NAT)
     }
     if !translated && known(&k, flow) {
@@ -246,7 +254,7 @@ pub fn already_received(flow: &Flow) -> bool {
 /// sent, or a new flow its ingress policy allows.
 #[inline(always)]
 pub fn admit_ingress(flow: &Flow) -> bool {
-    if conntrack::may_answer(flow) && known(&key(flow, CT_POLICY_EGRESS, true), flow) {
+    if answers(flow, CT_POLICY_EGRESS) {
         return true;
     }
     let Some(ep) = endpoint(flow.daddr) else {

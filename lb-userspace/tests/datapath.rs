@@ -62,11 +62,7 @@ fn syn_to_vip_is_dnated_to_a_backend_and_reply_is_reverse_translated() {
     assert_eq!(u16::from_be(rev.nat_port), 80);
 
     // The connection's next packet keeps its backend (conntrack hit).
-    let (_, again) = run(
-        &mut dp,
-        PROG_FROM_POD,
-        &syn.build_with_flags(b"data", lb::packet::TCP_ACK),
-    );
+    let (_, again) = run(&mut dp, PROG_FROM_POD, &syn.build_ack(b"data"));
     assert_eq!(Frame::parse(&again).unwrap().dst, got.dst);
     assert_eq!(counter(&dp, "forwarded"), 1);
 
@@ -240,7 +236,7 @@ fn tracked_flow_keeps_a_backend_that_is_no_longer_ready() {
     dp.maps
         .apply(&plan(&current, &desired_state(&current, &[svc])))
         .unwrap();
-    let ack = Frame::tcp(CLIENT, 40000, VIP, 80).build_with_flags(b"x", lb::packet::TCP_ACK);
+    let ack = Frame::tcp(CLIENT, 40000, VIP, 80).build_ack(b"x");
     let (_, out) = run(&mut dp, PROG_FROM_POD, &ack);
     assert_eq!(
         Frame::parse(&out).unwrap().dst.to_string(),
@@ -267,7 +263,6 @@ fn tracked_flow_keeps_a_backend_that_is_no_longer_ready() {
 /// and packets of an established connection keep their backend.
 #[test]
 fn a_syn_is_balanced_again_and_established_packets_keep_their_backend() {
-    use lb::packet::TCP_ACK;
     let mut dp = datapath_with(&[service(
         80,
         PROTO_TCP,
@@ -302,7 +297,7 @@ fn a_syn_is_balanced_again_and_established_packets_keep_their_backend() {
         .apply(&plan(&current, &desired_state(&current, &[svc])))
         .unwrap();
     assert_eq!(
-        dst(&mut dp, &flow.build_with_flags(b"GET", TCP_ACK)),
+        dst(&mut dp, &flow.build_ack(b"GET")),
         first,
         "the established connection keeps its terminating backend"
     );
@@ -312,7 +307,7 @@ fn a_syn_is_balanced_again_and_established_packets_keep_their_backend() {
         "a SYN on the same ports (a new connection) goes to a ready backend"
     );
     assert_eq!(
-        dst(&mut dp, &flow.build_with_flags(b"GET", TCP_ACK)),
+        dst(&mut dp, &flow.build_ack(b"GET")),
         again,
         "and the rest of that connection follows it"
     );
@@ -393,7 +388,7 @@ fn a_client_port_reused_for_another_service_with_the_same_backend_gets_a_new_sou
     let (_, data) = run(
         &mut dp,
         PROG_FROM_POD,
-        &Frame::tcp(CLIENT, 40000, b, 80).build_with_flags(b"GET", lb::packet::TCP_ACK),
+        &Frame::tcp(CLIENT, 40000, b, 80).build_ack(b"GET"),
     );
     assert_eq!(Frame::parse(&data).unwrap().sport, sent.sport);
 

@@ -243,7 +243,7 @@ fn packets_whose_entries_were_evicted_are_counted() {
         .unwrap();
     let (v, _) = run_xdp(
         &mut dp,
-        &Frame::tcp(BACKEND, 8080, NODE_IP, SNAT_PORT).build_with_flags(b"", TCP_ACK),
+        &Frame::tcp(BACKEND, 8080, NODE_IP, SNAT_PORT).build_ack(b""),
     );
     assert_eq!(v, XDP_PASS, "left to the node's stack");
     assert_eq!(counter(&dp, "reply_miss"), 1);
@@ -256,7 +256,7 @@ fn packets_whose_entries_were_evicted_are_counted() {
     let (v, out) = run(
         &mut dp,
         PROG_FROM_POD,
-        &Frame::tcp(CLIENT, 40000, VIP, 80).build_with_flags(b"GET", TCP_ACK),
+        &Frame::tcp(CLIENT, 40000, VIP, 80).build_ack(b"GET"),
     );
     assert_eq!(v, TC_ACT_OK);
     assert_eq!(Frame::parse(&out).unwrap().dst.to_string(), "10.244.1.2");

@@ -93,7 +93,7 @@ fn a_nodeport_connection_is_translated_alike_by_both_hooks() {
         assert!(passed);
         assert_eq!(Frame::parse(&out).unwrap(), fwd, "{what}");
     }
-    let (_, out) = t.run("reply data", &reply.build_with_flags(b"pong", TCP_ACK));
+    let (_, out) = t.run("reply data", &reply.build_ack(b"pong"));
     assert_eq!(
         Frame::parse(&out).unwrap(),
         Frame::tcp(NODE_IP, 30080, OUTSIDE, 50000)

@@ -24,7 +24,7 @@ use lb_common::{
 use super::Stats;
 use crate::{
     datapath::{Datapath, PROG_FROM_POD},
-    packet::{Frame, TCP_ACK},
+    packet::Frame,
     plan::{desired_state, plan, service_key, MapState},
     translate::{BackendAddr, DesiredService},
 };
@@ -260,7 +260,7 @@ pub(super) fn syn(flow: usize, dst: &str, dport: u16) -> Vec<u8> {
 /// The same flow's packets after the handshake, as most of a connection's
 /// are: an ACK.
 pub(super) fn ack(flow: usize, dst: &str, dport: u16) -> Vec<u8> {
-    from_client(flow, dst, dport).build_with_flags(b"", TCP_ACK)
+    from_client(flow, dst, dport).build_ack(b"")
 }
 
 fn from_client(flow: usize, dst: &str, dport: u16) -> Frame {

@@ -17,7 +17,7 @@ use super::datapath::{datapath_with, ip, run_once, Measured, TestRunDyn, VIP};
 use super::Stats;
 use crate::{
     datapath::{Datapath, PROG_UPLINK_TC},
-    packet::{Frame, TCP_ACK},
+    packet::Frame,
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -92,7 +92,7 @@ fn syn_from_outside(flow: usize, dst: &str) -> Vec<u8> {
 
 /// The packet after the handshake, as most of a connection's are: an ACK.
 fn ack_from_outside(flow: usize, dst: &str) -> Vec<u8> {
-    from_outside(flow, dst).build_with_flags(b"", TCP_ACK)
+    from_outside(flow, dst).build_ack(b"")
 }
 
 fn from_outside(flow: usize, dst: &str) -> Frame {
