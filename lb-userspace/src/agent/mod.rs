@@ -12,6 +12,8 @@ mod index;
 mod links;
 pub mod memory;
 mod policies;
+#[cfg(feature = "lab")]
+pub mod retained;
 mod services;
 mod slices;
 mod slim;
@@ -294,6 +296,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         node = ?cfg.node_name,
         at_ms = start.elapsed().as_millis() as u64,
         rss_mib = resident_mib(),
+        rss_peak_mib = memory::resident_peak_mib(),
+        heap_mib = memory::heap_mib(),
         "data path loaded"
     );
 
@@ -303,6 +307,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     tracing::info!(
         at_ms = start.elapsed().as_millis() as u64,
         rss_mib = resident_mib(),
+        rss_peak_mib = memory::resident_peak_mib(),
         heap_mib = memory::heap_mib(),
         "caches synced"
     );

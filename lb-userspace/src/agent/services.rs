@@ -21,12 +21,37 @@ use super::{
 use crate::{
     datapath::Datapath,
     health::{health_checks, HealthCheck},
-    plan::{desired_state, fit_to_capacity, plan, plan_each, Capacity},
+    plan::{desired_state, fit_to_capacity, plan, plan_each, Capacity, MapOp, MapState},
     translate::{
         created_at, translate_service, DesiredService, EndpointSlice, NodeContext, ObjectError,
         Translation,
     },
 };
+
+/// Where a pass writes: the data path's service maps, or (to measure what
+/// the agent keeps, and in tests) somewhere else. The passes decide; this
+/// is their one side effect.
+pub trait ServiceMaps {
+    /// The maps were made empty by this agent: nothing to read back.
+    fn fresh(&mut self) -> bool;
+    /// What the maps hold.
+    fn read(&self) -> Result<MapState>;
+    fn apply(&mut self, ops: &[MapOp]) -> Result<()>;
+}
+
+impl ServiceMaps for Datapath {
+    fn fresh(&mut self) -> bool {
+        self.take_fresh_service_maps()
+    }
+
+    fn read(&self) -> Result<MapState> {
+        self.maps.state()
+    }
+
+    fn apply(&mut self, ops: &[MapOp]) -> Result<()> {
+        self.maps.apply(ops)
+    }
+}
 
 /// How many ops a full pass plans before it writes them.
 const OPS_PER_CHUNK: usize = 8192;
@@ -120,7 +145,7 @@ impl ServiceSide {
     /// against what this agent wrote.
     pub fn full_pass(
         &mut self,
-        dp: &mut Datapath,
+        dp: &mut impl ServiceMaps,
         services: &Store<Service>,
         slices: &Store<EndpointSlice>,
         node: &NodeContext,
@@ -169,8 +194,8 @@ impl ServiceSide {
         }
         let current = match (&self.writer, read_maps) {
             (Some(w), false) => w.written().clone(),
-            _ if dp.take_fresh_service_maps() => crate::plan::MapState::default(),
-            _ => dp.maps.state()?,
+            _ if dp.fresh() => MapState::default(),
+            _ => dp.read()?,
         };
         let desired = desired_state(&current, &fitting);
         // Applied as it is planned, a chunk at a time: the whole cluster's
@@ -180,18 +205,18 @@ impl ServiceSide {
         // Backends that went while no agent ran (or before a relist).
         let mut gone_backends = Vec::new();
         plan_each(&current, &desired, &mut |op| {
-            if let crate::plan::MapOp::DeleteBackend(id) = &op {
+            if let MapOp::DeleteBackend(id) = &op {
                 gone_backends.extend(current.backends.get(id).map(crate::plan::backend_addr));
             }
             chunk.push(op);
             ops += 1;
             if chunk.len() == OPS_PER_CHUNK {
-                dp.maps.apply(&chunk)?;
+                dp.apply(&chunk)?;
                 chunk.clear();
             }
             Ok::<(), anyhow::Error>(())
         })?;
-        dp.maps.apply(&chunk)?;
+        dp.apply(&chunk)?;
         drop(chunk);
         drop(current);
         let drift = match &self.writer {
@@ -224,7 +249,7 @@ impl ServiceSide {
     /// they got: the caller runs a full pass that reads them back.
     pub fn reconcile(
         &mut self,
-        dp: &mut Datapath,
+        dp: &mut impl ServiceMaps,
         services: &Store<Service>,
         slices: &Store<EndpointSlice>,
         node: &NodeContext,
@@ -255,7 +280,7 @@ impl ServiceSide {
             };
             let (kept, mut errors) = self.index.programmed(svc, t);
             let step = writer.plan(svc, &kept);
-            dp.maps.apply(&step.ops)?;
+            dp.apply(&step.ops)?;
             out.ops += step.ops.len();
             errors.extend(step.error.clone());
             if errors.is_empty() {
@@ -265,7 +290,7 @@ impl ServiceSide {
             }
             out.gone_backends.extend(step.ops.iter().filter_map(|op| {
                 match op {
-                    crate::plan::MapOp::DeleteBackend(id) => writer
+                    MapOp::DeleteBackend(id) => writer
                         .written()
                         .backends
                         .get(id)
@@ -285,13 +310,13 @@ impl ServiceSide {
     /// wrote (an entry removed or changed by hand): the periodic resync. The
     /// caches need no second look: every change reached them as an event,
     /// and a watch that had to list again triggers a full pass.
-    pub fn repair(&mut self, dp: &mut Datapath) -> Result<Written> {
+    pub fn repair(&mut self, dp: &mut impl ServiceMaps) -> Result<Written> {
         let Some(w) = &self.writer else {
             anyhow::bail!("no full pass yet");
         };
-        let current = dp.maps.state()?;
+        let current = dp.read()?;
         let ops = plan(&current, w.written());
-        dp.maps.apply(&ops)?;
+        dp.apply(&ops)?;
         Ok(Written {
             ops: ops.len(),
             drift: ops.len(),

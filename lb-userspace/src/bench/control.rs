@@ -59,11 +59,14 @@ pub struct Results {
     pub policy: super::policy::Results,
     /// lb alone at `Settings::large` Services.
     pub large: Option<Box<Results>>,
+    /// What the agent's service side keeps, counted in this process
+    /// (`agent::retained`), at `services` and at `large` Services.
+    pub retained: Vec<crate::agent::retained::Retained>,
 }
 
 /// Endpoint `e` of Service `i`: unrouted addresses, no pod behind them
 /// (only the maps are looked at).
-pub(super) fn endpoint_ip(i: usize, e: usize, per: usize) -> Ipv4Addr {
+pub(crate) fn endpoint_ip(i: usize, e: usize, per: usize) -> Ipv4Addr {
     let n = (i * per + e) as u32;
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + n)
 }
@@ -82,7 +85,18 @@ fn slice(i: usize, endpoints: usize, per: usize) -> serde_json::Value {
 
 /// Runs the control-path bench in labs named `prefix`, one after another.
 pub async fn run(s: &Settings, prefix: &str, lb_binary: &std::path::Path) -> Result<Results> {
+    // First, while no lab runs: the allocator's counters are the process's.
+    let mut retained = Vec::new();
+    for services in std::iter::once(s.services).chain(s.large) {
+        eprintln!("bench: the agent's memory, counted, at {services} Services");
+        retained.push(crate::agent::retained::measure(
+            services,
+            s.endpoints,
+            s.changes,
+        )?);
+    }
     let mut out = lb_side(s, prefix, lb_binary).await?;
+    out.retained = retained;
     if s.lb_only {
         return Ok(out);
     }
@@ -217,7 +231,7 @@ fn print_start_log(lab: &Lab) {
 }
 
 /// The Service the `k`th single change flips (spread over the cluster).
-pub(super) fn changed_service(k: usize, services: usize) -> usize {
+pub(crate) fn changed_service(k: usize, services: usize) -> usize {
     (k * 7919) % services
 }
 
@@ -229,7 +243,7 @@ pub(super) fn burst_service(k: usize, services: usize) -> usize {
 
 /// What a change makes of a Service's `now` endpoints, of `endpoints` in
 /// all: one fewer when it has them all, all of them back otherwise.
-pub(super) fn flipped_count(now: usize, endpoints: usize) -> usize {
+pub(crate) fn flipped_count(now: usize, endpoints: usize) -> usize {
     if now == endpoints {
         endpoints - 1
     } else {

@@ -353,6 +353,7 @@ pub fn control(o: &mut String, r: &Results) {
     if let Some(large) = &c.large {
         large_control(o, large);
     }
+    retained(o, &c.retained);
     policy(o, &c.policy);
 }
 
@@ -399,6 +400,60 @@ fn large_control(o: &mut String, c: &super::control::Results) {
         c.burst.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
     );
     let _ = writeln!(o, "| agent peak memory (MiB) | {:.0} |\n", c.final_peak_mib);
+}
+
+/// What the agent keeps per Service, counted by its allocator.
+fn retained(o: &mut String, all: &[crate::agent::retained::Retained]) {
+    if all.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "What the agent keeps, per Service, counted by its allocator (`agent::retained`: \
+         bytes asked for and not freed, the same from run to run, where the peaks above \
+         also hold the binary, the programs' load and the allocator's free pages): the \
+         agent's own caches, index and writer built in the bench's process from the \
+         objects as the API sends them (a ClusterIP with one port, a slice of ready \
+         endpoints), the first pass run over them with the map writes discarded, then \
+         one endpoint change at a time.\n"
+    );
+    let _ = writeln!(
+        o,
+        "| bytes per Service | {} |",
+        all.iter()
+            .map(|r| format!("{} Services × {} endpoints", r.services, r.endpoints))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    let _ = writeln!(o, "|---|{}", "---|".repeat(all.len()));
+    let row =
+        |o: &mut String, what: &str, f: &dyn Fn(&crate::agent::retained::Retained) -> usize| {
+            let cells: Vec<String> = all
+                .iter()
+                .map(|r| format!("{:.0}", f(r) as f64 / r.services.max(1) as f64))
+                .collect();
+            let _ = writeln!(o, "| {what} | {} |", cells.join(" | "));
+        };
+    row(o, "the Service and EndpointSlice caches", &|r| r.caches);
+    row(
+        o,
+        "kept by the service side after the first pass (index, writer)",
+        &|r| r.after_pass,
+    );
+    row(
+        o,
+        "the first pass's peak above what was there before it",
+        &|r| r.pass_peak,
+    );
+    row(
+        o,
+        "kept by the service side after the endpoint changes",
+        &|r| r.after_changes,
+    );
+    row(o, "caches and service side, after the changes", &|r| {
+        r.caches + r.after_changes
+    });
+    let _ = writeln!(o);
 }
 
 /// The NetworkPolicy rows of the control path.

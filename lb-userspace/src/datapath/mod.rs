@@ -78,6 +78,13 @@ impl Datapath {
         }
         let log_flag = u8::from(bpf_log);
         let mut loader = EbpfLoader::new();
+        // The programs make no CO-RE relocations (they read only their
+        // context and packets, whose layout is ABI), so the kernel's BTF is
+        // not needed: aya would read and parse all of it (5 MB here, 20 MB
+        // of parsed types held while the programs load, the agent's peak
+        // memory at start) for nothing. The object's own BTF (the maps'
+        // types, for bpftool) is still loaded.
+        loader.btf(None);
         loader.override_global("LB_LOG", &log_flag, true);
         sizes.apply(&mut loader);
         let mut fresh_service_maps = true;
