@@ -334,8 +334,15 @@ pub fn desired_state_with(
     // one by one in key order, a B-tree splits every full node into two
     // half-empty ones (647 bytes per Service of 11 entries, where a tree
     // built whole takes about 330). Later entries of a key win, as inserts.
-    let mut services: Vec<(ServiceKey, ServiceValue)> = Vec::new();
-    let mut backend_entries: Vec<(u32, Backend)> = Vec::new();
+    // Sized at once: grown by doubling, each step held the old block and
+    // the new one together (the first pass's peak at 10,000 Services).
+    let slots: usize = desired.iter().map(|d| d.backends.len() + 1).sum();
+    let addrs: usize = desired
+        .iter()
+        .map(|d| d.backends.len() + d.retained.len())
+        .sum();
+    let mut services: Vec<(ServiceKey, ServiceValue)> = Vec::with_capacity(slots);
+    let mut backend_entries: Vec<(u32, Backend)> = Vec::with_capacity(addrs);
     for svc in desired {
         let master = service_key(svc.vip, svc.port, svc.proto, 0);
         let rev_nat_id = ids.rev_nat(&master);

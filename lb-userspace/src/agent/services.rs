@@ -229,6 +229,7 @@ impl ServiceSide {
                 by_service.entry(svc.clone()).or_default().push(d);
             }
         }
+        drop(owner_of_name);
         let out = Written {
             ops,
             drift,
@@ -236,11 +237,7 @@ impl ServiceSide {
             backends: desired.backends.len(),
             gone_backends,
         };
-        self.writer = Some(ServiceWriter::adopt(
-            desired,
-            by_service.iter().map(|(s, d)| (s.clone(), d.as_slice())),
-            self.capacity,
-        ));
+        self.writer = Some(ServiceWriter::adopt(desired, by_service, self.capacity));
         Ok(out)
     }
 
