@@ -7,17 +7,15 @@
 use std::{
     borrow::Borrow,
     collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
     sync::{Arc, RwLock},
 };
 
 use axum::{extract::State, http::StatusCode, response::IntoResponse, Router};
-use k8s_openapi::api::core::v1::Service;
-
-use crate::translate::EndpointSlice;
 use serde_json::json;
 use tokio::task::JoinHandle;
 
-use crate::translate::{slices_by_service, NodeContext};
+use crate::translate::{slices_by_service, NodeContext, ServiceFacts, SliceFacts};
 
 /// What one health check port reports.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -29,7 +27,7 @@ pub struct HealthCheck {
 }
 
 /// The health check ports this node must serve, and what each reports.
-pub fn health_checks<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
+pub fn health_checks<S: Borrow<ServiceFacts>, E: Borrow<SliceFacts>>(
     services: &[S],
     slices: &[E],
     node: &NodeContext,
@@ -37,41 +35,30 @@ pub fn health_checks<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
     let mut out = BTreeMap::new();
     let mut by_service = None;
     for svc in services {
-        let svc: &Service = svc.borrow();
-        let Some(spec) = svc.spec.as_ref() else {
+        let svc: &ServiceFacts = svc.borrow();
+        let Some(port) = svc.health_check_node_port else {
             continue;
         };
-        let local = spec.external_traffic_policy.as_deref() == Some("Local");
-        let Some(port) = spec
-            .health_check_node_port
-            .and_then(|p| u16::try_from(p).ok())
-            .filter(|p| *p > 0)
-        else {
-            continue;
-        };
-        if spec.type_.as_deref() != Some("LoadBalancer") || !local {
-            continue;
-        }
-        let ns = svc.metadata.namespace.clone().unwrap_or_default();
-        let name = svc.metadata.name.clone().unwrap_or_default();
         // Indexed once, on the first Service that needs it (most clusters
         // have none, and this runs on every pass of the agent).
         let own = by_service
             .get_or_insert_with(|| slices_by_service(slices))
-            .get(&(ns.as_str(), name.as_str()));
-        let addrs: BTreeSet<&str> = own
+            .get(&(&*svc.namespace, &*svc.name));
+        let addrs: BTreeSet<IpAddr> = own
             .into_iter()
             .flatten()
-            .flat_map(|s| s.endpoints.iter().flatten())
-            .filter(|e| node.name.is_some() && e.node_name.as_deref() == node.name.as_deref())
-            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
-            .flat_map(|e| e.addresses.iter().map(|a| &**a))
+            .flat_map(|s| s.endpoints.iter())
+            .filter(|e| {
+                node.name.is_some() && e.node.as_deref().map(|n| &**n) == node.name.as_deref()
+            })
+            .filter(|e| e.ready)
+            .map(|e| e.address)
             .collect();
         out.insert(
             port,
             HealthCheck {
-                namespace: ns,
-                name,
+                namespace: svc.namespace.to_string(),
+                name: svc.name.to_string(),
                 local_endpoints: addrs.len(),
             },
         );
@@ -139,7 +126,8 @@ impl HealthServers {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::translate::SERVICE_NAME_LABEL;
+    use crate::translate::{EndpointSlice, SERVICE_NAME_LABEL};
+    use k8s_openapi::api::core::v1::Service;
 
     #[test]
     fn only_load_balancers_with_local_policy_get_a_health_check_counting_local_ready_endpoints() {
@@ -159,15 +147,16 @@ mod tests {
             svc("a", "LoadBalancer", "Local", 32000),
             svc("b", "LoadBalancer", "Cluster", 32001),
             svc("c", "NodePort", "Local", 32002),
-        ];
-        let slices = [slice(
+        ]
+        .map(|s| ServiceFacts::of(&s));
+        let slices = [SliceFacts::of(&slice(
             "a",
             json!([
                 {"addresses": ["10.244.1.2"], "nodeName": "n1", "conditions": {"ready": true}},
                 {"addresses": ["10.244.1.3"], "nodeName": "n1", "conditions": {"ready": false}},
                 {"addresses": ["10.244.2.2"], "nodeName": "n2", "conditions": {"ready": true}},
             ]),
-        )];
+        ))];
         let node = |n: &str| NodeContext {
             name: Some(n.into()),
             addrs: vec![],

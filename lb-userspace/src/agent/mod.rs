@@ -8,6 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod cache;
 mod index;
 mod links;
 pub mod memory;
@@ -23,24 +24,21 @@ mod writer;
 
 use anyhow::{Context, Result};
 use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Pod, Service},
+    core::v1::{Namespace, Node, Pod},
     networking::v1::NetworkPolicy,
 };
 use k8s_openapi::Resource as _;
-use kube::{
-    runtime::reflector::{self, ObjectRef},
-    Api, Client,
-};
+use kube::{runtime::reflector, Api, Client};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{
     datapath::{attach::Attacher, Datapath},
-    translate::{EndpointSlice, NodeContext, ObjectError},
+    translate::{NodeContext, ObjectError},
 };
 use index::ServiceRef;
 use memory::resident_mib;
 use policies::{PolicyObject, PolicySide, PolicyWork};
-use services::ServiceSide;
+use services::{ServiceCache, ServiceSide, SliceCache};
 use watch::Change;
 
 /// A Node's addresses of the given types.
@@ -164,8 +162,8 @@ pub const EVENTS: (&str, &str) = (
 
 /// The caches the watchers keep.
 struct Caches {
-    services: reflector::Store<Service>,
-    slices: reflector::Store<EndpointSlice>,
+    services: ServiceCache,
+    slices: SliceCache,
     nodes: reflector::Store<Node>,
     pods: reflector::Store<Pod>,
     namespaces: reflector::Store<Namespace>,
@@ -176,8 +174,8 @@ impl Caches {
     fn watch(client: &Client, changes: &UnboundedSender<Change>) -> Self {
         let c = changes.clone();
         Self {
-            services: watch::reflect(Api::all(client.clone()), c.clone(), watch::service_change),
-            slices: watch::reflect(Api::all(client.clone()), c.clone(), watch::slice_change),
+            services: watch::keep(Api::all(client.clone()), c.clone(), watch::service_change),
+            slices: watch::keep(Api::all(client.clone()), c.clone(), watch::slice_change),
             nodes: watch::reflect(Api::all(client.clone()), c.clone(), watch::node_change),
             pods: watch::reflect(Api::all(client.clone()), c.clone(), watch::pod_change),
             namespaces: watch::reflect(
@@ -242,9 +240,10 @@ impl Work {
                 self.services.insert(ServiceRef::new(&ns, &name));
             }
             Change::Slice(ns, name) => {
-                let now = caches.slices.get(&ObjectRef::new(&name).within(&ns));
+                let key = (ns, name);
+                let now = caches.slices.get(&key);
                 self.services
-                    .extend(side.slices.update(&(ns, name), now.as_deref()));
+                    .extend(side.slices.update(&key, now.as_deref()));
             }
             // A kubelet writes its Node's status every few seconds to
             // minutes (heartbeats, images, conditions): few of those

@@ -10,19 +10,16 @@
 
 use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::Service;
-use kube::runtime::{
-    reflector::{self, store::Writer, Store},
-    watcher,
-};
+use kube::runtime::watcher;
 
 use super::{
+    cache::{cache, CacheWriter, Kept},
     memory::{live_bytes, peak_bytes, reset_peak},
-    services::{ServiceMaps, ServiceSide},
-    slim::Slim,
+    services::{ServiceCache, ServiceMaps, ServiceSide, SliceCache},
 };
 use crate::{
     plan::{Capacity, MapOp, MapState},
-    translate::{EndpointSlice, NodeContext},
+    translate::{EndpointSlice, NodeContext, ServiceFacts, SliceFacts},
 };
 
 /// Bytes, each for the whole cluster measured.
@@ -30,7 +27,7 @@ use crate::{
 pub struct Retained {
     pub services: usize,
     pub endpoints: usize,
-    /// The Service and EndpointSlice caches (the reflectors' stores).
+    /// The Service and EndpointSlice caches (`cache::Cache`).
     pub caches: usize,
     /// What the service side keeps after the first pass: its index of
     /// frontends, slice index, writer (what the maps hold, ids, owners).
@@ -102,20 +99,14 @@ fn slice_json(i: usize, endpoints: usize, ready: usize) -> serde_json::Value {
     })
 }
 
-/// Decodes an object from its JSON bytes (as the watcher does) and cuts
-/// it as the agent's watcher does before the store keeps it.
-fn decoded<K: serde::de::DeserializeOwned + Slim>(v: &serde_json::Value) -> Result<K> {
+/// Decodes an object from its JSON bytes, as the watcher does.
+fn decoded<K: serde::de::DeserializeOwned>(v: &serde_json::Value) -> Result<K> {
     let bytes = serde_json::to_vec(v)?;
-    let mut k: K = serde_json::from_slice(&bytes).context("decoding")?;
-    k.slim();
-    Ok(k)
+    serde_json::from_slice(&bytes).context("decoding")
 }
 
-fn applied<K>(writer: &mut Writer<K>, k: K)
-where
-    K: kube::Resource<DynamicType = ()> + Clone,
-{
-    writer.apply_watcher_event(&watcher::Event::Apply(k));
+fn applied<K, T: Kept<K>>(writer: &mut CacheWriter<K, T>, k: K) {
+    writer.apply(&watcher::Event::Apply(k));
 }
 
 /// Builds the caches of `services` Services of `endpoints` endpoints, runs
@@ -130,8 +121,8 @@ pub fn measure(services: usize, endpoints: usize, changes: usize) -> Result<Reta
         ..Default::default()
     };
     let before = live_bytes();
-    let (svc_store, mut svc_writer): (Store<Service>, _) = reflector::store();
-    let (slice_store, mut slice_writer): (Store<EndpointSlice>, _) = reflector::store();
+    let (svc_store, mut svc_writer): (ServiceCache, _) = cache::<Service, ServiceFacts>();
+    let (slice_store, mut slice_writer): (SliceCache, _) = cache::<EndpointSlice, SliceFacts>();
     for i in 0..services {
         applied(&mut svc_writer, decoded::<Service>(&service_json(i))?);
         applied(
@@ -165,7 +156,7 @@ pub fn measure(services: usize, endpoints: usize, changes: usize) -> Result<Reta
         let slice: EndpointSlice = decoded(&slice_json(i, endpoints, ready[i]))?;
         let key = ("default".to_string(), format!("svc-{i}-1"));
         applied(&mut slice_writer, slice);
-        let now = slice_store.get(&reflector::ObjectRef::new(&key.1).within(&key.0));
+        let now = slice_store.get(&key);
         let dirty = side
             .slices
             .update(&key, now.as_deref())

@@ -10,12 +10,11 @@ use std::{
 };
 
 use anyhow::Result;
-use k8s_openapi::api::core::v1::Service;
-use kube::runtime::reflector::{ObjectRef, Store};
 
 use super::{
+    cache::Cache,
     index::{ServiceIndex, ServiceRef},
-    slices::SliceIndex,
+    slices::{SliceIndex, SliceRef},
     writer::ServiceWriter,
 };
 use crate::{
@@ -23,10 +22,14 @@ use crate::{
     health::{health_checks, HealthCheck},
     plan::{desired_state, fit_to_capacity, plan, plan_each, Capacity, MapOp, MapState},
     translate::{
-        created_at, translate_service, DesiredService, EndpointSlice, NodeContext, ObjectError,
+        translate_service, DesiredService, NodeContext, ObjectError, ServiceFacts, SliceFacts,
         Translation,
     },
 };
+
+/// What the agent keeps of each Service and EndpointSlice.
+pub type ServiceCache = Cache<ServiceRef, ServiceFacts>;
+pub type SliceCache = Cache<SliceRef, SliceFacts>;
 
 /// Where a pass writes: the data path's service maps, or (to measure what
 /// the agent keeps, and in tests) somewhere else. The passes decide; this
@@ -88,14 +91,10 @@ impl ServiceSide {
         }
     }
 
-    fn own_slices(
-        &self,
-        slices: &Store<EndpointSlice>,
-        svc: &ServiceRef,
-    ) -> Vec<Arc<EndpointSlice>> {
+    fn own_slices(&self, slices: &SliceCache, svc: &ServiceRef) -> Vec<Arc<SliceFacts>> {
         self.slices
             .of(svc)
-            .filter_map(|name| slices.get(&ObjectRef::new(name).within(&svc.namespace)))
+            .filter_map(|name| slices.get(&(svc.namespace.to_string(), name.clone())))
             .collect()
     }
 
@@ -103,14 +102,14 @@ impl ServiceSide {
     /// `None` when the Service is gone.
     fn translate(
         &self,
-        services: &Store<Service>,
-        slices: &Store<EndpointSlice>,
+        services: &ServiceCache,
+        slices: &SliceCache,
         node: &NodeContext,
         svc: &ServiceRef,
-    ) -> Option<(Arc<Service>, Vec<Arc<EndpointSlice>>, Translation)> {
-        let object = services.get(&ObjectRef::new(&svc.name).within(&svc.namespace))?;
+    ) -> Option<(Arc<ServiceFacts>, Vec<Arc<SliceFacts>>, Translation)> {
+        let object = services.get(svc)?;
         let own = self.own_slices(slices, svc);
-        let refs: Vec<&EndpointSlice> = own.iter().map(|s| s.as_ref()).collect();
+        let refs: Vec<&SliceFacts> = own.iter().map(|s| s.as_ref()).collect();
         let t = translate_service(&object, &refs, node);
         Some((object, own, t))
     }
@@ -120,8 +119,8 @@ impl ServiceSide {
     /// programmed frontends may have changed.
     fn retranslate(
         &mut self,
-        services: &Store<Service>,
-        slices: &Store<EndpointSlice>,
+        services: &ServiceCache,
+        slices: &SliceCache,
         node: &NodeContext,
         svc: &ServiceRef,
     ) -> (Translation, BTreeSet<ServiceRef>) {
@@ -129,14 +128,14 @@ impl ServiceSide {
             self.health.remove(svc);
             return (Translation::default(), self.index.set(svc, None));
         };
-        let own: Vec<&EndpointSlice> = own.iter().map(|s| s.as_ref()).collect();
+        let own: Vec<&SliceFacts> = own.iter().map(|s| s.as_ref()).collect();
         let checks = health_checks(&[object.as_ref()], &own, node);
         if checks.is_empty() {
             self.health.remove(svc);
         } else {
             self.health.insert(svc.clone(), checks);
         }
-        let touched = self.index.set(svc, Some((created_at(&object), &t)));
+        let touched = self.index.set(svc, Some((object.created, &t)));
         (t, touched)
     }
 
@@ -146,27 +145,24 @@ impl ServiceSide {
     pub fn full_pass(
         &mut self,
         dp: &mut impl ServiceMaps,
-        services: &Store<Service>,
-        slices: &Store<EndpointSlice>,
+        services: &ServiceCache,
+        slices: &SliceCache,
         node: &NodeContext,
         read_maps: bool,
     ) -> Result<Written> {
         self.slices.clear();
         for s in slices.state() {
-            let key = (
-                s.metadata.namespace.clone().unwrap_or_default(),
-                s.metadata.name.clone().unwrap_or_default(),
-            );
+            let key = (s.namespace.to_string(), s.name.to_string());
             self.slices.update(&key, Some(&s));
         }
         self.index.clear();
         self.health.clear();
         let mut translations: HashMap<ServiceRef, Translation> = HashMap::new();
         for s in services.state() {
-            let svc = ServiceRef::new(
-                s.metadata.namespace.as_deref().unwrap_or(""),
-                s.metadata.name.as_deref().unwrap_or(""),
-            );
+            let svc = ServiceRef {
+                namespace: s.namespace.clone(),
+                name: s.name.clone(),
+            };
             let (t, _) = self.retranslate(services, slices, node, &svc);
             translations.insert(svc, t);
         }
@@ -247,8 +243,8 @@ impl ServiceSide {
     pub fn reconcile(
         &mut self,
         dp: &mut impl ServiceMaps,
-        services: &Store<Service>,
-        slices: &Store<EndpointSlice>,
+        services: &ServiceCache,
+        slices: &SliceCache,
         node: &NodeContext,
         dirty: &BTreeSet<ServiceRef>,
     ) -> Result<Written> {

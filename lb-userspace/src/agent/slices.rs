@@ -6,9 +6,7 @@
 use std::collections::HashMap;
 
 use super::index::ServiceRef;
-use crate::translate::EndpointSlice;
-#[cfg(test)]
-use crate::translate::SERVICE_NAME_LABEL;
+use crate::translate::SliceFacts;
 
 /// A slice, by namespace and name.
 pub type SliceRef = (String, String);
@@ -21,18 +19,17 @@ pub struct SliceIndex {
     slices: HashMap<ServiceRef, Vec<String>>,
 }
 
-fn owner_of(slice: &EndpointSlice) -> Option<ServiceRef> {
-    let service = slice.service_name()?;
-    Some(ServiceRef::new(
-        slice.metadata.namespace.as_deref().unwrap_or(""),
-        service,
-    ))
+fn owner_of(slice: &SliceFacts) -> Option<ServiceRef> {
+    Some(ServiceRef {
+        namespace: slice.namespace.clone(),
+        name: slice.service.as_deref()?.into(),
+    })
 }
 
 impl SliceIndex {
     /// A slice as it is now (`None`: deleted). Returns the Services whose
     /// slices changed: the one it belongs to, and the one it left.
-    pub fn update(&mut self, slice: &SliceRef, now: Option<&EndpointSlice>) -> Vec<ServiceRef> {
+    pub fn update(&mut self, slice: &SliceRef, now: Option<&SliceFacts>) -> Vec<ServiceRef> {
         let mut touched = Vec::new();
         if let Some(old) = self.owner.remove(slice) {
             if let Some(names) = self.slices.get_mut(&old) {
@@ -73,12 +70,13 @@ impl SliceIndex {
 mod tests {
     use super::*;
 
-    fn slice(name: &str, service: &str) -> EndpointSlice {
-        let mut s = EndpointSlice::default();
-        s.metadata.namespace = Some("ns".into());
-        s.metadata.name = Some(name.into());
-        s.metadata.labels = Some([(SERVICE_NAME_LABEL.to_string(), service.to_string())].into());
-        s
+    fn slice(name: &str, service: &str) -> SliceFacts {
+        SliceFacts {
+            namespace: "ns".into(),
+            name: name.into(),
+            service: Some(service.into()),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -98,7 +96,7 @@ mod tests {
         assert_eq!(ix.of(&b).count(), 0);
         // A slice without the label belongs to no Service.
         let mut bare = slice("s2", "a");
-        bare.metadata.labels = None;
+        bare.service = None;
         assert!(ix
             .update(&("ns".into(), "s2".into()), Some(&bare))
             .is_empty());

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::{
     api::{
         core::v1::{Namespace, Node, Pod, Service},
@@ -18,7 +18,10 @@ use kube::{
 };
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::slim::Slim;
+use super::{
+    cache::{self, Cache, Kept},
+    slim::Slim,
+};
 use crate::translate::EndpointSlice;
 
 /// What changed, as the agent's loop needs to know it.
@@ -89,35 +92,88 @@ impl kube::runtime::utils::Backoff for WatchBackoff {
 }
 
 /// Starts a reflector for `K`; each change goes to `changes` as `key` of
-/// the object. The first listing is not sent (the agent's first pass reads
-/// the caches whole); later listings are sent as `Change::Relisted`.
-/// Objects are cut to what the agent reads (`Slim`) before they are
-/// stored, and listed in pages of 500 (kube's default), so a first list
-/// of a large cluster is never held whole.
+/// the object. Objects are cut to what the agent reads (`Slim`) before
+/// they are stored.
 pub fn reflect<K>(
     api: Api<K>,
     changes: UnboundedSender<Change>,
     key: fn(&K) -> Change,
 ) -> reflector::Store<K>
 where
+    K: Watched + Slim,
+{
+    let (reader, mut writer) = reflector::store();
+    spawn_watch(api, changes, key, move |event: watcher::Event<K>| {
+        let event = event.modify(Slim::slim);
+        writer.apply_watcher_event(&event);
+        event
+    });
+    reader
+}
+
+/// Starts a watch of `K` into a cache of the agent's own, which keeps `T`
+/// of each object (`cache::Kept`); each change goes to `changes` as `key`.
+pub fn keep<K, T>(
+    api: Api<K>,
+    changes: UnboundedSender<Change>,
+    key: fn(&K) -> Change,
+) -> Cache<T::Key, T>
+where
+    K: Watched,
+    T: Kept<K> + Send + Sync + 'static,
+{
+    let (reader, mut writer) = cache::cache::<K, T>();
+    spawn_watch(api, changes, key, move |event: watcher::Event<K>| {
+        writer.apply(&event);
+        event
+    });
+    reader
+}
+
+/// What a watched kind must be.
+pub trait Watched:
+    kube::Resource<DynamicType = ()>
+    + k8s_openapi::Resource
+    + Clone
+    + std::fmt::Debug
+    + serde::de::DeserializeOwned
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> Watched for K where
     K: kube::Resource<DynamicType = ()>
         + k8s_openapi::Resource
-        + Slim
         + Clone
         + std::fmt::Debug
         + serde::de::DeserializeOwned
         + Send
         + Sync
-        + 'static,
+        + 'static
 {
+}
+
+/// Watches `K`, hands each event to `apply` (which stores it) and then
+/// sends the change on. The first listing is not sent (the agent's first
+/// pass reads the caches whole); later listings are sent as
+/// `Change::Relisted`. Objects are listed in pages of 500 (kube's
+/// default), so a first list of a large cluster is never held whole.
+fn spawn_watch<K: Watched>(
+    api: Api<K>,
+    changes: UnboundedSender<Change>,
+    key: fn(&K) -> Change,
+    apply: impl FnMut(watcher::Event<K>) -> watcher::Event<K> + Send + 'static,
+) {
     debug_assert!(
         WATCHED.contains(&(K::GROUP, K::URL_PATH_SEGMENT)),
         "{} is watched but not in WATCHED (nor in the ClusterRole)",
         K::URL_PATH_SEGMENT
     );
-    let (reader, writer) = reflector::store();
-    let events = watcher(api, watcher::Config::default()).modify(Slim::slim);
-    let stream = reflector(writer, events).backoff(WatchBackoff::default());
+    let stream = watcher(api, watcher::Config::default())
+        .map_ok(apply)
+        .backoff(WatchBackoff::default());
     tokio::spawn(async move {
         futures::pin_mut!(stream);
         let mut listed = false;
@@ -140,7 +196,6 @@ where
             }
         }
     });
-    reader
 }
 
 fn namespaced_name(

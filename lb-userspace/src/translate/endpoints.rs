@@ -5,12 +5,10 @@
 use std::{
     borrow::Borrow,
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
-use super::EndpointSlice;
-
-use super::{name_of, port_number, protocol_number, BackendAddr, NodeContext, ObjectError};
+use super::{port_number, BackendAddr, NodeContext, ObjectError, SliceFacts};
 
 /// An endpoint of one Service port, with what the choice of backends needs.
 #[derive(Clone, Copy, Debug)]
@@ -23,7 +21,7 @@ pub(super) struct Candidate {
 /// The endpoints of one Service port, from the Service's EndpointSlices, on
 /// the slice port whose name equals the Service port's name.
 pub(super) fn candidates_for(
-    slices: &[&EndpointSlice],
+    slices: &[&SliceFacts],
     port_name: &str,
     proto: u8,
     node: &NodeContext,
@@ -31,67 +29,59 @@ pub(super) fn candidates_for(
 ) -> Vec<Candidate> {
     let mut out: Vec<Candidate> = Vec::new();
     for slice in slices {
-        if slice.address_type != "IPv4" {
+        if !slice.ipv4 {
             continue;
         }
-        for p in slice.ports.iter().flatten() {
-            if p.name.as_deref().unwrap_or("") == port_name {
-                if let Err(e) = protocol_number(p.protocol.as_deref()) {
-                    errors.push(ObjectError {
-                        object: name_of("EndpointSlice", &slice.metadata),
-                        message: format!("port {port_name:?}: {e}"),
-                    });
-                }
+        for p in slice.ports.iter().filter(|p| &*p.name == port_name) {
+            if let Err(e) = &p.proto {
+                errors.push(ObjectError {
+                    object: slice.object(),
+                    message: format!("port {port_name:?}: {e}"),
+                });
             }
         }
-        let Some(port) = slice.ports.iter().flatten().find(|p| {
-            p.name.as_deref().unwrap_or("") == port_name
-                && protocol_number(p.protocol.as_deref()).ok() == Some(proto)
-        }) else {
+        let Some(port) = slice
+            .ports
+            .iter()
+            .find(|p| &*p.name == port_name && p.proto.as_ref().ok() == Some(&proto))
+        else {
             continue;
         };
         let port = match port.port.map(port_number) {
             Some(Ok(p)) => p,
             Some(Err(e)) => {
                 errors.push(ObjectError {
-                    object: name_of("EndpointSlice", &slice.metadata),
+                    object: slice.object(),
                     message: e,
                 });
                 continue;
             }
             None => continue,
         };
-        for ep in slice.endpoints.iter().flatten() {
-            let c = ep.conditions.as_ref();
-            // A nil condition means "unknown": ready and serving count as
-            // true, terminating as false, as the API documents.
-            let ready = c.and_then(|c| c.ready).unwrap_or(true);
-            let serving = c.and_then(|c| c.serving).unwrap_or(ready);
-            let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-            let local = node.name.is_some() && ep.node_name.as_deref() == node.name.as_deref();
-            for a in ep.addresses.iter() {
-                let Ok(ip) = a.parse::<Ipv4Addr>() else {
-                    errors.push(ObjectError {
-                        object: name_of("EndpointSlice", &slice.metadata),
-                        message: format!("endpoint address {a:?} is not an IPv4 address"),
-                    });
-                    continue;
-                };
-                let addr = BackendAddr {
-                    ip,
-                    port,
-                    proto,
-                    local,
-                };
-                if out.iter().any(|c| c.addr == addr) {
-                    continue; // the same endpoint in two slices
-                }
-                out.push(Candidate {
-                    addr,
-                    ready,
-                    serving_terminating: serving && terminating,
-                });
+        errors.extend(slice.bad_addresses.iter().map(|a| ObjectError {
+            object: slice.object(),
+            message: format!("endpoint address {a:?} is not an IPv4 address"),
+        }));
+        for ep in slice.endpoints.iter() {
+            let IpAddr::V4(ip) = ep.address else {
+                continue;
+            };
+            let local =
+                node.name.is_some() && ep.node.as_deref().map(|n| &**n) == node.name.as_deref();
+            let addr = BackendAddr {
+                ip,
+                port,
+                proto,
+                local,
+            };
+            if out.iter().any(|c| c.addr == addr) {
+                continue; // the same endpoint in two slices
             }
+            out.push(Candidate {
+                addr,
+                ready: ep.ready,
+                serving_terminating: ep.serving && ep.terminating,
+            });
         }
     }
     out
@@ -136,17 +126,16 @@ pub(super) fn choose(
 /// EndpointSlices by (namespace, Service name), so each Service finds its
 /// own without a scan of all of them (10,000 Services would make that
 /// quadratic).
-pub fn slices_by_service<E: Borrow<EndpointSlice>>(
+pub fn slices_by_service<E: Borrow<SliceFacts>>(
     slices: &[E],
-) -> BTreeMap<(&str, &str), Vec<&EndpointSlice>> {
-    let mut out: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+) -> BTreeMap<(&str, &str), Vec<&SliceFacts>> {
+    let mut out: BTreeMap<(&str, &str), Vec<&SliceFacts>> = BTreeMap::new();
     for s in slices {
-        let s: &EndpointSlice = s.borrow();
-        let Some(service) = s.service_name() else {
+        let s: &SliceFacts = s.borrow();
+        let Some(service) = s.service.as_deref() else {
             continue;
         };
-        let ns = s.metadata.namespace.as_deref().unwrap_or("");
-        out.entry((ns, service)).or_default().push(s);
+        out.entry((&*s.namespace, service)).or_default().push(s);
     }
     out
 }

@@ -12,9 +12,11 @@ use lb_common::{
     },
     PROTO_TCP, PROTO_UDP,
 };
-pub use slice::EndpointSlice;
+pub use service::{Created, PortFacts, ServiceFacts};
+pub use slice::{EndpointFacts, EndpointSlice, SliceFacts};
 
 mod endpoints;
+pub mod service;
 pub mod slice;
 
 pub use endpoints::slices_by_service;
@@ -114,107 +116,39 @@ pub(crate) fn port_number(port: i32) -> Result<u16, String> {
         .ok_or_else(|| format!("port {port} is out of range 1-65535"))
 }
 
-pub(crate) fn name_of(
-    kind: &str,
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-) -> String {
-    format!(
-        "{kind} {}/{}",
-        meta.namespace.as_deref().unwrap_or(""),
-        meta.name.as_deref().unwrap_or("")
-    )
-}
-
-/// The Service's virtual IPv4 addresses, or none for headless and
-/// ExternalName Services, which get no load balancing.
-fn cluster_ips(svc: &Service) -> Result<Vec<Ipv4Addr>, String> {
-    let Some(spec) = svc.spec.as_ref() else {
-        return Ok(vec![]);
-    };
-    if spec.type_.as_deref() == Some("ExternalName") {
-        return Ok(vec![]);
-    }
-    let mut ips: Vec<&str> = spec
-        .cluster_ips
-        .iter()
-        .flatten()
-        .map(String::as_str)
-        .collect();
-    if ips.is_empty() {
-        ips.extend(spec.cluster_ip.as_deref());
-    }
-    let mut out = Vec::new();
-    for ip in ips {
-        if ip.is_empty() || ip == "None" {
-            continue;
-        }
-        match ip.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(v4)) => out.push(v4),
-            Ok(std::net::IpAddr::V6(_)) => {} // IPv6 is not handled by this data path yet.
-            Err(_) => return Err(format!("clusterIP {ip:?} is not an IP address")),
-        }
-    }
-    Ok(out)
-}
-
-fn parse_ipv4_list<'a>(
-    ips: impl Iterator<Item = &'a str>,
-    what: &str,
-    errors: &mut Vec<String>,
-) -> Vec<Ipv4Addr> {
-    let mut out = Vec::new();
-    for ip in ips {
-        match ip.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(v4)) => out.push(v4),
-            Ok(std::net::IpAddr::V6(_)) => {}
-            Err(_) => errors.push(format!("{what} {ip:?} is not an IP address")),
-        }
-    }
-    out
-}
-
 /// The order in which Services claim frontends: oldest first, as a
 /// conflict goes to the Service that was there first (then by namespace
 /// and name, so the order is total).
-pub type ServiceAge = (Option<k8s_openapi::jiff::Timestamp>, String, String);
+pub type ServiceAge = (Created, String, String);
 
-/// When a Service was created (the first part of its `ServiceAge`).
-pub fn created_at(s: &Service) -> Option<k8s_openapi::jiff::Timestamp> {
-    s.metadata.creation_timestamp.as_ref().map(|t| t.0)
-}
-
-pub fn service_age(s: &Service) -> ServiceAge {
-    (
-        created_at(s),
-        s.metadata.namespace.clone().unwrap_or_default(),
-        s.metadata.name.clone().unwrap_or_default(),
-    )
+pub fn service_age(s: &ServiceFacts) -> ServiceAge {
+    (s.created, s.namespace.to_string(), s.name.to_string())
 }
 
 /// Translates Services and EndpointSlices into the frontends to program on
 /// `node`: ClusterIPs, NodePorts on the node's addresses, LoadBalancer
-/// ingress addresses and external IPs. Takes the objects or shared
-/// references to them (the agent's caches hold `Arc`s; copying 10,000
-/// Services and their slices on every change costs more than translating).
+/// ingress addresses and external IPs: the whole cluster at once, from the
+/// API's objects, as the agent's `ServiceIndex` decides one change at a
+/// time from the facts it keeps.
 pub fn translate<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
     services: &[S],
     slices: &[E],
     node: &NodeContext,
 ) -> Translation {
     let mut t = Translation::default();
-    let slices_by_service = slices_by_service(slices);
-    let mut services: Vec<(ServiceAge, &Service)> = services
+    let slices: Vec<SliceFacts> = slices.iter().map(|s| SliceFacts::of(s.borrow())).collect();
+    let slices_by_service = slices_by_service(&slices);
+    let mut services: Vec<(ServiceAge, ServiceFacts)> = services
         .iter()
-        .map(|s| (service_age(s.borrow()), s.borrow()))
+        .map(|s| ServiceFacts::of(s.borrow()))
+        .map(|f| (service_age(&f), f))
         .collect();
     services.sort_by(|a, b| a.0.cmp(&b.0));
     for (_, svc) in services {
-        let ns = svc.metadata.namespace.as_deref().unwrap_or("");
-        let name = svc.metadata.name.as_deref().unwrap_or("");
         let own = slices_by_service
-            .get(&(ns, name))
+            .get(&(&*svc.namespace, &*svc.name))
             .map_or(&[][..], Vec::as_slice);
-        let one = translate_service(svc, own, node);
+        let one = translate_service(&svc, own, node);
         t.services.extend(one.services);
         t.errors.extend(one.errors);
     }
@@ -222,132 +156,51 @@ pub fn translate<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
     t
 }
 
-/// The addresses a Service is reached at, besides the node's own.
-struct ServiceAddresses {
-    cluster_ips: Vec<Ipv4Addr>,
-    external_ips: Vec<Ipv4Addr>,
-    /// LoadBalancer ingress addresses (none when a source range is bad).
-    lb_ips: Vec<Ipv4Addr>,
-    source_ranges: Vec<(Ipv4Addr, u8)>,
-}
-
-/// Reads a Service's addresses; what cannot be parsed goes to `errors`.
-fn service_addresses(
-    svc: &Service,
-    cluster_ips: Vec<Ipv4Addr>,
-    errors: &mut Vec<String>,
-) -> ServiceAddresses {
-    // Borrowed, not cloned: this runs per Service port on every pass.
-    let no_spec = k8s_openapi::api::core::v1::ServiceSpec::default();
-    let spec = svc.spec.as_ref().unwrap_or(&no_spec);
-    // A bad source range must not open the Service to everyone: its
-    // LoadBalancer addresses are left out (fail closed).
-    let mut ranges_ok = true;
-    let mut source_ranges = Vec::new();
-    for r in spec.load_balancer_source_ranges.iter().flatten() {
-        match parse_cidr(r) {
-            Ok(c) => source_ranges.push(c),
-            Err(e) => {
-                ranges_ok = false;
-                errors.push(format!(
-                    "loadBalancerSourceRanges: {e}; its LoadBalancer addresses are not programmed"
-                ));
-            }
-        }
-    }
-    let external_ips = parse_ipv4_list(
-        spec.external_ips.iter().flatten().map(String::as_str),
-        "externalIP",
-        errors,
-    );
-    let mut lb_ips = Vec::new();
-    if spec.type_.as_deref() == Some("LoadBalancer") {
-        let ingress = svc
-            .status
-            .as_ref()
-            .and_then(|s| s.load_balancer.as_ref())
-            .and_then(|lb| lb.ingress.as_ref());
-        lb_ips = parse_ipv4_list(
-            ingress
-                .into_iter()
-                .flatten()
-                .filter_map(|i| i.ip.as_deref()),
-            "load balancer ingress IP",
-            errors,
-        );
-    }
-    if !ranges_ok {
-        lb_ips.clear();
-    }
-    ServiceAddresses {
-        cluster_ips,
-        external_ips,
-        lb_ips,
-        source_ranges,
-    }
-}
-
-/// `sessionAffinity: ClientIP`: its timeout (the API's default: 3 hours).
-fn affinity_timeout(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Option<u32> {
-    (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-        let t = spec
-            .session_affinity_config
-            .as_ref()
-            .and_then(|c| c.client_ip.as_ref())
-            .and_then(|c| c.timeout_seconds);
-        t.and_then(|t| u32::try_from(t).ok())
-            .filter(|t| *t > 0)
-            .unwrap_or(10_800)
-    })
-}
-
 /// One Service's frontends, from the Service and its own EndpointSlices,
 /// before conflicts with other Services are settled (`translate` does that
 /// for a whole cluster, the agent's `ServiceIndex` one change at a time).
 pub fn translate_service(
-    svc: &Service,
-    own_slices: &[&EndpointSlice],
+    svc: &ServiceFacts,
+    own_slices: &[&SliceFacts],
     node: &NodeContext,
 ) -> Translation {
     let mut t = Translation::default();
-    let object = name_of("Service", &svc.metadata);
-    let Some(spec) = svc.spec.as_ref() else {
-        return t;
-    };
-    let ips = match cluster_ips(svc) {
+    let object = svc.object();
+    match &svc.cluster_ips {
         Ok(ips) if ips.is_empty() => return t,
-        Ok(ips) => ips,
+        Ok(_) => {}
         Err(message) => {
-            t.errors.push(ObjectError { object, message });
+            t.errors.push(ObjectError {
+                object,
+                message: message.to_string(),
+            });
             return t;
         }
-    };
-    let mut errors = Vec::new();
-    let addrs = service_addresses(svc, ips, &mut errors);
+    }
     t.errors
-        .extend(errors.into_iter().map(|message| ObjectError {
+        .extend(svc.address_errors.iter().map(|message| ObjectError {
             object: object.clone(),
-            message,
+            message: message.to_string(),
         }));
-    for sp in spec.ports.iter().flatten() {
-        let port_name = sp.name.clone().unwrap_or_default();
-        match (
-            protocol_number(sp.protocol.as_deref()),
-            port_number(sp.port),
-        ) {
+    for sp in svc.ports.iter() {
+        match (&sp.proto, port_number(sp.port)) {
             (Ok(proto), Ok(port)) => {
-                let candidates = candidates_for(own_slices, &port_name, proto, node, &mut t.errors);
+                let candidates = candidates_for(own_slices, &sp.name, *proto, node, &mut t.errors);
                 let port = ServicePort {
-                    name: &port_name,
+                    name: &sp.name,
                     port,
-                    proto,
+                    proto: *proto,
                     node_port: sp.node_port,
                 };
-                frontends_of_port(svc, &addrs, &port, &candidates, node, &mut t);
+                frontends_of_port(svc, &port, &candidates, node, &mut t);
             }
-            (Err(e), _) | (_, Err(e)) => t.errors.push(ObjectError {
+            (Err(e), _) => t.errors.push(ObjectError {
                 object: object.clone(),
-                message: format!("port {port_name:?}: {e}"),
+                message: format!("port {:?}: {e}", sp.name),
+            }),
+            (_, Err(e)) => t.errors.push(ObjectError {
+                object: object.clone(),
+                message: format!("port {:?}: {e}", sp.name),
             }),
         }
     }
@@ -365,22 +218,15 @@ struct ServicePort<'a> {
 /// The frontends of one Service port: on each ClusterIP, on the node's
 /// addresses (NodePort), on external IPs and on LoadBalancer addresses.
 fn frontends_of_port(
-    svc: &Service,
-    addrs: &ServiceAddresses,
+    svc: &ServiceFacts,
     sp: &ServicePort,
     candidates: &[Candidate],
     node: &NodeContext,
     t: &mut Translation,
 ) {
-    // Borrowed, not cloned: this runs per Service port on every pass.
-    let no_spec = k8s_openapi::api::core::v1::ServiceSpec::default();
-    let spec = svc.spec.as_ref().unwrap_or(&no_spec);
-    let ns = svc.metadata.namespace.as_deref().unwrap_or("");
-    let name = svc.metadata.name.as_deref().unwrap_or("");
-    let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
-    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
-    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-    let affinity_timeout = affinity_timeout(spec);
+    let (ns, name) = (&svc.namespace, &svc.name);
+    let external_local = svc.external_local;
+    let affinity_timeout = svc.affinity_timeout;
     let local_flag = if external_local { SERVICE_F_LOCAL } else { 0 };
     let mut push = |vip: Ipv4Addr,
                     port: u16,
@@ -401,18 +247,19 @@ fn frontends_of_port(
             source_ranges: ranges.to_vec(),
         });
     };
-    for vip in &addrs.cluster_ips {
+    let cluster_ips = svc.cluster_ips.as_deref().unwrap_or(&[]);
+    for vip in cluster_ips {
         push(
             *vip,
             sp.port,
             SERVICE_F_CLUSTER_IP,
-            internal_local,
+            svc.internal_local,
             "ClusterIP",
             &[],
         );
     }
     let mut node_port_error = None;
-    if matches!(svc_type, "NodePort" | "LoadBalancer") {
+    if svc.node_ports {
         match sp.node_port.map(port_number) {
             Some(Ok(node_port)) => {
                 for addr in &node.addrs {
@@ -424,7 +271,7 @@ fn frontends_of_port(
             None => {}
         }
     }
-    for ip in &addrs.external_ips {
+    for ip in svc.external_ips.iter() {
         push(
             *ip,
             sp.port,
@@ -434,12 +281,12 @@ fn frontends_of_port(
             &[],
         );
     }
-    let ranges_flag = if addrs.source_ranges.is_empty() {
+    let ranges_flag = if svc.source_ranges.is_empty() {
         0
     } else {
         SERVICE_F_SOURCE_RANGES
     };
-    for ip in &addrs.lb_ips {
+    for ip in svc.lb_ips.iter() {
         let flags = SERVICE_F_EXTERNAL | local_flag | ranges_flag;
         push(
             *ip,
@@ -447,12 +294,12 @@ fn frontends_of_port(
             flags,
             external_local,
             "LoadBalancer",
-            &addrs.source_ranges,
+            &svc.source_ranges,
         );
     }
     if let Some(e) = node_port_error {
         t.errors.push(ObjectError {
-            object: name_of("Service", &svc.metadata),
+            object: svc.object(),
             message: format!("port {:?}: nodePort: {e}", sp.name),
         });
     }
