@@ -166,8 +166,23 @@ fn main() -> Result<()> {
         Cmd::Bench { quick } => {
             require_root("cargo xtask bench")?;
             setup::setup()?;
+            // The agents the benchmarks start run the build the image ships
+            // (no lab, no benchmarks: its own target directory, so the two
+            // builds do not replace each other).
+            let agent_dir = root().join("target/agent-only");
+            run(cargo()
+                .args([
+                    "build",
+                    "--release",
+                    "--package",
+                    "lb-userspace",
+                    "--no-default-features",
+                    "--target-dir",
+                ])
+                .arg(&agent_dir))?;
             run(cargo().args(["build", "--release", "--package", "lb-userspace"]))?;
             let mut cmd = Command::new(root().join("target/release/lb"));
+            cmd.env("LB_LAB_AGENT_BINARY", agent_dir.join("release/lb"));
             cmd.arg("bench").arg("--out").arg(root());
             if quick {
                 cmd.arg("--quick");

@@ -270,6 +270,23 @@ fn churn_table(o: &mut String, c: &churn::Results, path: churn::Path) {
     let _ = writeln!(o);
 }
 
+/// Which build the agents ran, for the memory figures (its text is part
+/// of the resident set).
+fn agent_build() -> String {
+    match crate::lab::agent_binary() {
+        Some(path) => {
+            let mb = std::fs::metadata(&path).map_or(0, |m| m.len() >> 20);
+            format!(
+                "of the build the image ships (`--no-default-features`, {mb} MiB, \
+                 `LB_LAB_AGENT_BINARY` as `cargo xtask bench` sets it)"
+            )
+        }
+        None => "of the lab's own build, lab and benchmarks included (`cargo xtask bench` \
+                 runs the build the image ships instead)"
+            .to_string(),
+    }
+}
+
 pub fn control(o: &mut String, r: &Results) {
     let c = &r.control;
     if c.sync.is_empty() {
@@ -287,11 +304,12 @@ pub fn control(o: &mut String, r: &Results) {
          take an endpoint from one Service (or give it back) through the API; \
          each is timed from the write until that Service's entry in the \
          node's map has the new backend count (polled every 0.2 ms). Memory \
-         is the agent's peak resident set (VmHWM).\n",
+         is the agent's peak resident set (VmHWM), {}.\n",
         c.services,
         c.endpoints,
         c.sync.len(),
-        c.propagation.len()
+        c.propagation.len(),
+        agent_build()
     );
     let _ = writeln!(
         o,

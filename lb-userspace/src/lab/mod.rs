@@ -290,14 +290,15 @@ impl Lab {
         // A profiler to run the agent under (`heaptrack -o FILE`, `perf
         // record -g -o FILE --`), for `docs/benchmarks.md`'s profiles.
         let wrapper = std::env::var("LB_LAB_AGENT_WRAPPER").unwrap_or_default();
+        let agent = agent_binary().unwrap_or_else(|| self.lb_binary.clone());
         let mut words = wrapper.split_whitespace();
         let mut cmd = match words.next() {
             Some(program) => {
                 let mut cmd = netns::command_in(&self.names.node_ns(i), program, true)?;
-                cmd.args(words).arg(&self.lb_binary);
+                cmd.args(words).arg(&agent);
                 cmd
             }
-            None => netns::command_in(&self.names.node_ns(i), &self.lb_binary, true)?,
+            None => netns::command_in(&self.names.node_ns(i), &agent, true)?,
         };
         cmd.arg("agent")
             .arg("--kubeconfig")
@@ -520,4 +521,14 @@ pub fn kubeconfig(port: u16) -> String {
          users:\n- name: lab\n  user: {{}}\ncontexts:\n- name: lab\n  context:\n    cluster: lab\n    user: lab\n\
          current-context: lab\n"
     )
+}
+
+/// The binary the lab's agents run when it is not the lab's own:
+/// `LB_LAB_AGENT_BINARY`, which `cargo xtask bench` sets to the build the
+/// image ships (`--no-default-features`: no lab, no benchmarks), so the
+/// agent measured is the agent users run (its text is 8 MB smaller).
+pub fn agent_binary() -> Option<PathBuf> {
+    std::env::var_os("LB_LAB_AGENT_BINARY")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
 }
