@@ -48,9 +48,7 @@ pub fn health_checks<S: Borrow<ServiceFacts>, E: Borrow<SliceFacts>>(
             .into_iter()
             .flatten()
             .flat_map(|s| s.endpoints.iter())
-            .filter(|e| {
-                node.name.is_some() && e.node.as_deref().map(|n| &**n) == node.name.as_deref()
-            })
+            .filter(|e| node.runs(e))
             .filter(|e| e.ready)
             .map(|e| e.address)
             .collect();

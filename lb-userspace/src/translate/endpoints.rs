@@ -66,13 +66,11 @@ pub(super) fn candidates_for(
             let IpAddr::V4(ip) = ep.address else {
                 continue;
             };
-            let local =
-                node.name.is_some() && ep.node.as_deref().map(|n| &**n) == node.name.as_deref();
             let addr = BackendAddr {
                 ip,
                 port,
                 proto,
-                local,
+                local: node.runs(ep),
             };
             if out.iter().any(|c| c.addr == addr) {
                 continue; // the same endpoint in two slices

@@ -45,6 +45,15 @@ pub struct NodeContext {
     pub peers: Vec<Ipv4Addr>,
 }
 
+impl NodeContext {
+    /// Whether the endpoint's pod runs on this node: its `nodeName` is this
+    /// node's name. An agent that does not know its node's name runs none,
+    /// so an endpoint without a `nodeName` never counts as local.
+    pub fn runs(&self, endpoint: &EndpointFacts) -> bool {
+        self.name.is_some() && endpoint.node.as_deref().map(|n| &**n) == self.name.as_deref()
+    }
+}
+
 /// One frontend (virtual address, port, protocol) and the backends behind it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredService {
