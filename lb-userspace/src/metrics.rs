@@ -39,7 +39,10 @@ pub struct AgentStats {
     pub conntrack: Option<crate::conntrack::Summary>,
     sync_buckets: [u64; SYNC_BUCKETS.len()],
     sync_sum: f64,
-    pub ready: bool,
+    /// The maps were programmed once (a service pass succeeded).
+    pub programmed: bool,
+    /// The programs are loaded and attached (after the first pass).
+    pub attached: bool,
     last_loop: Option<Instant>,
 }
 
@@ -57,6 +60,12 @@ impl AgentStats {
 
     pub fn error(&mut self, kind: &'static str) {
         *self.errors.entry(kind).or_default() += 1;
+    }
+
+    /// Ready to serve: the caches synced, every Service programmed, and
+    /// the programs attached to run on them.
+    pub fn ready(&self) -> bool {
+        self.programmed && self.attached
     }
 
     /// The sync loop went round (liveness).
@@ -106,7 +115,7 @@ async fn healthz(State(s): State<Shared>) -> (StatusCode, &'static str) {
 }
 
 async fn readyz(State(s): State<Shared>) -> (StatusCode, &'static str) {
-    if s.lock().ready {
+    if s.lock().ready() {
         (StatusCode::OK, "ok\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "caches not synced yet\n")
@@ -191,8 +200,8 @@ pub fn render(st: &AgentStats, dp: Option<&DatapathFigures>) -> String {
     );
     gauge(
         "lb_ready",
-        "1 once the caches synced and the maps were programmed.",
-        f64::from(u8::from(st.ready)),
+        "1 once the caches synced, the maps were programmed and the programs attached.",
+        f64::from(u8::from(st.ready())),
     );
     let _ = writeln!(
         o,

@@ -279,12 +279,14 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             }
         });
     }
-    // The watchers list the cluster while the programs load (a third of a
-    // second, all in the kernel's verifier): neither waits for the other.
+    // The watchers list the cluster and the first pass fills the maps while
+    // the programs load (most of a second, all in the kernel's verifier):
+    // neither waits for the other. The programs are attached after that
+    // pass, so that they start on complete maps.
     let client = client(cfg.kubeconfig.as_ref()).await?;
     let (changes, mut changed) = tokio::sync::mpsc::unbounded_channel();
     let caches = Caches::watch(&client, &changes);
-    let mut dp = Datapath::load_with(Some(&cfg.pin_dir), cfg.bpf_log, &cfg.map_sizes)?;
+    let mut dp = Datapath::start_load(Some(&cfg.pin_dir), cfg.bpf_log, &cfg.map_sizes)?;
     if cfg.bpf_log {
         spawn_bpf_log(&mut dp)?;
         tracing::info!("eBPF log lines on (--bpf-log): they cost per packet");
@@ -297,7 +299,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         rss_mib = resident_mib(),
         rss_peak_mib = memory::resident_peak_mib(),
         heap_mib = memory::heap_mib(),
-        "data path loaded"
+        "maps created"
     );
 
     let mut events = crate::events::EventPublisher::new(client, cfg.node_name.as_deref());
@@ -315,10 +317,6 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             "no --node-name (NODE_NAME): NodePorts and node-local endpoints are not programmed"
         );
     }
-    if let Some(uplink) = &cfg.uplink {
-        attach_uplink(&mut dp, &cfg, uplink);
-    }
-    socket_lb::attach_or_detach(&mut dp, &cfg)?;
 
     let mut side = ServiceSide::new(cfg.map_sizes.capacity());
     let mut policy = PolicySide::default();
@@ -329,7 +327,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         |period: Duration| tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     let mut resync = after(cfg.resync);
     let mut link_events = links::LinkEvents::subscribe()?;
-    links::sync_links(&mut dp, &mut attacher, &cfg.interface_prefix);
+    let mut attached = false;
     let mut link_poll = tokio::time::interval(Duration::from_secs(1));
     let mut ct_sweep = after(cfg.ct_sweep);
     let mut health = crate::health::HealthServers::default();
@@ -364,6 +362,16 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             st.observe_sync(started.elapsed());
             work = Work::default();
         }
+        if !attached {
+            // After the first pass, whose maps the programs start on.
+            attach_programs(&mut dp, &mut attacher, &cfg)?;
+            stats.lock().attached = true;
+            tracing::info!(
+                at_ms = start.elapsed().as_millis() as u64,
+                "programs loaded and attached"
+            );
+            attached = true;
+        }
         tokio::select! {
             Some(change) = changed.recv() => {
                 work.add(change, &mut side, &caches);
@@ -391,6 +399,19 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             _ = ct_sweep.tick() => sweep_conntrack(&mut dp, &cfg, &stats),
         }
     }
+}
+
+/// Waits for the programs (`Datapath::start_load`) and attaches them: the
+/// uplink's, the socket LB's (or takes it off), and every pod veth's; then
+/// loads the rest.
+fn attach_programs(dp: &mut Datapath, attacher: &mut Attacher, cfg: &AgentConfig) -> Result<()> {
+    dp.wait_programs()?;
+    if let Some(uplink) = &cfg.uplink {
+        attach_uplink(dp, cfg, uplink);
+    }
+    socket_lb::attach_or_detach(dp, cfg)?;
+    links::sync_links(dp, attacher, &cfg.interface_prefix);
+    dp.load_rest_in_background()
 }
 
 /// Removes idle conntrack entries; their summary goes to `/metrics`.
@@ -521,7 +542,7 @@ fn service_pass(
             }
             st.services = w.frontends;
             st.backends = w.backends;
-            st.ready = true;
+            st.programmed = true;
             w.gone_backends
         }
         Err(e) => {

@@ -162,6 +162,7 @@ async fn lb_side(s: &Settings, prefix: &str, lb_binary: &std::path::Path) -> Res
                 .create(Kind::EndpointSlice, slice(i, s.endpoints, s.endpoints))
                 .context("creating an EndpointSlice")?;
         }
+        wait_dns_settled(&lab, s.services)?;
         let started = Instant::now();
         lab.start_agent(1)?;
         wait_programmed(
@@ -190,6 +191,32 @@ async fn lb_side(s: &Settings, prefix: &str, lb_binary: &std::path::Path) -> Res
         }
     }
     Ok(out)
+}
+
+/// Waits until the lab's cluster DNS answers for the last Service created:
+/// it has taken in every object written, and goes quiet. The agent's start
+/// is timed on a node where nothing else is catching up (the DNS pod, which
+/// watches every Service and EndpointSlice, took a tenth of a core through
+/// the agent's first half second otherwise).
+fn wait_dns_settled(lab: &Lab, services: usize) -> Result<()> {
+    let pod = lab
+        .pods_named("kube-system", "coredns")
+        .into_iter()
+        .next()
+        .context("the lab has no cluster DNS pod")?;
+    let netns = crate::lab::pod_netns(&pod)?;
+    let name = format!(
+        "svc-{}.default.svc.cluster.local.",
+        services.saturating_sub(1)
+    );
+    let started = Instant::now();
+    while !crate::lab::cluster_dns::answers(&netns, &name, Duration::from_millis(200))? {
+        if started.elapsed() > Duration::from_secs(300) {
+            bail!("the lab's cluster DNS does not answer {name} after 300 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
 }
 
 /// Many pods and policies, a new agent's first programming of them, and

@@ -10,7 +10,7 @@ pub mod socket_lb;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     programs::{SchedClassifier, TcAttachType, TestRun, TestRunOptions},
     Ebpf, EbpfLoader,
@@ -53,7 +53,7 @@ pub const PROGS_SOCK: [&str; 8] = [
 
 /// The programs and their maps, loaded into the kernel.
 pub struct Datapath {
-    ebpf: Ebpf,
+    programs: Programs,
     pub maps: Maps,
     pin_dir: Option<PathBuf>,
     /// The service maps were made by this load (none were pinned): they
@@ -73,6 +73,18 @@ impl Datapath {
     /// `load`, with the programs' own log lines (aya-log) on or off (read
     /// them through `logger`), and the cluster-sized maps of `sizes`.
     pub fn load_with(pin_dir: Option<&Path>, bpf_log: bool, sizes: &MapSizes) -> Result<Self> {
+        let mut dp = Self::start_load(pin_dir, bpf_log, sizes)?;
+        dp.load_rest_in_background()?;
+        dp.wait_programs()?;
+        Ok(dp)
+    }
+
+    /// `load_with`, returning once the maps exist: the programs that serve
+    /// packets go on loading on a thread of their own (most of a start is
+    /// the verifier's) while the caller fills the maps; the rest wait for
+    /// `load_rest_in_background`. Whatever needs a program waits for the
+    /// load under way, and fails with its error if it failed.
+    pub fn start_load(pin_dir: Option<&Path>, bpf_log: bool, sizes: &MapSizes) -> Result<Self> {
         if EBPF_OBJECT.is_empty() {
             bail!("this binary was built with AYA_BUILD_SKIP: it carries no eBPF programs");
         }
@@ -102,46 +114,71 @@ impl Datapath {
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
-        for name in [PROG_FROM_POD, PROG_TO_POD, PROG_UPLINK_TC] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing from the object"))?
-                .try_into()?;
-            load_retrying(name, || prog.load())?;
-        }
-        for name in [PROG_UPLINK, PROG_CT_SWEEP] {
-            let xdp: &mut aya::programs::Xdp = ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing from the object"))?
-                .try_into()?;
-            load_retrying(name, || xdp.load())?;
-        }
-        for name in PROGS_SOCK {
-            let prog: &mut aya::programs::CgroupSockAddr = ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing from the object"))?
-                .try_into()?;
-            load_retrying(name, || prog.load())?;
-        }
         let maps = Maps::take(&mut ebpf)?;
+        let loading = std::thread::Builder::new()
+            .name("lb-load".into())
+            .spawn(move || load_programs(ebpf, &serving()))
+            .context("starting the thread that loads the programs")?;
         Ok(Self {
-            ebpf,
+            programs: Programs::Loading(loading),
             maps,
             pin_dir: pin_dir.map(Path::to_path_buf),
             fresh_service_maps,
         })
     }
 
+    /// Waits until the programs are loaded (`start_load`).
+    pub fn wait_programs(&mut self) -> Result<()> {
+        self.loaded().map(|_| ())
+    }
+
+    /// Loads the programs `start_load` left out (the conntrack sweep's,
+    /// a fifth of the verifier's time at start, first run a sweep period
+    /// later) on a thread of their own. Call it once the serving programs
+    /// are attached: whatever needs a program meanwhile waits for it.
+    pub fn load_rest_in_background(&mut self) -> Result<()> {
+        self.loaded()?;
+        let Programs::Loaded(ebpf) = std::mem::replace(&mut self.programs, Programs::Failed) else {
+            bail!("the thread loading the eBPF programs panicked");
+        };
+        let loading = std::thread::Builder::new()
+            .name("lb-load".into())
+            .spawn(move || load_programs(ebpf, &[(PROG_CT_SWEEP, Kind::Xdp)]))
+            .context("starting the thread that loads the programs")?;
+        self.programs = Programs::Loading(loading);
+        Ok(())
+    }
+
+    /// The programs, once loaded.
+    fn loaded(&mut self) -> Result<&mut Ebpf> {
+        if matches!(self.programs, Programs::Loading(_)) {
+            if let Programs::Loading(thread) =
+                std::mem::replace(&mut self.programs, Programs::Failed)
+            {
+                let (ebpf, loaded) = thread
+                    .join()
+                    .map_err(|_| anyhow!("the thread loading the programs panicked"))?;
+                // Kept either way: the programs that did load still serve.
+                self.programs = Programs::Loaded(ebpf);
+                loaded?;
+            }
+        }
+        match &mut self.programs {
+            Programs::Loaded(ebpf) => Ok(ebpf),
+            _ => bail!("the thread loading the eBPF programs panicked"),
+        }
+    }
+
     /// Reads the programs' log records (written only when loaded with
     /// `bpf_log`) into `logger`; call `flush` when its fd is readable.
     pub fn logger<T: log::Log>(&mut self, logger: T) -> Result<aya_log::EbpfLogger<T>> {
-        aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, logger)
+        aya_log::EbpfLogger::init_with_logger(self.loaded()?, logger)
             .context("opening the eBPF log buffer")
     }
 
     pub fn program(&mut self, name: &str) -> Result<&mut SchedClassifier> {
         Ok(self
-            .ebpf
+            .loaded()?
             .program_mut(name)
             .with_context(|| format!("program {name} missing"))?
             .try_into()?)
@@ -156,7 +193,7 @@ impl Datapath {
     /// loaded on first use.
     pub fn bench_tc(&mut self, name: &str) -> Result<&mut SchedClassifier> {
         let prog: &mut SchedClassifier = self
-            .ebpf
+            .loaded()?
             .program_mut(name)
             .with_context(|| format!("program {name} missing"))?
             .try_into()?;
@@ -169,7 +206,7 @@ impl Datapath {
     /// The empty XDP program (the benchmarks' floor), loaded on first use.
     pub fn floor_xdp(&mut self) -> Result<&mut aya::programs::Xdp> {
         let prog: &mut aya::programs::Xdp = self
-            .ebpf
+            .loaded()?
             .program_mut("bench_empty_xdp")
             .context("program bench_empty_xdp missing")?
             .try_into()?;
@@ -182,7 +219,7 @@ impl Datapath {
     /// One of the socket LB's programs (`PROGS_SOCK`).
     pub fn sock_program(&mut self, name: &str) -> Result<&mut aya::programs::CgroupSockAddr> {
         Ok(self
-            .ebpf
+            .loaded()?
             .program_mut(name)
             .with_context(|| format!("program {name} missing"))?
             .try_into()?)
@@ -190,7 +227,7 @@ impl Datapath {
 
     pub fn xdp(&mut self) -> Result<&mut aya::programs::Xdp> {
         Ok(self
-            .ebpf
+            .loaded()?
             .program_mut(PROG_UPLINK)
             .context("program lb_uplink missing")?
             .try_into()?)
@@ -201,7 +238,7 @@ impl Datapath {
     /// and sets each item's `outcome` (`lb_common::conntrack::SWEEP_*`).
     pub fn remove_unchanged(&mut self, items: &mut [SweepItem]) -> Result<()> {
         let prog: &mut aya::programs::Xdp = self
-            .ebpf
+            .loaded()?
             .program_mut(PROG_CT_SWEEP)
             .context("program lb_ct_sweep missing")?
             .try_into()?;
@@ -243,6 +280,62 @@ impl Datapath {
             (PROG_TO_POD, TcAttachType::Egress),
         ]
     }
+}
+
+/// Where a `Datapath`'s programs are.
+enum Programs {
+    /// On a thread of their own (`start_load`, `load_rest_in_background`);
+    /// it hands the object back with how its loads went.
+    Loading(std::thread::JoinHandle<(Ebpf, Result<()>)>),
+    Loaded(Ebpf),
+    /// The loading thread panicked, and took the object with it.
+    Failed,
+}
+
+/// A program's type, as its load needs it.
+#[derive(Clone, Copy)]
+enum Kind {
+    Tc,
+    Xdp,
+    SockAddr,
+}
+
+/// The programs that serve packets and sockets: what `start_load` loads
+/// before anything is attached.
+fn serving() -> Vec<(&'static str, Kind)> {
+    let tc = [PROG_FROM_POD, PROG_TO_POD, PROG_UPLINK_TC].map(|p| (p, Kind::Tc));
+    let sock = PROGS_SOCK.map(|p| (p, Kind::SockAddr));
+    [&tc[..], &[(PROG_UPLINK, Kind::Xdp)], &sock[..]].concat()
+}
+
+/// Loads `programs` of the object into the kernel (the verifier's work),
+/// up to the first that fails.
+fn load_programs(mut ebpf: Ebpf, programs: &[(&str, Kind)]) -> (Ebpf, Result<()>) {
+    let loaded = load_each(&mut ebpf, programs);
+    (ebpf, loaded)
+}
+
+fn load_each(ebpf: &mut Ebpf, programs: &[(&str, Kind)]) -> Result<()> {
+    for &(name, kind) in programs {
+        let prog = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the object"))?;
+        match kind {
+            Kind::Tc => {
+                let tc: &mut SchedClassifier = prog.try_into()?;
+                load_retrying(name, || tc.load())?;
+            }
+            Kind::Xdp => {
+                let xdp: &mut aya::programs::Xdp = prog.try_into()?;
+                load_retrying(name, || xdp.load())?;
+            }
+            Kind::SockAddr => {
+                let sock: &mut aya::programs::CgroupSockAddr = prog.try_into()?;
+                load_retrying(name, || sock.load())?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Loads a program (`load`), again when the verifier gave up with EAGAIN:

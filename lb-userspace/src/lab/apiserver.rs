@@ -84,14 +84,13 @@ fn parse_path(path: &str) -> Option<Target> {
     })
 }
 
-fn json_response(code: u16, v: &Value) -> Response {
+fn json_response(code: u16, v: &impl serde::Serialize) -> Response {
     let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (
-        status,
-        [(header::CONTENT_TYPE, "application/json")],
-        v.to_string(),
-    )
-        .into_response()
+    let body = match serde_json::to_vec(v) {
+        Ok(b) => b,
+        Err(e) => return error(&StoreError::Invalid(format!("encoding the response: {e}"))),
+    };
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 pub(super) fn error(e: &StoreError) -> Response {
@@ -288,11 +287,23 @@ fn list(
         printed["metadata"] = metadata;
         return json_response(200, &printed);
     }
-    json_response(
-        200,
-        &json!({"kind": format!("{}List", t.kind.name()), "apiVersion": t.kind.api_version(),
-                "metadata": metadata, "items": items}),
-    )
+    // Written straight from the store's objects: `json!` would copy each
+    // into a new tree first.
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct List<'a> {
+        kind: String,
+        api_version: &'a str,
+        metadata: Value,
+        items: Vec<&'a Value>,
+    }
+    let list = List {
+        kind: format!("{}List", t.kind.name()),
+        api_version: t.kind.api_version(),
+        metadata,
+        items: items.iter().map(|o| &**o).collect(),
+    };
+    json_response(200, &list)
 }
 
 /// `limit` (absent or 0: everything) and `continue` of a list request.
@@ -330,9 +341,17 @@ fn parse_continue(token: &str) -> Option<(u64, String, String)> {
     Some((rv, ns, name))
 }
 
+/// One line of a watch: written from the stored object itself (`json!`
+/// would copy it first).
 fn watch_event(event_type: &str, object: &Value) -> Bytes {
-    let mut line = json!({"type": event_type, "object": object}).to_string();
-    line.push('\n');
+    #[derive(serde::Serialize)]
+    struct WatchEvent<'a> {
+        #[serde(rename = "type")]
+        event_type: &'a str,
+        object: &'a Value,
+    }
+    let mut line = serde_json::to_vec(&WatchEvent { event_type, object }).unwrap_or_default();
+    line.push(b'\n');
     Bytes::from(line)
 }
 

@@ -51,6 +51,48 @@ pub fn objects() -> [(Kind, Value); 2] {
     ]
 }
 
+/// Whether the cluster DNS server in network namespace `netns` (its pod's)
+/// answers `name` with an address now: asked over UDP from inside, as a
+/// pod's resolver asks. False on no answer within `wait`.
+pub fn answers(netns: &str, name: &str, wait: std::time::Duration) -> anyhow::Result<bool> {
+    use hickory_proto::{
+        op::{Message, Query},
+        rr::{Name, RecordType},
+    };
+    let mut query = Message::new();
+    query.set_id(0x1b);
+    query.set_recursion_desired(true);
+    query.add_query(Query::query(Name::from_ascii(name)?, RecordType::A));
+    let request = query.to_vec()?;
+    let reply = crate::netns::run_in(netns, move || -> std::io::Result<Vec<u8>> {
+        let sock = std::net::UdpSocket::bind(("127.0.0.1", 0))?;
+        sock.set_read_timeout(Some(wait))?;
+        sock.connect(("127.0.0.1", 53))?;
+        sock.send(&request)?;
+        let mut buf = vec![0u8; 4096];
+        let n = loop {
+            match sock.recv(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => break r?,
+            }
+        };
+        buf.truncate(n);
+        Ok(buf)
+    })?;
+    match reply {
+        Ok(bytes) => Ok(!Message::from_vec(&bytes)?.answers().is_empty()),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 pub fn install(store: &Store) -> Result<(), StoreError> {
     for (kind, obj) in objects() {
         store.create(kind, obj)?;

@@ -152,7 +152,7 @@ pub fn orphan_dependents(store: &Store, owner_uid: &str) {
                     .as_array()
                     .is_some_and(|refs| refs.iter().any(|r| r["uid"] == owner_uid))
             })
-            .map(|((kind, _, _), o)| (*kind, o.clone()))
+            .map(|((kind, _, _), o)| (*kind, Value::clone(o)))
             .collect()
     };
     for (kind, mut obj) in dependents {

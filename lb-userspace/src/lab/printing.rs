@@ -97,7 +97,12 @@ fn columns(kind: Kind) -> Vec<Column> {
 }
 
 /// The Table of `objects` of `kind` at `now` (seconds since the epoch).
-pub fn table(kind: Kind, objects: &[Value], resource_version: &str, now: i64) -> Value {
+pub fn table(
+    kind: Kind,
+    objects: &[impl std::borrow::Borrow<Value>],
+    resource_version: &str,
+    now: i64,
+) -> Value {
     let definitions: Vec<Value> = columns(kind)
         .iter()
         .map(|Column(name, ty, wide)| {
@@ -111,6 +116,7 @@ pub fn table(kind: Kind, objects: &[Value], resource_version: &str, now: i64) ->
     let rows: Vec<Value> = objects
         .iter()
         .map(|o| {
+            let o = o.borrow();
             json!({
                 "cells": cells(kind, o, now),
                 "object": {

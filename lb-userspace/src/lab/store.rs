@@ -21,7 +21,9 @@ pub struct Event {
     pub kind: Kind,
     /// ADDED, MODIFIED or DELETED.
     pub event_type: &'static str,
-    pub object: Value,
+    /// Shared with the store and every watch it goes to: an event is
+    /// copied to each subscriber, an object never.
+    pub object: Arc<Value>,
     pub rv: u64,
 }
 
@@ -89,7 +91,10 @@ pub struct PageRequest {
 #[derive(Default)]
 pub struct Inner {
     pub rv: u64,
-    pub objects: BTreeMap<Key, Value>,
+    /// Each object as written, shared with the events and lists that carry
+    /// it (kube-apiserver's watch cache shares objects the same way): a list
+    /// of 10,000 objects copies 10,000 pointers under the lock, not trees.
+    pub objects: BTreeMap<Key, Arc<Value>>,
     history: VecDeque<Event>,
     /// Watches from a resourceVersion below this get 410 Gone.
     oldest_rv: u64,
@@ -103,7 +108,7 @@ pub struct Inner {
 impl Inner {
     pub fn list(&self, kind: Kind, ns: Option<&str>) -> Vec<&Value> {
         let first = Bound::Included((kind, String::new(), String::new()));
-        self.list_from(kind, ns, first).collect()
+        self.list_from(kind, ns, first).map(|v| &**v).collect()
     }
 
     /// Objects of `kind` (in `ns`, or all) in key order, from `start` on.
@@ -112,7 +117,7 @@ impl Inner {
         kind: Kind,
         ns: Option<&'n str>,
         start: Bound<Key>,
-    ) -> impl Iterator<Item = &'a Value> + use<'a, 'n> {
+    ) -> impl Iterator<Item = &'a Arc<Value>> + use<'a, 'n> {
         // Keys sort by kind, then namespace: one namespace is one range.
         let start = match (ns, start) {
             (Some(ns), Bound::Included((_, n, _)) | Bound::Excluded((_, n, _)))
@@ -139,11 +144,13 @@ impl Inner {
         self.objects
             .range(start..)
             .take_while(move |((k, n, name), _)| *k == kind && n == ns && name.starts_with(prefix))
-            .map(|(_, v)| v)
+            .map(|(_, v)| &**v)
     }
 
     pub fn get(&self, kind: Kind, ns: &str, name: &str) -> Option<&Value> {
-        self.objects.get(&(kind, ns.to_string(), name.to_string()))
+        self.objects
+            .get(&(kind, ns.to_string(), name.to_string()))
+            .map(|v| &**v)
     }
 }
 
@@ -187,7 +194,7 @@ impl Store {
         self.events.subscribe()
     }
 
-    fn record(&self, inner: &mut Inner, kind: Kind, event_type: &'static str, object: Value) {
+    fn record(&self, inner: &mut Inner, kind: Kind, event_type: &'static str, object: Arc<Value>) {
         if kind == Kind::Service {
             if let Ok(ip) = object["spec"]["clusterIP"].as_str().unwrap_or("").parse() {
                 if event_type == "DELETED" {
@@ -249,9 +256,10 @@ impl Store {
         obj["metadata"]["uid"] = json!(format!("00000000-0000-4000-8000-{uid:012x}"));
         obj["metadata"]["creationTimestamp"] = json!(now_rfc3339());
         obj["metadata"]["generation"] = json!(1);
+        let obj = Arc::new(obj);
         inner.objects.insert(key, obj.clone());
         self.record(&mut inner, kind, "ADDED", obj.clone());
-        Ok(obj)
+        Ok(Arc::unwrap_or_clone(obj))
     }
 
     /// Replaces an object. A resourceVersion in `obj`, if any, must match.
@@ -274,7 +282,7 @@ impl Store {
         if !given_rv.is_empty() && given_rv != meta_str(&old, "resourceVersion") {
             return Err(StoreError::Conflict);
         }
-        admission::admit(kind, &mut obj, Some(&old), &inner)?;
+        admission::admit(kind, &mut obj, Some(&*old), &inner)?;
         // Fields the server owns stay as they were.
         for f in ["uid", "creationTimestamp", "deletionTimestamp"] {
             if obj["metadata"].get(f).is_none() && !old["metadata"][f].is_null() {
@@ -287,30 +295,33 @@ impl Store {
         } else {
             generation
         });
-        if obj == old {
-            return Ok(old);
+        if obj == *old {
+            return Ok(Arc::unwrap_or_clone(old));
         }
         inner.rv += 1;
         obj["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
+        let obj = Arc::new(obj);
         inner.objects.insert(key, obj.clone());
         self.record(&mut inner, kind, "MODIFIED", obj.clone());
-        Ok(obj)
+        Ok(Arc::unwrap_or_clone(obj))
     }
 
     /// Removes an object at once.
     pub fn delete(&self, kind: Kind, ns: &str, name: &str) -> Result<Value, StoreError> {
         let mut inner = self.lock();
         let key = (kind, ns.to_string(), name.to_string());
-        let Some(mut obj) = inner.objects.remove(&key) else {
+        let Some(obj) = inner.objects.remove(&key) else {
             return Err(StoreError::NotFound(format!(
                 "{} \"{name}\"",
                 kind.plural()
             )));
         };
         inner.rv += 1;
+        let mut obj = Arc::unwrap_or_clone(obj);
         obj["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
+        let obj = Arc::new(obj);
         self.record(&mut inner, kind, "DELETED", obj.clone());
-        Ok(obj)
+        Ok(Arc::unwrap_or_clone(obj))
     }
 
     /// Deletion as the API server does it for Pods: mark with a
@@ -362,7 +373,7 @@ impl Store {
         ns: Option<&str>,
         page: &PageRequest,
         keep: impl Fn(&Value) -> bool,
-    ) -> Result<(Vec<Value>, bool, u64), StoreError> {
+    ) -> Result<(Vec<Arc<Value>>, bool, u64), StoreError> {
         let inner = self.lock();
         let rv = match &page.after {
             Some((rv, _, _)) if *rv < inner.oldest_rv => return Err(StoreError::Gone(*rv)),
@@ -374,7 +385,7 @@ impl Store {
             None => Bound::Included((kind, String::new(), String::new())),
         };
         let mut matching = inner.list_from(kind, ns, start).filter(|v| keep(v));
-        let items: Vec<Value> = matching.by_ref().take(page.limit).cloned().collect();
+        let items: Vec<Arc<Value>> = matching.by_ref().take(page.limit).cloned().collect();
         let more = matching.next().is_some();
         Ok((items, more, rv))
     }
@@ -518,7 +529,7 @@ pub fn parse_rfc3339(s: &str) -> Option<u64> {
 mod tests {
     use super::*;
 
-    fn names(items: &[Value]) -> Vec<&str> {
+    fn names(items: &[Arc<Value>]) -> Vec<&str> {
         items.iter().map(|o| meta_str(o, "name")).collect()
     }
 
