@@ -298,9 +298,11 @@ pub fn control(o: &mut String, r: &Results) {
     let _ = writeln!(
         o,
         "A lab without pods: {} Services with {} endpoints each are written to \
-         the API first, then a new agent starts and syncs; the time is from \
-         its start until it reports every frontend and backend programmed \
-         ({} runs, each in a new lab). After the last sync, {} changes each \
+         the API first, and the agent starts once the lab's cluster DNS \
+         answers for the last Service (the lab has taken them all in); the \
+         time is from its start until it reports ready (its maps programmed \
+         and its programs attached, `lb_ready`) with every frontend and \
+         backend, polled every 10 ms ({} runs, each in a new lab). After the last sync, {} changes each \
          take an endpoint from one Service (or give it back) through the API; \
          each is timed from the write until that Service's entry in the \
          node's map has the new backend count (polled every 0.2 ms). Memory \
