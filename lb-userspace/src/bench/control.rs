@@ -199,10 +199,10 @@ async fn lb_side(s: &Settings, prefix: &str, lb_binary: &std::path::Path) -> Res
 /// watches every Service and EndpointSlice, took a tenth of a core through
 /// the agent's first half second otherwise).
 fn wait_dns_settled(lab: &Lab, services: usize) -> Result<()> {
-    let pod = lab
-        .pods_named("kube-system", "coredns")
+    let (pods, _) = lab.store.list(Kind::Pod, Some("kube-system"));
+    let pod = pods
         .into_iter()
-        .next()
+        .find(crate::lab::cluster_dns::is_dns_pod)
         .context("the lab has no cluster DNS pod")?;
     let netns = crate::lab::pod_netns(&pod)?;
     let name = format!(

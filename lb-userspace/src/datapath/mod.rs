@@ -115,12 +115,8 @@ impl Datapath {
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
         let maps = Maps::take(&mut ebpf)?;
-        let loading = std::thread::Builder::new()
-            .name("lb-load".into())
-            .spawn(move || load_programs(ebpf, &serving()))
-            .context("starting the thread that loads the programs")?;
         Ok(Self {
-            programs: Programs::Loading(loading),
+            programs: load_in_background(ebpf, serving())?,
             maps,
             pin_dir: pin_dir.map(Path::to_path_buf),
             fresh_service_maps,
@@ -141,20 +137,14 @@ impl Datapath {
         let Programs::Loaded(ebpf) = std::mem::replace(&mut self.programs, Programs::Failed) else {
             bail!("the thread loading the eBPF programs panicked");
         };
-        let loading = std::thread::Builder::new()
-            .name("lb-load".into())
-            .spawn(move || load_programs(ebpf, &[(PROG_CT_SWEEP, Kind::Xdp)]))
-            .context("starting the thread that loads the programs")?;
-        self.programs = Programs::Loading(loading);
+        self.programs = load_in_background(ebpf, vec![(PROG_CT_SWEEP, Kind::Xdp)])?;
         Ok(())
     }
 
     /// The programs, once loaded.
     fn loaded(&mut self) -> Result<&mut Ebpf> {
-        if matches!(self.programs, Programs::Loading(_)) {
-            if let Programs::Loading(thread) =
-                std::mem::replace(&mut self.programs, Programs::Failed)
-            {
+        match std::mem::replace(&mut self.programs, Programs::Failed) {
+            Programs::Loading(thread) => {
                 let (ebpf, loaded) = thread
                     .join()
                     .map_err(|_| anyhow!("the thread loading the programs panicked"))?;
@@ -162,6 +152,7 @@ impl Datapath {
                 self.programs = Programs::Loaded(ebpf);
                 loaded?;
             }
+            done => self.programs = done,
         }
         match &mut self.programs {
             Programs::Loaded(ebpf) => Ok(ebpf),
@@ -309,10 +300,17 @@ fn serving() -> Vec<(&'static str, Kind)> {
 }
 
 /// Loads `programs` of the object into the kernel (the verifier's work),
-/// up to the first that fails.
-fn load_programs(mut ebpf: Ebpf, programs: &[(&str, Kind)]) -> (Ebpf, Result<()>) {
-    let loaded = load_each(&mut ebpf, programs);
-    (ebpf, loaded)
+/// up to the first that fails, on a thread of its own that hands the
+/// object back with how the loads went.
+fn load_in_background(mut ebpf: Ebpf, programs: Vec<(&'static str, Kind)>) -> Result<Programs> {
+    let thread = std::thread::Builder::new()
+        .name("lb-load".into())
+        .spawn(move || {
+            let loaded = load_each(&mut ebpf, &programs);
+            (ebpf, loaded)
+        })
+        .context("starting the thread that loads the programs")?;
+    Ok(Programs::Loading(thread))
 }
 
 fn load_each(ebpf: &mut Ebpf, programs: &[(&str, Kind)]) -> Result<()> {

@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 use super::{
     dns::DNS_IP,
     kinds::Kind,
+    probe::retry_eintr,
     store::{Store, StoreError},
 };
 
@@ -68,14 +69,9 @@ pub fn answers(netns: &str, name: &str, wait: std::time::Duration) -> anyhow::Re
         let sock = std::net::UdpSocket::bind(("127.0.0.1", 0))?;
         sock.set_read_timeout(Some(wait))?;
         sock.connect(("127.0.0.1", 53))?;
-        sock.send(&request)?;
+        retry_eintr(|| sock.send(&request))?;
         let mut buf = vec![0u8; 4096];
-        let n = loop {
-            match sock.recv(&mut buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                r => break r?,
-            }
-        };
+        let n = retry_eintr(|| sock.recv(&mut buf))?;
         buf.truncate(n);
         Ok(buf)
     })?;

@@ -59,7 +59,7 @@ pub fn parse(line: &str) -> Result<ProbeResult> {
     })
 }
 
-fn retry_eintr<T>(mut call: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+pub(super) fn retry_eintr<T>(mut call: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
     loop {
         match call() {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
