@@ -9,11 +9,11 @@
 //! in whole when it is done, and the cache is ready after the first.
 
 use std::{
-    collections::{HashMap, HashSet},
     hash::Hash,
     sync::{Arc, RwLock},
 };
 
+use hashbrown::{HashMap, HashSet};
 use k8s_openapi::api::core::v1::Service;
 use kube::runtime::watcher;
 

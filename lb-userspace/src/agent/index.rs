@@ -4,13 +4,10 @@
 //! that frontend only, with an error, as `translate::translate` decides for
 //! a whole cluster. Pure: no I/O.
 
-use std::{
-    collections::{BTreeSet, HashMap},
-    net::Ipv4Addr,
-    sync::Arc,
-};
+use std::{collections::BTreeSet, net::Ipv4Addr, sync::Arc};
 
 use crate::translate::{DesiredService, ObjectError, Translation};
+use hashbrown::HashMap;
 
 /// A Service, by namespace and name. The agent keeps a Service's key in
 /// half a dozen indexes (translations, claims, slices, what was written);

@@ -148,7 +148,36 @@ pub async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
             .await
             .context("no --kubeconfig given and no cluster config found")?,
     };
-    Ok(Client::try_from(config)?)
+    client_for(config)
+}
+
+/// A client of the API server `config` names. An `http://` server (the
+/// lab's) gets a plain HTTP stack: kube's own builds the TLS one whatever
+/// the scheme, and with no cluster CA that reads and parses the machine's
+/// root certificates first, 40 ms of every new agent's start for nothing.
+fn client_for(config: kube::Config) -> Result<Client> {
+    use kube::client::ConfigExt as _;
+    if config.cluster_url.scheme_str() != Some("http") {
+        return Ok(Client::try_from(config)?);
+    }
+    // The timeouts kube's stack sets: a watch that hears nothing for
+    // `read_timeout` (295 s) is started again.
+    let mut connector = hyper_timeout::TimeoutConnector::new(
+        hyper_util::client::legacy::connect::HttpConnector::new(),
+    );
+    connector.set_connect_timeout(config.connect_timeout);
+    connector.set_read_timeout(config.read_timeout);
+    connector.set_write_timeout(config.write_timeout);
+    let http: hyper_util::client::legacy::Client<_, kube::client::Body> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(connector);
+    let service = tower::ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .option_layer(config.auth_layer()?)
+        .layer(config.extra_headers_layer()?)
+        .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) })
+        .service(http);
+    Ok(Client::new(service, config.default_namespace))
 }
 
 pub use watch::WATCHED;

@@ -5,11 +5,12 @@
 //! drifted from what was written.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     sync::Arc,
 };
 
 use anyhow::Result;
+use hashbrown::HashMap;
 
 use super::{
     cache::Cache,
@@ -58,6 +59,48 @@ impl ServiceMaps for Datapath {
 
 /// How many ops a full pass plans before it writes them.
 const OPS_PER_CHUNK: usize = 8192;
+
+/// Writes what turns `current` into `desired`, a chunk at a time as it is
+/// planned (the whole cluster's ops at once were 10 MB at 10,000 Services,
+/// held only to be written). Returns the ops and the backends removed
+/// (gone while no agent ran, or before a relist).
+fn write_planned(
+    dp: &mut impl ServiceMaps,
+    current: &MapState,
+    desired: &MapState,
+) -> Result<Written> {
+    let mut chunk = Vec::with_capacity(OPS_PER_CHUNK);
+    let mut out = Written::default();
+    plan_each(current, desired, &mut |op| {
+        if let MapOp::DeleteBackend(id) = &op {
+            out.gone_backends
+                .extend(current.backends.get(id).map(crate::plan::backend_addr));
+        }
+        chunk.push(op);
+        out.ops += 1;
+        if chunk.len() == OPS_PER_CHUNK {
+            dp.apply(&chunk)?;
+            chunk.clear();
+        }
+        anyhow::Ok(())
+    })?;
+    dp.apply(&chunk)?;
+    Ok(out)
+}
+
+/// The programmed frontends grouped by the Service they came from.
+fn by_owner(
+    fitting: Vec<DesiredService>,
+    owner_of_name: &HashMap<String, ServiceRef>,
+) -> HashMap<ServiceRef, Vec<DesiredService>> {
+    let mut by_service: HashMap<ServiceRef, Vec<DesiredService>> = HashMap::new();
+    for d in fitting {
+        if let Some(svc) = owner_of_name.get(&d.name) {
+            by_service.entry(svc.clone()).or_default().push(d);
+        }
+    }
+    by_service
+}
 
 /// What a pass wrote.
 #[derive(Clone, Debug, Default)]
@@ -144,12 +187,58 @@ impl ServiceSide {
     /// against what this agent wrote.
     pub fn full_pass(
         &mut self,
-        dp: &mut impl ServiceMaps,
+        dp: &mut (impl ServiceMaps + Send),
         services: &ServiceCache,
         slices: &SliceCache,
         node: &NodeContext,
         read_maps: bool,
     ) -> Result<Written> {
+        let (fitting, owner_of_name) = self.translate_all(services, slices, node);
+        let current = match (&self.writer, read_maps) {
+            (Some(w), false) => w.written().clone(),
+            _ if dp.fresh() => MapState::default(),
+            _ => dp.read()?,
+        };
+        let desired = desired_state(&current, &fitting);
+        // The maps are written on a thread of their own while this one
+        // builds the writer's tables from the same desired state: the
+        // kernel's inserts were half of a first pass at 10,000 Services,
+        // with the second core idle.
+        let (planned, owners) = std::thread::scope(|scope| {
+            let writes = std::thread::Builder::new()
+                .name("lb-map-write".into())
+                .spawn_scoped(scope, || write_planned(dp, &current, &desired))?;
+            let owners =
+                ServiceWriter::owners(&desired, by_owner(fitting, &owner_of_name), self.capacity);
+            let planned = writes
+                .join()
+                .map_err(|_| anyhow::anyhow!("the map writer panicked"))??;
+            anyhow::Ok((planned, owners))
+        })?;
+        drop(current);
+        let drift = match &self.writer {
+            Some(w) if read_maps && plan(w.written(), &desired).is_empty() => planned.ops,
+            _ => 0,
+        };
+        let out = Written {
+            drift,
+            frontends: desired.services.keys().filter(|k| k.slot == 0).count(),
+            backends: desired.backends.len(),
+            ..planned
+        };
+        self.writer = Some(owners.holding(desired));
+        Ok(out)
+    }
+
+    /// Every Service translated again into the index: the frontends that
+    /// fit the maps, and the Service each came from. The errors (conflicts,
+    /// full maps) are recorded.
+    fn translate_all(
+        &mut self,
+        services: &ServiceCache,
+        slices: &SliceCache,
+        node: &NodeContext,
+    ) -> (Vec<DesiredService>, HashMap<String, ServiceRef>) {
         self.slices.clear();
         for s in slices.state() {
             let key = (s.namespace.to_string(), s.name.to_string());
@@ -188,53 +277,7 @@ impl ServiceSide {
                 .or_default()
                 .push(e);
         }
-        let current = match (&self.writer, read_maps) {
-            (Some(w), false) => w.written().clone(),
-            _ if dp.fresh() => MapState::default(),
-            _ => dp.read()?,
-        };
-        let desired = desired_state(&current, &fitting);
-        // Applied as it is planned, a chunk at a time: the whole cluster's
-        // ops at once were 10 MB at 10,000 Services, held only to be written.
-        let mut chunk = Vec::with_capacity(OPS_PER_CHUNK);
-        let mut ops = 0;
-        // Backends that went while no agent ran (or before a relist).
-        let mut gone_backends = Vec::new();
-        plan_each(&current, &desired, &mut |op| {
-            if let MapOp::DeleteBackend(id) = &op {
-                gone_backends.extend(current.backends.get(id).map(crate::plan::backend_addr));
-            }
-            chunk.push(op);
-            ops += 1;
-            if chunk.len() == OPS_PER_CHUNK {
-                dp.apply(&chunk)?;
-                chunk.clear();
-            }
-            Ok::<(), anyhow::Error>(())
-        })?;
-        dp.apply(&chunk)?;
-        drop(chunk);
-        drop(current);
-        let drift = match &self.writer {
-            Some(w) if read_maps && plan(w.written(), &desired).is_empty() => ops,
-            _ => 0,
-        };
-        let mut by_service: HashMap<ServiceRef, Vec<DesiredService>> = HashMap::new();
-        for d in fitting {
-            if let Some(svc) = owner_of_name.get(&d.name) {
-                by_service.entry(svc.clone()).or_default().push(d);
-            }
-        }
-        drop(owner_of_name);
-        let out = Written {
-            ops,
-            drift,
-            frontends: desired.services.keys().filter(|k| k.slot == 0).count(),
-            backends: desired.backends.len(),
-            gone_backends,
-        };
-        self.writer = Some(ServiceWriter::adopt(desired, by_service, self.capacity));
-        Ok(out)
+        (fitting, owner_of_name)
     }
 
     /// Only the Services in `dirty` (and those a change of theirs hands a

@@ -3,7 +3,7 @@
 //! Service's translation finds its own slices without a scan of all of them,
 //! and a slice that moves to another Service touches both.
 
-use std::collections::HashMap;
+use hashbrown::HashMap;
 
 use super::index::ServiceRef;
 use crate::translate::SliceFacts;

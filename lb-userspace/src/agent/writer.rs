@@ -4,7 +4,9 @@
 //! with other Services, so removed only when no Service uses them). Pure:
 //! `plan` decides, the caller applies the ops and then `commit`s them.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use hashbrown::HashMap;
 
 use lb_common::service::ServiceKey;
 
@@ -71,24 +73,29 @@ fn owned_by(state: &MapState, ids: &Ids, frontends: &[DesiredService]) -> Owned 
 }
 
 impl ServiceWriter {
-    /// After a full pass: the maps hold `written`, and each Service owns the
-    /// entries of `frontends` (its programmed frontends). Taken by value and
-    /// dropped one Service at a time, as the writer's tables grow: held
-    /// whole beside them, the cluster's frontends were the first pass's
-    /// peak (about 4 MB at 10,000 Services).
-    pub fn adopt(
-        written: MapState,
+    /// After a full pass that writes `written`: the tables of what each
+    /// Service owns (the entries of its programmed `frontends`), built while
+    /// the maps are still being written (`written` borrowed, beside the map
+    /// writer); `holding` completes the writer. `frontends` is taken by value and dropped one Service at a time,
+    /// as the tables grow: held whole beside them, the cluster's frontends
+    /// were the first pass's peak (about 4 MB at 10,000 Services).
+    pub fn owners(
+        written: &MapState,
         frontends: impl IntoIterator<Item = (ServiceRef, Vec<DesiredService>)>,
         capacity: Capacity,
     ) -> Self {
-        let ids = Ids::of(&written);
         let mut w = Self {
-            ids,
+            ids: Ids::of(written),
             capacity,
             ..Default::default()
         };
+        let frontends = frontends.into_iter();
+        // Sized once: grown as filled, the tables were rehashed a dozen times.
+        w.owned.reserve(frontends.size_hint().0);
+        w.master_owner.reserve(frontends.size_hint().0);
+        w.backend_refs.reserve(written.backends.len());
         for (svc, f) in frontends {
-            let o = owned_by(&written, &w.ids, &f);
+            let o = owned_by(written, &w.ids, &f);
             for id in &o.backends {
                 *w.backend_refs.entry(*id).or_default() += 1;
             }
@@ -99,8 +106,14 @@ impl ServiceWriter {
                 w.owned.insert(svc, o);
             }
         }
-        w.written = written;
         w
+    }
+
+    /// The writer of maps that hold `written`, which its tables (`owners`)
+    /// were built from.
+    pub fn holding(mut self, written: MapState) -> Self {
+        self.written = written;
+        self
     }
 
     pub fn written(&self) -> &MapState {
@@ -261,7 +274,7 @@ mod tests {
     #[test]
     fn service_by_service_changes_end_where_a_full_plan_does() {
         let (a, b) = (ServiceRef::new("ns", "a"), ServiceRef::new("ns", "b"));
-        let mut w = ServiceWriter::adopt(MapState::default(), [], Capacity::default());
+        let mut w = ServiceWriter::owners(&MapState::default(), [], Capacity::default());
         let mut maps = MapState::default();
         let steps: Vec<(&ServiceRef, Vec<DesiredService>)> = vec![
             (
@@ -315,7 +328,7 @@ mod tests {
             maglev_tables: 100,
         };
         let (a, b) = (ServiceRef::new("ns", "a"), ServiceRef::new("ns", "b"));
-        let mut w = ServiceWriter::adopt(MapState::default(), [], cap);
+        let mut w = ServiceWriter::owners(&MapState::default(), [], cap);
         let step = w.plan(
             &a,
             &[frontend("10.96.0.1", 80, &["10.244.1.2", "10.244.1.3"])],

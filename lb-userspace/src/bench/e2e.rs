@@ -307,12 +307,18 @@ pub fn add_fillers(lab: &Lab, from: usize, to: usize, echo: &[Ipv4Addr]) -> Resu
 
 /// (Service frontends, backends) the node-1 agent reports programmed.
 pub fn programmed(lab: &Lab) -> Result<(f64, f64)> {
+    // Maps programmed before the programs are attached serve nothing yet
+    // (a new agent attaches after its first pass): not counted. `/readyz`
+    // first, which reads a flag: a scrape of `/metrics` reads the maps
+    // (all of conntrack's buckets until the first sweep, 20% of a core at
+    // a scrape every 10 ms, taken from the start it would time).
+    if lab.agent_get(1, "/readyz")?.0 != 200 {
+        return Ok((-1.0, -1.0));
+    }
     let (code, scrape) = lab.agent_get(1, "/metrics")?;
     if code != 200 {
         bail!("agent /metrics answered {code}");
     }
-    // Maps programmed before the programs are attached serve nothing yet
-    // (a new agent attaches after its first pass): not counted.
     if lab::metric(&scrape, "lb_ready") != Some(1.0) {
         return Ok((-1.0, -1.0));
     }
@@ -354,8 +360,7 @@ pub fn wait_programmed_in_all(
         if started.elapsed() > within {
             bail!("after {within:?} the agent has {got:?} (frontends, backends) programmed, want {services} frontends and {backends:?} backends");
         }
-        // A scrape costs the agent a few hundred microseconds: 10 ms
-        // between them is the precision of every time waited for.
+        // 10 ms between polls is the precision of every time waited for.
         std::thread::sleep(Duration::from_millis(10));
     }
 }
