@@ -152,6 +152,90 @@ async fn watch_resumes_from_a_resource_version_and_gets_410_after_compaction() {
     }
 }
 
+/// A streaming list (`sendInitialEvents`): the objects as ADDED events, the
+/// bookmark that ends them at the state's resourceVersion, then the changes
+/// after it; refused with 422 while the WatchList feature is off, as
+/// Kubernetes 1.33 refuses it.
+#[tokio::test]
+async fn a_streaming_list_sends_the_state_then_its_end_and_is_refused_with_watch_list_off() {
+    let (store, client, _dir) = serve().await;
+    let api: Api<Service> = Api::namespaced(client, "default");
+    for name in ["a", "b"] {
+        api.create(&PostParams::default(), &service(name))
+            .await
+            .unwrap();
+    }
+    let mut stream = api
+        .watch(&WatchParams::streaming_lists().timeout(5), "0")
+        .await
+        .unwrap()
+        .boxed();
+    let mut added = vec![];
+    let end_rv = loop {
+        match stream.next().await {
+            Some(Ok(WatchEvent::Added(s))) => added.push(s.metadata.name.unwrap()),
+            Some(Ok(WatchEvent::Bookmark(b))) => {
+                assert_eq!(
+                    b.metadata
+                        .annotations
+                        .get("k8s.io/initial-events-end")
+                        .map(String::as_str),
+                    Some("true"),
+                    "{:?}",
+                    b.metadata.annotations
+                );
+                break b.metadata.resource_version;
+            }
+            other => panic!("expected ADDED events and the end bookmark, got {other:?}"),
+        }
+    };
+    assert_eq!(added, ["a", "b"]);
+    assert_eq!(end_rv, store.current_rv().to_string());
+    api.delete("a", &DeleteParams::default()).await.unwrap();
+    loop {
+        match stream.next().await {
+            // The periodic ones.
+            Some(Ok(WatchEvent::Bookmark(_))) => continue,
+            Some(Ok(WatchEvent::Deleted(s))) => {
+                assert_eq!(s.metadata.name.as_deref(), Some("a"));
+                break;
+            }
+            other => panic!("expected the deletion after the state, got {other:?}"),
+        }
+    }
+
+    store.set_watch_list(false);
+    match api
+        .watch(&WatchParams::streaming_lists().timeout(5), "0")
+        .await
+    {
+        Err(kube::Error::Api(s)) => {
+            assert_eq!(s.code, 422, "{s:?}");
+            assert!(s.message.contains("WatchList"), "{s:?}");
+        }
+        Ok(_) => panic!("a streaming list was served with WatchList off"),
+        Err(e) => panic!("expected 422, got {e:?}"),
+    }
+    // Bookmarks and resourceVersionMatch=NotOlderThan are required, as
+    // kube-apiserver requires them.
+    // (kube-rs checks both itself: the request is written by hand.)
+    store.set_watch_list(true);
+    for query in [
+        "sendInitialEvents=true&resourceVersionMatch=NotOlderThan",
+        "sendInitialEvents=true&allowWatchBookmarks=true",
+    ] {
+        let request = axum::http::Request::get(format!(
+            "/api/v1/namespaces/default/services?watch=true&{query}"
+        ))
+        .body(vec![])
+        .unwrap();
+        match api.clone().into_client().request_text(request).await {
+            Err(kube::Error::Api(s)) => assert_eq!(s.code, 422, "{query}: {s:?}"),
+            other => panic!("{query}: expected 422, got {other:?}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn reflector_recovers_from_dropped_watches_and_410() {
     let (store, client, _dir) = serve().await;

@@ -1,8 +1,8 @@
 //! The control path is never the reason a packet is lost: the agent killed
-//! and restarted, the API server's watches dropped, compacted (410 Gone) or
-//! the API server gone for 30 seconds, maps changed behind its back. Clients
-//! send requests without pause through a ClusterIP and a NodePort and count
-//! every failure.
+//! and restarted, the API server's watches dropped, compacted (410 Gone),
+//! streaming lists refused, or the API server gone for 30 seconds, maps
+//! changed behind its back. Clients send requests without pause through a
+//! ClusterIP and a NodePort and count every failure.
 
 mod common;
 
@@ -124,6 +124,9 @@ async fn killing_and_restarting_the_agents_loses_no_request_and_no_connection() 
     // The data path runs on alone from its pinned maps and links.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(conn.ask().await.expect("while no agent runs"), pod);
+    // They come back to an API server that refuses streaming lists
+    // (Kubernetes 1.33's default): they list in pages instead.
+    lab.store.set_watch_list(false);
     lab.start_agent(1).unwrap();
     lab.start_agent(2).unwrap();
     common::wait_agent_ready(&lab, 1).await;
@@ -159,6 +162,8 @@ async fn dropped_watches_410_gone_and_an_absent_api_server_lose_nothing_and_conv
     let mut lab = lab('f').await;
     let load = load(&lab);
 
+    // (The agents started on streaming lists, the lab serving them.)
+    assert!(lab.store.watch_list());
     // A dropped watch: the agents watch again and see what follows.
     lab.store.drop_watches();
     lab.store
@@ -176,6 +181,16 @@ async fn dropped_watches_410_gone_and_an_absent_api_server_lose_nothing_and_conv
         .unwrap();
     let after_410 = common::vip(&lab, "after-410", 9000);
     wait_frontend(&lab, after_410, Some(4)).await;
+    // A relist where streaming lists are refused (an API server downgraded
+    // to 1.33): paged lists, and nothing lost.
+    lab.store.set_watch_list(false);
+    lab.store.compact();
+    lab.store.drop_watches();
+    lab.store
+        .create(Kind::Service, web_service("paged"))
+        .unwrap();
+    wait_frontend(&lab, common::vip(&lab, "paged", 9000), Some(4)).await;
+    lab.store.set_watch_list(true);
 
     // The API server gone for 30 seconds. Meanwhile the cluster changes:
     // one Service goes, another comes.

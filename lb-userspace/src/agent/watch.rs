@@ -158,44 +158,76 @@ impl<K> Watched for K where
 /// Watches `K`, hands each event to `apply` (which stores it) and then
 /// sends the change on. The first listing is not sent (the agent's first
 /// pass reads the caches whole); later listings are sent as
-/// `Change::Relisted`. Objects are listed in pages of 500 (kube's
-/// default), so a first list of a large cluster is never held whole.
+/// `Change::Relisted`.
+///
+/// The state comes as a streaming list (`sendInitialEvents`, client-go's
+/// way since Kubernetes 1.32): one watch whose first events are the
+/// objects, decoded as the API server writes them. A paged list is a round
+/// trip per 500 objects, the server and the agent each idle while the
+/// other works: at 10,000 EndpointSlices, half of a new agent's start. An
+/// API server that refuses it (1.33 with its WatchList gate off by default,
+/// 1.27-1.31 unless turned on) gets paged lists instead, of 500 (kube's
+/// default), so that a large cluster's list is never held whole.
 fn spawn_watch<K: Watched>(
     api: Api<K>,
     changes: UnboundedSender<Change>,
     key: fn(&K) -> Change,
-    apply: impl FnMut(watcher::Event<K>) -> watcher::Event<K> + Send + 'static,
+    mut apply: impl FnMut(watcher::Event<K>) -> watcher::Event<K> + Send + 'static,
 ) {
     debug_assert!(
         WATCHED.contains(&(K::GROUP, K::URL_PATH_SEGMENT)),
         "{} is watched but not in WATCHED (nor in the ClusterRole)",
         K::URL_PATH_SEGMENT
     );
-    let stream = watcher(api, watcher::Config::default())
-        .map_ok(apply)
-        .backoff(WatchBackoff::default());
     tokio::spawn(async move {
-        futures::pin_mut!(stream);
         let mut listed = false;
-        while let Some(item) = stream.next().await {
-            let change = match item {
-                Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o)) => key(&o),
-                Ok(watcher::Event::InitDone) if listed => Change::Relisted(K::URL_PATH_SEGMENT),
-                Ok(watcher::Event::InitDone) => {
-                    listed = true;
-                    continue;
+        let mut config = watcher::Config::default().streaming_lists();
+        loop {
+            let stream = watcher(api.clone(), config.clone())
+                .map_ok(&mut apply)
+                .backoff(WatchBackoff::default());
+            futures::pin_mut!(stream);
+            let mut refused = false;
+            while let Some(item) = stream.next().await {
+                let change = match item {
+                    Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o)) => key(&o),
+                    Ok(watcher::Event::InitDone) if listed => Change::Relisted(K::URL_PATH_SEGMENT),
+                    Ok(watcher::Event::InitDone) => {
+                        listed = true;
+                        continue;
+                    }
+                    Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
+                    Err(e) if streaming_refused(&config, &e) => {
+                        refused = true;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!("watch {}: {e}", K::URL_PATH_SEGMENT);
+                        continue;
+                    }
+                };
+                if changes.send(change).is_err() {
+                    return;
                 }
-                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
-                Err(e) => {
-                    tracing::warn!("watch {}: {e}", K::URL_PATH_SEGMENT);
-                    continue;
-                }
-            };
-            if changes.send(change).is_err() {
+            }
+            if !refused {
                 return;
             }
+            tracing::info!(
+                "watch {}: the API server does not stream lists (WatchList off): paged lists instead",
+                K::URL_PATH_SEGMENT
+            );
+            config = watcher::Config::default();
         }
     });
+}
+
+/// Whether `e` is the API server refusing a streaming list (422 Invalid,
+/// or 400 from a server that cannot read the request).
+fn streaming_refused(config: &watcher::Config, e: &watcher::Error) -> bool {
+    config.initial_list_strategy == watcher::InitialListStrategy::StreamingList
+        && matches!(e, watcher::Error::WatchStartFailed(kube::Error::Api(s))
+            if s.code == 422 || s.code == 400)
 }
 
 fn namespaced_name(

@@ -367,6 +367,12 @@ fn watch(
         .and_then(|s| s.parse::<u64>().ok())
         .unwrap_or(1800);
     let bookmarks = q.get("allowWatchBookmarks").is_some_and(|v| v == "true");
+    let initial_events = q.get("sendInitialEvents").is_some_and(|v| v == "true");
+    if initial_events {
+        if let Err(e) = streaming_list_allowed(&store, q, bookmarks) {
+            return error(&e);
+        }
+    }
     let rv_param = q.get("resourceVersion").cloned().unwrap_or_default();
     let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(1024);
     // `kubectl get -w` asks for Tables: each event's object is a Table of
@@ -390,34 +396,43 @@ fn watch(
             && selectors.matches(obj)
     };
     tokio::spawn(async move {
-        // "" or "0": start from the current state, sent as ADDED events.
+        // "" or "0", or a streaming list: start from the current state,
+        // sent as ADDED events (the lab's state is always at least as new
+        // as a resourceVersion it has handed out).
         let start = match rv_param.parse::<u64>() {
-            Ok(rv) if rv > 0 => store
+            Ok(rv) if rv > 0 && !initial_events => store
                 .watch_from(rv)
-                .map(|(backlog, rx)| (vec![], backlog, rx)),
+                .map(|(backlog, rx)| (vec![], rv, backlog, rx)),
             _ => {
                 let inner = store.lock();
                 let rv = inner.rv;
-                let current: Vec<(Kind, Value)> = inner
-                    .list(t.kind, None)
-                    .into_iter()
-                    .map(|o| (t.kind, o.clone()))
-                    .collect();
+                let current = inner.list_shared(t.kind, None);
                 drop(inner);
                 store
                     .watch_from(rv)
-                    .map(|(backlog, rx)| (current, backlog, rx))
+                    .map(|(backlog, rx)| (current, rv, backlog, rx))
             }
         };
-        let (current, backlog, mut events) = match start {
+        let (current, listed_at, backlog, mut events) = match start {
             Ok(s) => s,
             Err(e) => {
                 let _ = tx.send(Ok(watch_event("ERROR", &e.status()))).await;
                 return;
             }
         };
-        for (kind, obj) in &current {
-            if wanted(*kind, obj) && tx.send(Ok(event("ADDED", obj))).await.is_err() {
+        for obj in &current {
+            if wanted(t.kind, obj) && tx.send(Ok(event("ADDED", obj))).await.is_err() {
+                return;
+            }
+        }
+        drop(current);
+        if initial_events {
+            // The state is all sent: the bookmark that says so, at the
+            // resourceVersion it was read at (the backlog follows it).
+            let end = json!({"kind": t.kind.name(), "apiVersion": t.kind.api_version(),
+                             "metadata": {"resourceVersion": listed_at.to_string(),
+                                          "annotations": {"k8s.io/initial-events-end": "true"}}});
+            if tx.send(Ok(watch_event("BOOKMARK", &end))).await.is_err() {
                 return;
             }
         }
@@ -463,6 +478,27 @@ fn watch(
         .header(header::CONTENT_TYPE, "application/json")
         .body(Body::from_stream(ReceiverStream::new(rx)))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// A streaming list (`sendInitialEvents=true`) is served as kube-apiserver
+/// serves it: with `resourceVersionMatch=NotOlderThan` and bookmarks asked
+/// for, and only while the WatchList feature is on (`Store::set_watch_list`).
+fn streaming_list_allowed(
+    store: &Store,
+    q: &HashMap<String, String>,
+    bookmarks: bool,
+) -> Result<(), StoreError> {
+    let refuse = |why: &str| Err(StoreError::Invalid(format!("sendInitialEvents: {why}")));
+    if !store.watch_list() {
+        return refuse("Forbidden: sendInitialEvents is forbidden for watch unless the WatchList feature gate is enabled");
+    }
+    if q.get("resourceVersionMatch").map(String::as_str) != Some("NotOlderThan") {
+        return refuse("Forbidden: sendInitialEvents is forbidden for watch unless resourceVersionMatch is set to NotOlderThan");
+    }
+    if !bookmarks {
+        return refuse("Forbidden: sendInitialEvents requires setting allowWatchBookmarks=true");
+    }
+    Ok(())
 }
 
 /// Created and replaced objects are read as JSON. The protobuf that

@@ -111,6 +111,13 @@ impl Inner {
         self.list_from(kind, ns, first).map(|v| &**v).collect()
     }
 
+    /// `list`, shared: what a watch sends as its first ADDED events, held
+    /// without copying while it is sent.
+    pub fn list_shared(&self, kind: Kind, ns: Option<&str>) -> Vec<Arc<Value>> {
+        let first = Bound::Included((kind, String::new(), String::new()));
+        self.list_from(kind, ns, first).cloned().collect()
+    }
+
     /// Objects of `kind` (in `ns`, or all) in key order, from `start` on.
     fn list_from<'a, 'n>(
         &'a self,
@@ -162,6 +169,9 @@ pub struct Store {
     pub watch_epoch: Arc<tokio::sync::watch::Sender<u64>>,
     /// The API server is "gone" (fault injection): every request fails.
     down: Arc<std::sync::atomic::AtomicBool>,
+    /// Streaming lists refused, as Kubernetes 1.33 does with its WatchList
+    /// feature gate off by default (fault injection).
+    no_watch_list: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub fn meta_str<'a>(obj: &'a Value, field: &str) -> &'a str {
@@ -181,6 +191,7 @@ impl Store {
             events: broadcast::channel(65_536).0,
             watch_epoch: Arc::new(tokio::sync::watch::channel(0).0),
             down: Arc::default(),
+            no_watch_list: Arc::default(),
         }
     }
 
@@ -429,6 +440,17 @@ impl Store {
 
     pub fn is_down(&self) -> bool {
         self.down.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Serves streaming lists (`sendInitialEvents`, Kubernetes 1.32 and
+    /// 1.34 on) or refuses them with 422 as 1.33 does (fault injection).
+    pub fn set_watch_list(&self, on: bool) {
+        self.no_watch_list
+            .store(!on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn watch_list(&self) -> bool {
+        !self.no_watch_list.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Ends every open watch stream (fault injection).
