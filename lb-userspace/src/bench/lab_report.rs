@@ -302,7 +302,10 @@ pub fn control(o: &mut String, r: &Results) {
          answers for the last Service (the lab has taken them all in); the \
          time is from its start until it reports ready (its maps programmed \
          and its programs attached, `lb_ready`) with every frontend and \
-         backend, polled every 10 ms ({} runs, each in a new lab). After the last sync, {} changes each \
+         backend, polled every 10 ms on `/readyz` (a `/metrics` scrape reads \
+         the maps), then the counts on `/metrics` ({} runs, each in a new lab). \
+         The agent takes the state as streaming lists (`sendInitialEvents`), \
+         which the lab serves as Kubernetes 1.32 and 1.34 do. After the last sync, {} changes each \
          take an endpoint from one Service (or give it back) through the API; \
          each is timed from the write until that Service's entry in the \
          node's map has the new backend count (polled every 0.2 ms). Memory \
