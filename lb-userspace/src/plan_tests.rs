@@ -274,6 +274,9 @@ fn services_that_would_overflow_a_map_are_left_out_whole() {
     // (capacity, Services kept, the error's map)
     let cases = [
         (cap(100, 100, 100), vec!["a", "a", "b", "c"], None),
+        // 5 backends counted once per frontend, 3 distinct: too many for
+        // `fits_whole`, and the accounting keeps everything all the same.
+        (cap(100, 3, 100), vec!["a", "a", "b", "c"], None),
         // a takes 6 SERVICES entries (2 masters, 4 slots), b 2, c 1.
         (cap(6, 100, 100), vec!["a", "a"], Some("SERVICES")),
         (cap(8, 100, 100), vec!["a", "a", "b"], Some("SERVICES")),

@@ -160,19 +160,24 @@ fn client_for(config: kube::Config) -> Result<Client> {
     if config.cluster_url.scheme_str() != Some("http") {
         return Ok(Client::try_from(config)?);
     }
-    // The timeouts kube's stack sets: a watch that hears nothing for
-    // `read_timeout` (295 s) is started again.
+    // What kube's stack keeps of a plain HTTP one: its timeouts, the
+    // retries of 429, 503 and 504 (`default_retry`), the base URI (with
+    // any path prefix), credentials and extra headers, in its order.
     let mut connector = hyper_timeout::TimeoutConnector::new(
         hyper_util::client::legacy::connect::HttpConnector::new(),
     );
     connector.set_connect_timeout(config.connect_timeout);
     connector.set_read_timeout(config.read_timeout);
     connector.set_write_timeout(config.write_timeout);
+    connector.set_reset_reader_on_write(config.reset_reader_on_write);
     let http: hyper_util::client::legacy::Client<_, kube::client::Body> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build(connector);
     let service = tower::ServiceBuilder::new()
         .layer(config.base_uri_layer())
+        .option_layer(config.default_retry.then(|| {
+            tower::retry::RetryLayer::new(kube::client::retry::RetryPolicy::server_retry())
+        }))
         .option_layer(config.auth_layer()?)
         .layer(config.extra_headers_layer()?)
         .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) })

@@ -187,7 +187,7 @@ fn spawn_watch<K: Watched>(
                 .map_ok(&mut apply)
                 .backoff(WatchBackoff::default());
             futures::pin_mut!(stream);
-            let mut refused = false;
+            let mut refused = None;
             while let Some(item) = stream.next().await {
                 let change = match item {
                     Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o)) => key(&o),
@@ -198,7 +198,7 @@ fn spawn_watch<K: Watched>(
                     }
                     Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
                     Err(e) if streaming_refused(&config, &e) => {
-                        refused = true;
+                        refused = Some(e);
                         break;
                     }
                     Err(e) => {
@@ -210,11 +210,12 @@ fn spawn_watch<K: Watched>(
                     return;
                 }
             }
-            if !refused {
+            let Some(why) = refused else {
                 return;
-            }
+            };
             tracing::info!(
-                "watch {}: the API server does not stream lists (WatchList off): paged lists instead",
+                "watch {}: the API server does not stream lists (WatchList off?): paged lists \
+                 instead ({why})",
                 K::URL_PATH_SEGMENT
             );
             config = watcher::Config::default();
@@ -223,11 +224,16 @@ fn spawn_watch<K: Watched>(
 }
 
 /// Whether `e` is the API server refusing a streaming list (422 Invalid,
-/// or 400 from a server that cannot read the request).
+/// or 400 from a server that cannot read the request), when the watch is
+/// asked for or as its first event.
 fn streaming_refused(config: &watcher::Config, e: &watcher::Error) -> bool {
+    let refusal = |code: u16| code == 422 || code == 400;
     config.initial_list_strategy == watcher::InitialListStrategy::StreamingList
-        && matches!(e, watcher::Error::WatchStartFailed(kube::Error::Api(s))
-            if s.code == 422 || s.code == 400)
+        && match e {
+            watcher::Error::WatchStartFailed(kube::Error::Api(s)) => refusal(s.code),
+            watcher::Error::WatchError(s) => refusal(s.code),
+            _ => false,
+        }
 }
 
 fn namespaced_name(

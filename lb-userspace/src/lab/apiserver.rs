@@ -6,18 +6,16 @@
 //! older resourceVersion get 410 Gone) and `POST /lab/drop-watches` (every
 //! open watch stream ends).
 
-use std::{collections::HashMap, convert::Infallible, time::Duration};
+use std::collections::HashMap;
 
 use axum::{
-    body::{Body, Bytes},
+    body::Bytes,
     extract::{Query, State},
     http::{header, HeaderMap, Method, StatusCode, Uri},
     response::{IntoResponse, Response},
     Router,
 };
 use serde_json::{json, Value};
-use tokio::sync::{broadcast::error::RecvError, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
 
 use super::{
     discovery, exec,
@@ -25,6 +23,7 @@ use super::{
     logs, openapi, printing,
     selectors::Selectors,
     store::{meta_str, PageRequest, Store, StoreError},
+    watches,
     writes::Write,
 };
 
@@ -44,12 +43,12 @@ pub fn router(store: Store) -> Router {
 
 /// What a request path names.
 #[derive(Debug, PartialEq, Eq)]
-struct Target {
-    kind: Kind,
+pub(super) struct Target {
+    pub(super) kind: Kind,
     /// The group/version the request named (Events are served under both
     /// v1 and events.k8s.io/v1, stored once).
     group_version: String,
-    namespace: Option<String>,
+    pub(super) namespace: Option<String>,
     name: Option<String>,
     scale: bool,
 }
@@ -174,7 +173,7 @@ async fn handle(
                 };
             if matches!(q.get("watch").map(String::as_str), Some("true" | "1")) {
                 let table = as_table(&headers).is_some();
-                return watch(store, t, selectors, &q, table);
+                return watches::watch(store, t, selectors, &q, table);
             }
             return list(&store, &t, &selectors, &q, as_table(&headers));
         }
@@ -254,7 +253,7 @@ fn as_table(headers: &HeaderMap) -> Option<i64> {
     Some(unix_now())
 }
 
-fn unix_now() -> i64 {
+pub(super) fn unix_now() -> i64 {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -339,166 +338,6 @@ fn parse_continue(token: &str) -> Option<(u64, String, String)> {
     let ns = parts.next()?.to_string();
     let name = parts.next()?.to_string();
     Some((rv, ns, name))
-}
-
-/// One line of a watch: written from the stored object itself (`json!`
-/// would copy it first).
-fn watch_event(event_type: &str, object: &Value) -> Bytes {
-    #[derive(serde::Serialize)]
-    struct WatchEvent<'a> {
-        #[serde(rename = "type")]
-        event_type: &'a str,
-        object: &'a Value,
-    }
-    let mut line = serde_json::to_vec(&WatchEvent { event_type, object }).unwrap_or_default();
-    line.push(b'\n');
-    Bytes::from(line)
-}
-
-fn watch(
-    store: Store,
-    t: Target,
-    selectors: Selectors,
-    q: &HashMap<String, String>,
-    table: bool,
-) -> Response {
-    let timeout = q
-        .get("timeoutSeconds")
-        .and_then(|s| s.parse::<u64>().ok())
-        .unwrap_or(1800);
-    let bookmarks = q.get("allowWatchBookmarks").is_some_and(|v| v == "true");
-    let initial_events = q.get("sendInitialEvents").is_some_and(|v| v == "true");
-    if initial_events {
-        if let Err(e) = streaming_list_allowed(&store, q, bookmarks) {
-            return error(&e);
-        }
-    }
-    let rv_param = q.get("resourceVersion").cloned().unwrap_or_default();
-    let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(1024);
-    // `kubectl get -w` asks for Tables: each event's object is a Table of
-    // one row (kubectl prints the header once, while the columns stay).
-    let event = move |event_type: &str, obj: &Value| {
-        if !table {
-            return watch_event(event_type, obj);
-        }
-        let rv = meta_str(obj, "resourceVersion").to_string();
-        let now = unix_now();
-        watch_event(
-            event_type,
-            &printing::table(t.kind, std::slice::from_ref(obj), &rv, now),
-        )
-    };
-    let wanted = move |kind: Kind, obj: &Value| {
-        kind == t.kind
-            && t.namespace
-                .as_deref()
-                .is_none_or(|ns| ns == meta_str(obj, "namespace"))
-            && selectors.matches(obj)
-    };
-    tokio::spawn(async move {
-        // "" or "0", or a streaming list: start from the current state,
-        // sent as ADDED events (the lab's state is always at least as new
-        // as a resourceVersion it has handed out).
-        let start = match rv_param.parse::<u64>() {
-            Ok(rv) if rv > 0 && !initial_events => store
-                .watch_from(rv)
-                .map(|(backlog, rx)| (vec![], rv, backlog, rx)),
-            _ => {
-                let inner = store.lock();
-                let rv = inner.rv;
-                let current = inner.list_shared(t.kind, None);
-                drop(inner);
-                store
-                    .watch_from(rv)
-                    .map(|(backlog, rx)| (current, rv, backlog, rx))
-            }
-        };
-        let (current, listed_at, backlog, mut events) = match start {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = tx.send(Ok(watch_event("ERROR", &e.status()))).await;
-                return;
-            }
-        };
-        for obj in &current {
-            if wanted(t.kind, obj) && tx.send(Ok(event("ADDED", obj))).await.is_err() {
-                return;
-            }
-        }
-        drop(current);
-        if initial_events {
-            // The state is all sent: the bookmark that says so, at the
-            // resourceVersion it was read at (the backlog follows it).
-            let end = json!({"kind": t.kind.name(), "apiVersion": t.kind.api_version(),
-                             "metadata": {"resourceVersion": listed_at.to_string(),
-                                          "annotations": {"k8s.io/initial-events-end": "true"}}});
-            if tx.send(Ok(watch_event("BOOKMARK", &end))).await.is_err() {
-                return;
-            }
-        }
-        for ev in &backlog {
-            if wanted(ev.kind, &ev.object)
-                && tx.send(Ok(event(ev.event_type, &ev.object))).await.is_err()
-            {
-                return;
-            }
-        }
-        let mut epoch = store.watch_epoch.subscribe();
-        epoch.borrow_and_update();
-        let deadline = tokio::time::sleep(Duration::from_secs(timeout));
-        tokio::pin!(deadline);
-        let mut bookmark = tokio::time::interval(Duration::from_secs(5));
-        loop {
-            tokio::select! {
-                _ = &mut deadline => return,
-                _ = epoch.changed() => return,
-                _ = bookmark.tick(), if bookmarks => {
-                    let obj = json!({"kind": t.kind.name(), "apiVersion": t.kind.api_version(),
-                                     "metadata": {"resourceVersion": store.current_rv().to_string()}});
-                    if tx.send(Ok(watch_event("BOOKMARK", &obj))).await.is_err() { return; }
-                }
-                ev = events.recv() => match ev {
-                    Ok(ev) => {
-                        if wanted(ev.kind, &ev.object) && tx.send(Ok(event(ev.event_type, &ev.object))).await.is_err() {
-                            return;
-                        }
-                    }
-                    // Too slow a reader: like an apiserver, make it relist.
-                    Err(RecvError::Lagged(_)) => {
-                        let _ = tx.send(Ok(watch_event("ERROR", &StoreError::Gone(0).status()))).await;
-                        return;
-                    }
-                    Err(RecvError::Closed) => return,
-                },
-            }
-        }
-    });
-    Response::builder()
-        .status(200)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from_stream(ReceiverStream::new(rx)))
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
-}
-
-/// A streaming list (`sendInitialEvents=true`) is served as kube-apiserver
-/// serves it: with `resourceVersionMatch=NotOlderThan` and bookmarks asked
-/// for, and only while the WatchList feature is on (`Store::set_watch_list`).
-fn streaming_list_allowed(
-    store: &Store,
-    q: &HashMap<String, String>,
-    bookmarks: bool,
-) -> Result<(), StoreError> {
-    let refuse = |why: &str| Err(StoreError::Invalid(format!("sendInitialEvents: {why}")));
-    if !store.watch_list() {
-        return refuse("Forbidden: sendInitialEvents is forbidden for watch unless the WatchList feature gate is enabled");
-    }
-    if q.get("resourceVersionMatch").map(String::as_str) != Some("NotOlderThan") {
-        return refuse("Forbidden: sendInitialEvents is forbidden for watch unless resourceVersionMatch is set to NotOlderThan");
-    }
-    if !bookmarks {
-        return refuse("Forbidden: sendInitialEvents requires setting allowWatchBookmarks=true");
-    }
-    Ok(())
 }
 
 /// Created and replaced objects are read as JSON. The protobuf that

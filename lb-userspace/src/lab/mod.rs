@@ -30,6 +30,7 @@ pub mod sandbox;
 pub mod selectors;
 pub mod store;
 pub mod validation;
+mod watches;
 pub mod workloads;
 pub mod writes;
 
